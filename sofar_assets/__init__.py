@@ -1,0 +1,1 @@
+"""sofar_assets: the efficiency-centric SOFAR image-recognition system as one Dagster asset graph."""

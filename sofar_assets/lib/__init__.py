@@ -1,0 +1,1 @@
+"""Plain Python/torch/numpy building blocks. Nothing in this package imports Dagster."""
