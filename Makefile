@@ -1,0 +1,51 @@
+# sofar_assets — two commands: `make run` (set-up + the whole pipeline) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+DAGSTER := $(VENV)/bin/dagster
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+export SOFAR_CONFIG ?= $(CURDIR)/config/demo.yaml
+DEMO_DAYS ?= 2026-11-01...2026-11-03
+
+.PHONY: install run demo-data pipeline summary test bench ui lint clean bigquery-emulator
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed
+
+demo-data: install
+	$(PY) -m sofar_assets.cli demo-data
+
+# The pipeline part of `make run` (what `make bench` times): train + promote, then the demo days.
+pipeline: demo-data
+	$(DAGSTER) job execute -m sofar_assets.definitions -j train_and_promote
+	$(DAGSTER) asset materialize -m sofar_assets.definitions --select daily_predictions --partition-range $(DEMO_DAYS)
+
+summary: install
+	$(PY) -m sofar_assets.cli summary
+
+run: pipeline
+	@$(MAKE) --no-print-directory summary
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/run_all.py
+
+ui: install demo-data
+	$(DAGSTER) dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+bigquery-emulator:
+	bash scripts/bqemulator.sh
+
+clean:
+	rm -rf .sofar dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs

@@ -1,0 +1,318 @@
+"""The YAML config contract (documented in README.md, section "Config").
+
+Parsed into pydantic models with ``extra="forbid"`` so an unknown or misspelled key is an
+error that names it. Relative paths resolve against the config file's folder. Nothing here
+touches the network or imports Dagster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sofar_assets.lib import storage
+
+_LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_TASK_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+class ConfigError(ValueError):
+    """The config file is wrong; the message names the file and the key or path."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskSource(_Strict):
+    """One task-centric dataset: an ImageFolder tree or a warehouse label table."""
+
+    folder: str | None = None
+    table: str | None = None
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="source label (folder name or table value) -> canonical label",
+    )
+    positive: str | None = Field(
+        None, description="the task's positive label (its binary question); default: the last label mapped"
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSource:
+        if (self.folder is None) == (self.table is None):
+            raise ValueError("give exactly one of 'folder' or 'table'")
+        if not self.labels:
+            raise ValueError("'labels' must map each class folder (or table label) to a canonical label")
+        for src, dst in self.labels.items():
+            if not _LABEL_RE.match(dst):
+                raise ValueError(
+                    f"canonical label {dst!r} (for {src!r}) must be lower_snake_case, e.g. 'normal'"
+                )
+        if self.positive is not None and self.labels and self.positive not in self.labels.values():
+            raise ValueError(f"positive label {self.positive!r} is not one of the task's labels")
+        return self
+
+    @property
+    def positive_label(self) -> str | None:
+        if self.positive is not None:
+            return self.positive
+        return list(self.labels.values())[-1] if self.labels else None
+
+
+class UploadsSource(_Strict):
+    """Where the photos of each day come from."""
+
+    folder: str | None = Field(None, description="PATH/<YYYY-MM-DD>/<image files>")
+    table: str | None = Field(None, description="warehouse table image_uploads(image_id, image_uri, uploaded_at)")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> UploadsSource:
+        if (self.folder is None) == (self.table is None):
+            raise ValueError("give exactly one of 'folder' or 'table'")
+        return self
+
+
+class OodSet(_Strict):
+    folder: str
+
+
+class DuckDBTarget(_Strict):
+    kind: Literal["duckdb"] = "duckdb"
+    path: str = "warehouse.duckdb"
+    schema_: str = Field("sofar", alias="schema")
+
+
+class BigQueryTarget(_Strict):
+    kind: Literal["bigquery"]
+    project: str
+    dataset: str
+    location: str | None = None
+
+
+class MlflowTarget(_Strict):
+    tracking_uri: str | None = Field(None, description="default: sqlite:///<root>/mlflow.db")
+    registry_uri: str | None = None
+    artifact_location: str | None = Field(None, description="default: <root>/mlartifacts")
+    experiment: str = "sofar"
+
+
+class StorageConfig(_Strict):
+    root: str = ".sofar"
+    warehouse: Annotated[DuckDBTarget | BigQueryTarget, Field(discriminator="kind")] = DuckDBTarget()
+    mlflow: MlflowTarget = MlflowTarget()
+    cache: str | None = Field(None, description="preprocessed-image cache; default <root>/cache")
+    io_manager_base: str | None = Field(None, description="small run outputs; a gs:// URI in production")
+    executor: Literal["in_process", "multiprocess", "k8s"] = "in_process"
+
+
+class DatasetConfig(_Strict):
+    val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    min_per_class: int = Field(1, ge=0, description="asset-check floor per class and split")
+    contact_sheet_per_class: int = Field(4, ge=0)
+
+
+class ModelConfig(_Strict):
+    name: str = "sofar-classifier"
+    arch: Literal["linear", "pmg"] = "linear"
+    backbone: str = "efficientnet_lite0"
+    pretrained: bool = True
+    image_size: int = Field(224, ge=32, le=1024)
+    pmg_feature_dim: int = Field(512, ge=8)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    backbone_lr_factor: float = Field(0.1, ge=0)
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    freeze_backbone: bool = False
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(0, ge=0)
+
+
+class OodConfig(_Strict):
+    score: Literal["max_logit", "energy", "max_softmax"] = "max_logit"
+    target_tpr: float = Field(0.95, gt=0, le=1)
+
+
+class GateConfig(_Strict):
+    max_macro_f1_drop: float = Field(0.02, ge=0)
+    min_ood_auroc: float = Field(0.80, ge=0, le=1)
+    max_ece: float = Field(0.20, ge=0, le=1)
+
+
+class InferenceConfig(_Strict):
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_bytes: int = Field(50_000_000, ge=1)
+
+
+class PartitionsConfig(_Strict):
+    start_date: dt.date
+    schedule_hour: int = Field(2, ge=0, le=23)
+    schedule_enabled: bool = Field(False, description="start the daily schedule as RUNNING")
+    timezone: str = "UTC"
+
+
+class SofarConfig(_Strict):
+    """The whole config; ``base_dir`` is the config file's folder."""
+
+    tasks: dict[str, TaskSource]
+    uploads: UploadsSource
+    ood_sets: dict[str, OodSet] = Field(default_factory=dict)
+    partitions: PartitionsConfig
+    storage: StorageConfig = StorageConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    ood: OodConfig = OodConfig()
+    gate: GateConfig = GateConfig()
+    inference: InferenceConfig = InferenceConfig()
+    base_dir: Path = Field(Path("."), exclude=True)
+    source_file: str = Field("<memory>", exclude=True)
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, TaskSource]) -> dict[str, TaskSource]:
+        if not tasks:
+            raise ValueError("at least one task is needed")
+        for name in tasks:
+            if not _TASK_RE.match(name):
+                raise ValueError(f"task name {name!r} must be lower_snake_case (it becomes an asset key)")
+        return tasks
+
+    # -- derived values ---------------------------------------------------------------
+    def resolve(self, path: str) -> str:
+        """A config path as an absolute local path or an untouched ``gs://`` URI."""
+        if storage.is_gcs(path):
+            return path
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (self.base_dir / p).resolve())
+
+    @property
+    def root(self) -> str:
+        return self.resolve(self.storage.root)
+
+    def under_root(self, name: str) -> str:
+        root = self.root
+        return f"{root.rstrip('/')}/{name}" if storage.is_gcs(root) else str(Path(root) / name)
+
+    @property
+    def cache_dir(self) -> str:
+        return self.resolve(self.storage.cache) if self.storage.cache else self.under_root("cache")
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        uri = self.storage.mlflow.tracking_uri
+        if uri is None:
+            return f"sqlite:///{self.under_root('mlflow.db')}"
+        if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+            return "sqlite:///" + self.resolve(uri[len("sqlite:///") :])
+        return uri
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        loc = self.storage.mlflow.artifact_location
+        return self.resolve(loc) if loc else self.under_root("mlartifacts")
+
+    @property
+    def io_manager_base(self) -> str:
+        base = self.storage.io_manager_base
+        return self.resolve(base) if base else self.under_root("io")
+
+    @property
+    def duckdb_path(self) -> str:
+        wh = self.storage.warehouse
+        assert isinstance(wh, DuckDBTarget)
+        return wh.path if wh.path == ":memory:" else (
+            str(Path(wh.path)) if Path(wh.path).is_absolute() else str(Path(self.root) / wh.path)
+        )
+
+    def vocabulary(self) -> list[str]:
+        """Canonical labels in first-seen order over the tasks (shared labels appear once)."""
+        seen: dict[str, None] = {}
+        for task in self.tasks.values():
+            for label in task.labels.values():
+                seen.setdefault(label, None)
+        return list(seen)
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if x not in ("DuckDBTarget", "BigQueryTarget"))
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling against README.md 'Config')"
+        lines.append(f"  {loc or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_config(data: dict, *, base_dir: Path, source: str = "<memory>") -> SofarConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping")
+    try:
+        cfg = SofarConfig.model_validate({**data, "base_dir": base_dir, "source_file": source})
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    return cfg
+
+
+def load_config(path: str | Path, *, check_paths: bool = True) -> SofarConfig:
+    """Read and validate a config file; with ``check_paths`` also that local folders exist."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (set SOFAR_CONFIG to an existing YAML file)") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    cfg = parse_config(data, base_dir=path.resolve().parent, source=str(path))
+    if check_paths:
+        check_folders(cfg)
+    return cfg
+
+
+def check_folders(cfg: SofarConfig) -> None:
+    """Every local folder the config names exists, with the class folders its labels map."""
+    problems: list[str] = []
+    for name, task in cfg.tasks.items():
+        if task.folder is None:
+            continue
+        folder = cfg.resolve(task.folder)
+        if storage.is_gcs(folder):
+            continue
+        if not Path(folder).is_dir():
+            problems.append(f"tasks.{name}.folder: folder does not exist: {folder}")
+            continue
+        present = set(storage.list_subfolders(folder))
+        for src in task.labels:
+            if src not in present:
+                problems.append(f"tasks.{name}.labels.{src}: no class folder {Path(folder) / src}")
+        for extra in sorted(present - set(task.labels)):
+            problems.append(
+                f"tasks.{name}.labels: class folder {Path(folder) / extra} is not mapped to a label "
+                "(map it, or move it out of the task folder)"
+            )
+    if cfg.uploads.folder is not None:
+        folder = cfg.resolve(cfg.uploads.folder)
+        if not storage.is_gcs(folder) and not Path(folder).is_dir():
+            problems.append(f"uploads.folder: folder does not exist: {folder}")
+    for name, ood in cfg.ood_sets.items():
+        folder = cfg.resolve(ood.folder)
+        if not storage.is_gcs(folder) and not Path(folder).is_dir():
+            problems.append(f"ood_sets.{name}.folder: folder does not exist: {folder}")
+    if problems:
+        raise ConfigError(f"{cfg.source_file}: " + "\n  ".join(["invalid paths", *problems]))
