@@ -1,0 +1,68 @@
+"""Wall time of the pipeline part of `make run` (install and demo-data generation excluded).
+
+    python bench/bench_pipeline.py
+
+Runs the same two CLI commands as `make pipeline` (train_and_promote, then the demo days as one
+backfill) against a fresh state folder and a fresh DAGSTER_HOME, so a previous `make run`
+neither helps nor hurts, and prints each step's wall time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DAYS = "2026-11-01...2026-11-03"
+
+
+def main() -> int:
+    demo = REPO / ".sofar" / "demo-data"
+    if not (demo / "SYNTHETIC.md").exists():
+        subprocess.run([sys.executable, "-m", "sofar_assets.cli", "demo-data"], check=True, cwd=REPO)
+    with tempfile.TemporaryDirectory(prefix="sofar-bench-") as tmp:
+        tmp = Path(tmp)
+        cfg = yaml.safe_load((REPO / "config" / "demo.yaml").read_text())
+        for task in cfg["tasks"].values():
+            task["folder"] = str((REPO / "config" / task["folder"]).resolve())
+        cfg["uploads"]["folder"] = str((REPO / "config" / cfg["uploads"]["folder"]).resolve())
+        for oset in cfg["ood_sets"].values():
+            oset["folder"] = str((REPO / "config" / oset["folder"]).resolve())
+        cfg["storage"]["root"] = str(tmp / "state")
+        (tmp / "sofar.yaml").write_text(yaml.safe_dump(cfg))
+        (tmp / "home").mkdir()
+        (tmp / "home" / "dagster.yaml").write_text((REPO / "dagster_home" / "dagster.yaml").read_text())
+        env = {**os.environ, "SOFAR_CONFIG": str(tmp / "sofar.yaml"), "DAGSTER_HOME": str(tmp / "home")}
+        dagster = str(Path(sys.executable).with_name("dagster"))
+        steps = [
+            ("train_and_promote", [dagster, "job", "execute", "-m", "sofar_assets.definitions", "-j", "train_and_promote"]),
+            (f"daily_predictions {DAYS}", [dagster, "asset", "materialize", "-m", "sofar_assets.definitions",
+                                             "--select", "daily_predictions", "--partition-range", DAYS]),
+        ]
+        total = 0.0
+        rows = []
+        for name, cmd in steps:
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+            dt_s = time.perf_counter() - t0
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-3000:], sep="\n")
+                print(f"FAILED: {name}")
+                return 1
+            total += dt_s
+            rows.append((name, dt_s))
+    print(f"pipeline part of `make run` on {os.cpu_count()} CPU cores (fresh state, install excluded):")
+    for name, s in rows:
+        print(f"  {name:<40} {s:7.1f} s")
+    print(f"  {'total':<40} {total:7.1f} s   (target <= 300 s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""`make bench`: every benchmark in one go, each printing its own table of figures.
+
+Speed is reported as ratios measured side by side in the same process/run, because absolute
+numbers on shared machines drift. Run one directly for its options (`--help`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHES = [
+    ("decode throughput (issue: dataset)", ["bench_decode.py"]),
+    ("training throughput (issue: classifier)", ["bench_train.py"]),
+    ("inference and efficiency (issue: daily table)", ["bench_inference.py"]),
+    ("pipeline part of make run (issue: foundation)", ["bench_pipeline.py"]),
+]
+
+
+def main() -> int:
+    failed = []
+    for title, argv in BENCHES:
+        print(f"\n==== {title}: python bench/{' '.join(argv)}", flush=True)
+        rc = subprocess.run([sys.executable, str(HERE / argv[0]), *argv[1:]]).returncode
+        if rc:
+            failed.append(argv[0])
+    if failed:
+        print(f"\nbenchmarks that failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

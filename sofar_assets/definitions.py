@@ -1,0 +1,57 @@
+"""The one Dagster code location: ``dagster dev -m sofar_assets.definitions`` (or workspace.yaml).
+
+The asset graph is built from the config that ``SOFAR_CONFIG`` names (see settings.py): one
+raw label table per task → ``sofar_dataset`` → ``sofar_classifier`` → ``ood_calibration`` →
+``model_evaluation`` (+ blocking gate checks) → ``champion_model`` → ``daily_predictions``.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from sofar_assets.config import SofarConfig, load_config
+from sofar_assets.defs.data import build_dataset_asset, build_raw_label_asset
+from sofar_assets.defs.model import build_model_assets
+from sofar_assets.defs.predictions import build_prediction_assets
+from sofar_assets.defs.resources import build_resources
+from sofar_assets.settings import config_path
+
+TRAINING_SELECTION = dg.AssetSelection.groups("ingest", "training")
+
+
+def _executor(cfg: SofarConfig):
+    kind = cfg.storage.executor
+    if kind == "k8s":
+        from dagster_k8s import k8s_job_executor
+
+        return k8s_job_executor
+    if kind == "multiprocess":
+        return dg.multiprocess_executor
+    # DuckDB allows one writer: locally every step of a run executes in one process, in order.
+    return dg.in_process_executor
+
+
+def build_definitions(cfg: SofarConfig) -> dg.Definitions:
+    raw = [build_raw_label_asset(cfg, name, task) for name, task in cfg.tasks.items()]
+    dataset = build_dataset_asset(cfg, [a.key for a in raw])
+    model_assets, gate_checks = build_model_assets(cfg)
+    predictions, predictions_job, schedule = build_prediction_assets(cfg)
+    training_job = dg.define_asset_job(
+        "train_and_promote",
+        selection=TRAINING_SELECTION,
+        description="Ingest every task, build the SOFAR dataset, train, calibrate, evaluate and promote.",
+    )
+    return dg.Definitions(
+        assets=[*raw, dataset, *model_assets, predictions],
+        asset_checks=gate_checks,
+        jobs=[training_job, predictions_job],
+        schedules=[schedule],
+        resources=build_resources(cfg),
+        executor=_executor(cfg),
+    )
+
+
+@dg.definitions
+def defs() -> dg.Definitions:
+    """Loaded lazily by Dagster, so importing this module never needs the config's folders."""
+    return build_definitions(load_config(config_path()))

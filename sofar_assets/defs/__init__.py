@@ -1,0 +1,1 @@
+"""Dagster definitions: thin, declarative wrappers over :mod:`sofar_assets.lib`."""

@@ -1,0 +1,222 @@
+"""Ingest: one raw label table per task (made from the task list in the config), and the
+concatenated ``sofar_dataset`` with its checks and dataset card."""
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import dagster as dg
+import pandas as pd
+from PIL import Image
+
+from sofar_assets.config import SofarConfig, TaskSource
+from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
+from sofar_assets.lib import dataset as ds
+from sofar_assets.lib import storage
+from sofar_assets.lib.images import sha256_hex
+from sofar_assets.lib.plots import contact_sheet_png, png_to_markdown
+
+OWNERS = ["team:ml-platform"]
+DECODE_THREADS = 2
+
+
+def raw_table_name(task: str) -> str:
+    return f"raw_labels_{task}"
+
+
+def _task_items(cfg: SofarConfig, task: TaskSource, warehouse) -> list[tuple[str, str]]:
+    """``(image_uri, source_label)`` for every file of a task, from its folder or its table."""
+    if task.folder is not None:
+        folder = cfg.resolve(task.folder)
+        items = []
+        for sub in storage.list_subfolders(folder):
+            base = f"{folder.rstrip('/')}/{sub}"
+            items += [(uri, sub) for uri in storage.list_files(base)]
+        return items
+    df = warehouse.read_table(task.table)
+    missing = {"image_uri", "label"} - set(df.columns)
+    if missing:
+        raise ValueError(f"label table {task.table!r} lacks column(s) {sorted(missing)}; needs image_uri, label")
+    return [(cfg.resolve(u), str(lab)) for u, lab in zip(df["image_uri"], df["label"], strict=True)]
+
+
+def _inspector(image_store: ImageStoreResource, size: int):
+    """Read, hash and decode one image, filling the preprocessed cache on the way."""
+    cache = image_store.cache(size)
+
+    def inspect(uri: str) -> tuple[str, int, int, int]:
+        data = image_store.read_bytes(uri)
+        sha = sha256_hex(data)
+        cache.get(sha, lambda: data, uri)  # the one full decode; training reuses the cached array
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+        return sha, len(data), width, height
+
+    return inspect
+
+
+def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) -> dg.AssetsDefinition:
+    source = f"folder `{cfg.resolve(task.folder)}`" if task.folder else f"warehouse table `{task.table}`"
+    mapping = ", ".join(f"`{k}` → `{v}`" for k, v in task.labels.items()) or "labels as stored"
+
+    @dg.asset(
+        key=["raw_labels", task_name],
+        group_name="ingest",
+        kinds={cfg.storage.warehouse.kind, "python"},
+        owners=OWNERS,
+        code_version="1",
+        description=(
+            f"Raw label table of the task-centric dataset **{task_name}** from {source} ({mapping}). "
+            "One row per file with its content hash; unreadable files are rows with an `error`."
+        ),
+        metadata={"task": task_name, "source": source},
+    )
+    def _raw_labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource) -> dg.MaterializeResult:
+        wh = warehouse.get()
+        items = _task_items(cfg, task, wh)
+        context.log.info(f"{task_name}: {len(items)} files to read, hash and decode")
+        inspect = _inspector(image_store, cfg.model.image_size)
+        rows = []
+        with ThreadPoolExecutor(DECODE_THREADS) as pool:
+            for i, df in enumerate(pool.map(lambda it: ds.scan_rows(task_name, [it], task.labels, inspect), items), 1):
+                rows.append(df)
+                if i % 100 == 0:
+                    context.log.info(f"{task_name}: {i}/{len(items)} files scanned")
+        raw = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ds.RAW_COLUMNS)
+        wh.write_table(raw_table_name(task_name), raw)
+        errors = raw[raw["error"].notna()]
+        for uri, err in zip(errors["image_uri"], errors["error"], strict=True):
+            context.log.warning(f"unreadable: {err}")
+        return dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": len(raw),
+                "table": raw_table_name(task_name),
+                "per_label": dg.MetadataValue.json(raw[raw["error"].isna()]["label"].value_counts().to_dict()),
+                "unreadable": len(errors),
+                "unreadable_files": dg.MetadataValue.md(
+                    "\n".join(f"- `{e}`" for e in errors["error"]) or "none"
+                ),
+            }
+        )
+
+    return _raw_labels
+
+
+DATASET_CHECKS = [
+    ("no_unreadable_files", "Every task file decodes; failing lists the files (they are left out of training)."),
+    ("min_images_per_class_and_split", "Each class has at least dataset.min_per_class single-label images per split."),
+    ("no_image_in_two_splits", "No content hash sits in two splits (no leakage between train, val and test)."),
+    ("vocabulary_consistent", "No task label looks like a typo of another task's label (e.g. nomral)."),
+    ("label_conflicts", "Photos with different labels in different tasks (kept once, multi-label; listed)."),
+]
+
+
+def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
+    vocabulary = cfg.vocabulary()
+
+    @dg.asset(
+        name="sofar_dataset",
+        deps=raw_keys,
+        group_name="ingest",
+        kinds={cfg.storage.warehouse.kind, "pandas"},
+        owners=OWNERS,
+        code_version="1",
+        check_specs=[dg.AssetCheckSpec(name, asset="sofar_dataset", description=desc) for name, desc in DATASET_CHECKS],
+    )
+    def sofar_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource):
+        """The concatenated SOFAR dataset: every task's images in ONE label vocabulary.
+
+        Shared labels (``normal``) are one class; identical photos (same sha256) are one row;
+        a photo labeled differently by two tasks is kept once as multi-label (out of
+        single-label training, used to evaluate the top-2). Train/val/test come from the content
+        hash: stable when photos are added, never leaking across splits.
+        """
+        wh = warehouse.get()
+        raw = pd.concat([wh.read_table(raw_table_name(k.path[-1])) for k in raw_keys], ignore_index=True)
+        data = ds.concatenate(
+            raw, vocabulary, val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction
+        )
+        wh.write_table("sofar_dataset", data)
+        counts = ds.counts_by(data, vocabulary)
+        digest = ds.dataset_hash(data)
+        errors = raw[raw["error"].notna()]
+        multi = data[data["multi_label"]]
+        typos = ds.suspicious_labels({n: t.labels for n, t in cfg.tasks.items()})
+        split_cols = list(ds.SPLITS)
+        if cfg.dataset.val_fraction == 0:
+            split_cols.remove("val")
+        if cfg.dataset.test_fraction == 0:
+            split_cols.remove("test")
+        too_small = [
+            f"{label}/{split}: {int(counts.loc[label, split])}"
+            for label in vocabulary
+            for split in split_cols
+            if counts.loc[label, split] < cfg.dataset.min_per_class
+        ]
+        leaks = int(data.groupby("sha256")["split"].nunique().gt(1).sum())
+        checks = [
+            dg.AssetCheckResult(
+                check_name="no_unreadable_files",
+                passed=errors.empty,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"unreadable": len(errors), "files": dg.MetadataValue.md(
+                    "\n".join(f"- `{e}`" for e in errors["error"]) or "none")},
+            ),
+            dg.AssetCheckResult(
+                check_name="min_images_per_class_and_split",
+                passed=not too_small,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"minimum": cfg.dataset.min_per_class, "below": dg.MetadataValue.json(too_small)},
+            ),
+            dg.AssetCheckResult(check_name="no_image_in_two_splits", passed=leaks == 0, metadata={"hashes_in_two_splits": leaks}),
+            dg.AssetCheckResult(
+                check_name="vocabulary_consistent",
+                passed=not typos,
+                severity=dg.AssetCheckSeverity.WARN,
+                metadata={"findings": dg.MetadataValue.json(typos), "vocabulary": dg.MetadataValue.json(vocabulary)},
+            ),
+            dg.AssetCheckResult(
+                check_name="label_conflicts",
+                passed=True,
+                metadata={"multi_label_images": len(multi), "conflicts": dg.MetadataValue.md(
+                    "\n".join(f"- `{u}`: {lab.replace('|', ' + ')}" for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
+                    or "none")},
+            ),
+        ]
+        card = _dataset_card(data, counts, raw, image_store, cfg, vocabulary)
+        context.log.info(f"sofar_dataset: {len(data)} images, {len(vocabulary)} classes, hash {digest[:12]}")
+        yield dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": len(data),
+                "dataset_hash": digest,
+                "classes": dg.MetadataValue.json(vocabulary),
+                "multi_label_images": len(multi),
+                "unreadable_files": len(errors),
+                "dataset_card": dg.MetadataValue.md(card),
+            },
+            check_results=checks,
+        )
+
+    return sofar_dataset
+
+
+def _dataset_card(data, counts, raw, image_store, cfg, vocabulary) -> str:
+    per_task = raw[raw["error"].isna()].groupby(["task", "label"]).size().rename("images").reset_index()
+    sheet = ""
+    k = cfg.dataset.contact_sheet_per_class
+    if k:
+        cache = image_store.cache(cfg.model.image_size)
+        thumbs = {}
+        for label in vocabulary:
+            rows = data[(data["label"] == label) & ~data["multi_label"]].head(k)
+            thumbs[label] = [
+                cache.get(sha, lambda uri=uri: image_store.read_bytes(uri), uri)
+                for sha, uri in zip(rows["sha256"], rows["image_uri"], strict=True)
+            ]
+        sheet = "\n\n### Contact sheet\n\n" + png_to_markdown(contact_sheet_png(thumbs), "contact sheet")
+    return (
+        "### Images per label and split (single-label) and multi-label\n\n"
+        + counts.to_markdown()
+        + "\n\n### Images per task and label (before deduplication)\n\n"
+        + per_task.to_markdown(index=False)
+        + sheet
+    )

@@ -1,0 +1,433 @@
+"""Training, OOD calibration, evaluation and the gated champion alias in the MLflow registry.
+
+Assets hand each other small pointers (model name + version + run id), never weights: the
+weights live in MLflow, so lineage holds and a backfill knows exactly which version it used.
+"""
+
+import io
+import json
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from sofar_assets.config import SofarConfig
+from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
+from sofar_assets.lib import dataset as ds
+from sofar_assets.lib import metrics, ood, plots, storage
+from sofar_assets.lib.images import ImageDataset
+from sofar_assets.lib.inference import predict_images
+from sofar_assets.lib.models import ModelSpec
+from sofar_assets.lib.packaging import load_registered, log_and_register
+from sofar_assets.lib.training import TrainConfig, predict_logits, train_classifier
+from sofar_assets.settings import git_commit
+
+OWNERS = ["team:ml-platform"]
+CHAMPION = "champion"
+
+# A Kubernetes run (dagster-k8s executor / run launcher) puts the training step on a GPU node.
+# Op tags, not job tags: backfills and UI materializations ignore job-level tags.
+GPU_OP_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "24Gi", "nvidia.com/gpu": "1"},
+            }
+        },
+        "pod_spec_config": {
+            "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+}
+
+
+def _split(data: pd.DataFrame, split: str) -> pd.DataFrame:
+    return data[(data["split"] == split) & ~data["multi_label"]].reset_index(drop=True)
+
+
+def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, image_store, *, hflip=False):
+    index = {c: i for i, c in enumerate(classes)}
+    return ImageDataset(
+        list(rows["image_uri"]),
+        [index[label] for label in rows["label"]],
+        cfg.model.image_size,
+        cache=image_store.cache(cfg.model.image_size),
+        sha256s=list(rows["sha256"]),
+        read_bytes=image_store.read_bytes,
+        hflip=hflip,
+    )
+
+
+def _png_image(png: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(png)).convert("RGB")
+
+
+def _version_tags(client, name: str, version: str) -> dict[str, str]:
+    return dict(client.get_model_version(name, version).tags)
+
+
+def _champion_version(client, name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except Exception:  # noqa: BLE001 - no registered model or no alias yet
+        return None
+
+
+def build_model_assets(cfg: SofarConfig) -> list:
+    classes = cfg.vocabulary()
+    index = {c: i for i, c in enumerate(classes)}
+    device_kind = "pytorch"
+
+    @dg.asset(
+        deps=["sofar_dataset"],
+        group_name="training",
+        kinds={device_kind, "mlflow"},
+        owners=OWNERS,
+        code_version="1",
+        pool="gpu",
+        op_tags=GPU_OP_TAGS,
+    )
+    def sofar_classifier(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource, image_store: ImageStoreResource
+    ) -> dg.Output[dict]:
+        """ONE N-class classifier over the concatenated label space (the GPU step).
+
+        Trains the configured architecture (``linear`` or the paper's ``pmg``) on the train
+        split, validates every epoch on the val split, keeps the best epoch by val macro-F1,
+        and registers it in MLflow (safetensors + JSON config, tagged with the dataset hash and
+        the git commit).
+        """
+        data = warehouse.get().read_table("sofar_dataset")
+        digest = ds.dataset_hash(data)
+        train_rows, val_rows = _split(data, "train"), _split(data, "val")
+        if train_rows.empty or val_rows.empty:
+            raise dg.Failure(
+                description=f"sofar_dataset has {len(train_rows)} train and {len(val_rows)} val single-label images; "
+                "both are needed. Add images or raise dataset.val_fraction in the config."
+            )
+        missing = sorted(set(classes) - set(train_rows["label"]))
+        if missing:
+            context.log.warning(f"classes without training images: {missing}")
+        spec = ModelSpec(
+            num_classes=len(classes),
+            arch=cfg.model.arch,
+            backbone=cfg.model.backbone,
+            image_size=cfg.model.image_size,
+            pretrained=cfg.model.pretrained,
+            pmg_feature_dim=cfg.model.pmg_feature_dim,
+        )
+        tcfg = TrainConfig(**cfg.train.model_dump())
+        experiment_id = mlflow_tracking.setup()
+        with mlflow.start_run(
+            experiment_id=experiment_id,
+            run_name=f"{cfg.model.name}-{context.run_id[:8]}",
+            tags={"dagster_run_id": context.run_id, "dataset_hash": digest, "git_commit": git_commit()},
+        ) as run:
+            mlflow.log_params(
+                {**{f"model.{k}": v for k, v in spec.to_dict().items()},
+                 **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
+                 "dataset_hash": digest, "train_images": len(train_rows), "val_images": len(val_rows),
+                 "classes": ",".join(classes)}
+            )
+            mlflow.log_dict({"classes": classes}, "classes.json")
+            result = train_classifier(
+                spec,
+                _image_dataset(train_rows, classes, cfg, image_store, hflip=True),
+                _image_dataset(val_rows, classes, cfg, image_store),
+                tcfg,
+                log=context.log.info,
+                on_epoch=lambda m: mlflow.log_metrics(
+                    {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "epoch"},
+                    step=int(m["epoch"]),
+                ),
+            )
+            val_logits = predict_logits(result.model, _image_dataset(val_rows, classes, cfg, image_store),
+                                        device=tcfg.device)
+            val_y = val_rows["label"].map(index).to_numpy()
+            cm = metrics.confusion_matrix(val_y, val_logits.argmax(1), len(classes))
+            mlflow.log_image(_png_image(plots.confusion_matrix_png(cm, classes)), "val_confusion_matrix.png")
+            mlflow.log_image(_png_image(plots.training_curves_png(result.history, ["train_loss", "val_loss"])),
+                             "training_curves.png")
+            final = {f"best_{k}": float(v) for k, v in result.best_val_metrics.items() if isinstance(v, (int, float))}
+            mlflow.log_metrics({**final, "images_per_s": result.images_per_s, "data_wait_share": result.data_wait_share})
+            reg = log_and_register(
+                result.model,
+                spec,
+                classes,
+                cfg.model.name,
+                extra={"dataset_hash": digest, "git_commit": git_commit(), "best_epoch": result.best_epoch},
+                tags={"dataset_hash": digest, "git_commit": git_commit(), "dagster_run_id": context.run_id,
+                      "val_macro_f1": f"{result.best_val_macro_f1:.4f}"},
+            )
+        ref = {
+            "model_name": cfg.model.name,
+            "version": str(reg["version"]),
+            "model_uri": f"models:/{cfg.model.name}/{reg['version']}",
+            "run_id": run.info.run_id,
+            "dataset_hash": digest,
+            "classes": classes,
+        }
+        context.log.info(f"registered {ref['model_uri']} (val macro-F1 {result.best_val_macro_f1:.3f})")
+        return dg.Output(
+            ref,
+            metadata={
+                "model_uri": ref["model_uri"],
+                "model_version": ref["version"],
+                "mlflow_run_id": ref["run_id"],
+                "dataset_hash": digest,
+                "best_epoch": result.best_epoch,
+                "val_macro_f1": result.best_val_macro_f1,
+                "train_images_per_s": result.images_per_s,
+                "data_wait_share": result.data_wait_share,
+                "device": str(result.device) if hasattr(result, "device") else tcfg.device,
+                "training_curves": dg.MetadataValue.md(
+                    plots.png_to_markdown(plots.training_curves_png(result.history, ["train_loss", "val_loss"]), "loss")
+                ),
+                "val_confusion_matrix": dg.MetadataValue.md(
+                    plots.png_to_markdown(plots.confusion_matrix_png(cm, classes), "confusion matrix")
+                ),
+            },
+        )
+
+    def _load(ref: dict):
+        return load_registered(ref["model_uri"])
+
+    def _ood_scores(model, folder: str, threshold: float, temperature: float, context) -> tuple[np.ndarray, int]:
+        files = storage.list_files(folder)
+        frames = list(
+            predict_images(
+                model, [(f, f) for f in files], classes=classes, image_size=cfg.model.image_size,
+                threshold=threshold, score_method=cfg.ood.score, temperature=temperature,
+                batch_size=cfg.inference.batch_size, num_workers=0, device=cfg.inference.device,
+            )
+        )
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["ood_score", "error"])
+        bad = df[df["error"].notna()]
+        for err in bad["error"]:
+            context.log.warning(f"OOD set image skipped: {err}")
+        return df[df["error"].isna()]["ood_score"].to_numpy(dtype=float), len(bad)
+
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1")
+    def ood_calibration(
+        context: dg.AssetExecutionContext, sofar_classifier: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
+        image_store: ImageStoreResource,
+    ) -> dg.Output[dict]:
+        """Out-of-distribution threshold for the model version, from its own logits.
+
+        Temperature scaling fitted on the val split (changes probabilities, not the top-2);
+        the OOD score (max logit by default, as in the paper) thresholded at the target
+        in-distribution TPR on the val split; AUROC and FPR@TPR on each configured irrelevant
+        image set, and one-class AUROC per task. Stored as tags on the MLflow model version.
+        """
+        client = mlflow_tracking.client()
+        model, _meta = _load(sofar_classifier)
+        val_rows = _split(warehouse.get().read_table("sofar_dataset"), "val")
+        logits = predict_logits(model, _image_dataset(val_rows, classes, cfg, image_store), device=cfg.inference.device)
+        y = val_rows["label"].map(index).to_numpy()
+        temperature = ood.fit_temperature(logits, y)
+        nll_before, nll_after = ood.nll(logits, y, 1.0), ood.nll(logits, y, temperature)
+        id_scores = ood.scores(logits, cfg.ood.score, temperature)
+        threshold = ood.threshold_at_tpr(id_scores, cfg.ood.target_tpr)
+        report: dict = {
+            "score_method": cfg.ood.score, "temperature": temperature, "threshold": threshold,
+            "target_tpr": cfg.ood.target_tpr, "val_tpr": float((id_scores >= threshold).mean()),
+            "val_nll_before": nll_before, "val_nll_after": nll_after,
+            "val_score_min": float(id_scores.min()), "val_score_max": float(id_scores.max()),
+            "ood_sets": {}, "task_auroc": {},
+        }
+        curves = {}
+        for name, oset in cfg.ood_sets.items():
+            scores_ood, skipped = _ood_scores(model, cfg.resolve(oset.folder), threshold, temperature, context)
+            if len(scores_ood) == 0:
+                context.log.warning(f"OOD set {name!r} has no readable images; skipped")
+                continue
+            auc = ood.auroc(id_scores, scores_ood)
+            fpr, tpr = ood.roc_curve(id_scores, scores_ood)
+            curves[name] = (fpr, tpr, auc)
+            report["ood_sets"][name] = {
+                "images": int(len(scores_ood)), "unreadable": skipped, "auroc": auc,
+                "fpr_at_tpr": ood.fpr_at_tpr(id_scores, scores_ood, cfg.ood.target_tpr),
+                "rejected_share": float((scores_ood < threshold).mean()),
+            }
+        for task_name, task in cfg.tasks.items():
+            pos = task.positive_label
+            if pos is not None and (y == index[pos]).any() and (y != index[pos]).any():
+                report["task_auroc"][task_name] = ood.one_vs_rest_auroc(logits, y, index[pos], temperature)
+        tags = {
+            "ood_score_method": cfg.ood.score, "ood_temperature": repr(temperature),
+            "ood_threshold": repr(threshold), "ood_target_tpr": str(cfg.ood.target_tpr),
+        }
+        tags.update({f"ood_auroc_{k}": f"{v['auroc']:.4f}" for k, v in report["ood_sets"].items()})
+        for k, v in tags.items():
+            client.set_model_version_tag(sofar_classifier["model_name"], sofar_classifier["version"], k, v)
+        with mlflow.start_run(run_id=sofar_classifier["run_id"]):
+            mlflow.log_dict(report, "ood_calibration.json")
+            mlflow.log_metrics({"ood_temperature": temperature, "ood_threshold": threshold,
+                                **{f"ood_auroc_{k}": v["auroc"] for k, v in report["ood_sets"].items()},
+                                **{f"ood_fpr_at_tpr_{k}": v["fpr_at_tpr"] for k, v in report["ood_sets"].items()},
+                                **{f"task_auroc_{k}": v for k, v in report["task_auroc"].items()}})
+            if curves:
+                mlflow.log_image(_png_image(plots.roc_png(curves)), "ood_roc.png")
+        out = {**sofar_classifier, **{k: report[k] for k in ("score_method", "temperature", "threshold", "target_tpr")},
+               "ood_sets": report["ood_sets"]}
+        md = {
+            "threshold": threshold, "temperature": temperature, "score_method": cfg.ood.score,
+            "val_tpr": report["val_tpr"], "val_nll_before": nll_before, "val_nll_after": nll_after,
+            "val_score_range": dg.MetadataValue.json([report["val_score_min"], report["val_score_max"]]),
+            "ood_report": dg.MetadataValue.json(report["ood_sets"]),
+            "task_auroc": dg.MetadataValue.json(report["task_auroc"]),
+            "model_version": sofar_classifier["version"],
+        }
+        for name, r in report["ood_sets"].items():
+            md[f"auroc_{name}"] = r["auroc"]
+            md[f"rejected_share_{name}"] = r["rejected_share"]
+        if curves:
+            md["roc"] = dg.MetadataValue.md(plots.png_to_markdown(plots.roc_png(curves), "ROC"))
+        return dg.Output(out, metadata=md)
+
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1")
+    def model_evaluation(
+        context: dg.AssetExecutionContext, ood_calibration: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
+        image_store: ImageStoreResource,
+    ) -> dg.Output[dict]:
+        """The new version on the held-out test split, side by side with the current champion.
+
+        Per task: accuracy and F1 of the N-class prediction mapped onto the task's binary
+        question (the paper's Table 2); macro-F1 over all classes; ECE and a reliability
+        diagram (temperature applied); top-2 joint hit rate on multi-label photos (both labels
+        in the top-2); OOD AUROC on the test split against each irrelevant set. The champion is
+        re-scored on the same test split so the promotion gate compares like with like.
+        """
+        ref = ood_calibration
+        client = mlflow_tracking.client()
+        data = warehouse.get().read_table("sofar_dataset")
+        test_rows = _split(data, "test")
+        if test_rows.empty:
+            raise dg.Failure(description="sofar_dataset has no single-label test images; raise dataset.test_fraction")
+        test_ds = _image_dataset(test_rows, classes, cfg, image_store)
+        y = test_rows["label"].map(index).to_numpy()
+        model, _ = load_registered(ref["model_uri"])
+        logits = predict_logits(model, test_ds, device=cfg.inference.device)
+        pred = logits.argmax(1)
+        probs = ood.softmax(logits, ref["temperature"])
+        result: dict = {
+            "model_name": ref["model_name"], "version": ref["version"], "test_images": int(len(y)),
+            "accuracy": metrics.accuracy(y, pred), "macro_f1": metrics.macro_f1(y, pred, len(classes)),
+            "ece": metrics.expected_calibration_error(probs, y), "tasks": {},
+        }
+        for task_name, task in cfg.tasks.items():
+            own = {index[lab] for lab in task.labels.values()}
+            result["tasks"][task_name] = metrics.binary_task_metrics(
+                y, pred, index[task.positive_label], task_classes=own
+            )
+        multi = data[data["multi_label"]].reset_index(drop=True)
+        if not multi.empty:
+            multi_ds = _image_dataset(multi.assign(label=multi["label"]), classes, cfg, image_store)
+            mlogits = predict_logits(model, multi_ds, device=cfg.inference.device)
+            sets = [{index[lab] for lab in labels.split("|")} for labels in multi["labels"]]
+            result["top2_joint_hit_rate"] = metrics.top2_joint_hit_rate(mlogits, sets)
+            result["multi_label_images"] = int(len(multi))
+        id_scores = ood.scores(logits, ref["score_method"], ref["temperature"])
+        ood_auc = {}
+        for name, oset in cfg.ood_sets.items():
+            s_ood, _ = _ood_scores(model, cfg.resolve(oset.folder), ref["threshold"], ref["temperature"], context)
+            if len(s_ood):
+                ood_auc[name] = ood.auroc(id_scores, s_ood)
+        result["ood_auroc"] = ood_auc
+        result["ood_auroc_min"] = min(ood_auc.values()) if ood_auc else None
+        champ = _champion_version(client, ref["model_name"])
+        result["champion_version"] = champ
+        result["champion_macro_f1"] = None
+        if champ is not None and champ != ref["version"]:
+            champ_model, champ_meta = load_registered(f"models:/{ref['model_name']}/{champ}")
+            if list(champ_meta["classes"]) == classes:
+                cl = predict_logits(champ_model, test_ds, device=cfg.inference.device)
+                result["champion_macro_f1"] = metrics.macro_f1(y, cl.argmax(1), len(classes))
+            else:
+                context.log.warning(f"champion v{champ} has other classes {champ_meta['classes']}: not comparable")
+        cm = metrics.confusion_matrix(y, pred, len(classes))
+        bins = metrics.reliability_bins(probs, y)
+        for k, v in {"test_macro_f1": result["macro_f1"], "test_accuracy": result["accuracy"],
+                     "test_ece": result["ece"]}.items():
+            client.set_model_version_tag(ref["model_name"], ref["version"], k, f"{v:.4f}")
+        with mlflow.start_run(run_id=ref["run_id"]):
+            mlflow.log_metrics({
+                "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"], "test_ece": result["ece"],
+                **{f"test_{t}_accuracy": m["accuracy"] for t, m in result["tasks"].items()},
+                **{f"test_{t}_f1": m["f1"] for t, m in result["tasks"].items()},
+                **({"top2_joint_hit_rate": result["top2_joint_hit_rate"]} if "top2_joint_hit_rate" in result else {}),
+                **{f"test_ood_auroc_{k}": v for k, v in ood_auc.items()},
+            })
+            mlflow.log_dict(result, "evaluation.json")
+            mlflow.log_image(_png_image(plots.confusion_matrix_png(cm, classes)), "test_confusion_matrix.png")
+            mlflow.log_image(_png_image(plots.reliability_png(bins)), "reliability.png")
+        task_table = pd.DataFrame(result["tasks"]).T
+        return dg.Output(
+            result,
+            metadata={
+                "model_version": ref["version"],
+                "test_macro_f1": result["macro_f1"],
+                "test_accuracy": result["accuracy"],
+                "ece": result["ece"],
+                "top2_joint_hit_rate": result.get("top2_joint_hit_rate"),
+                "ood_auroc": dg.MetadataValue.json(ood_auc),
+                "champion_version": champ,
+                "champion_macro_f1_same_test": result["champion_macro_f1"],
+                "per_task": dg.MetadataValue.md(task_table.to_markdown()),
+                "confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(plots.confusion_matrix_png(cm, classes), "cm")),
+                "reliability": dg.MetadataValue.md(plots.png_to_markdown(plots.reliability_png(bins), "reliability")),
+            },
+        )
+
+    gate = cfg.gate
+
+    @dg.asset_check(asset=model_evaluation, blocking=True,
+                    description="Macro-F1 on the test split is not worse than the champion's by more than gate.max_macro_f1_drop.")
+    def macro_f1_not_worse_than_champion(model_evaluation: dict) -> dg.AssetCheckResult:
+        new, old = model_evaluation["macro_f1"], model_evaluation["champion_macro_f1"]
+        if old is None:
+            return dg.AssetCheckResult(passed=True, metadata={"new_macro_f1": new, "reason": "no comparable champion yet"})
+        return dg.AssetCheckResult(
+            passed=bool(new >= old - gate.max_macro_f1_drop),
+            metadata={"new_macro_f1": new, "champion_macro_f1": old, "allowed_drop": gate.max_macro_f1_drop,
+                      "champion_version": model_evaluation["champion_version"]},
+        )
+
+    @dg.asset_check(asset=model_evaluation, blocking=True,
+                    description="The lowest OOD AUROC over the irrelevant image sets is at least gate.min_ood_auroc.")
+    def ood_auroc_above_floor(model_evaluation: dict) -> dg.AssetCheckResult:
+        auc = model_evaluation["ood_auroc_min"]
+        if auc is None:
+            return dg.AssetCheckResult(passed=True, metadata={"reason": "no ood_sets configured: nothing to gate on"})
+        return dg.AssetCheckResult(passed=bool(auc >= gate.min_ood_auroc),
+                                   metadata={"ood_auroc_min": auc, "floor": gate.min_ood_auroc,
+                                             "per_set": dg.MetadataValue.json(model_evaluation["ood_auroc"])})
+
+    @dg.asset_check(asset=model_evaluation, blocking=True,
+                    description="Expected calibration error (temperature applied) is at most gate.max_ece.")
+    def ece_below_ceiling(model_evaluation: dict) -> dg.AssetCheckResult:
+        return dg.AssetCheckResult(passed=bool(model_evaluation["ece"] <= gate.max_ece),
+                                   metadata={"ece": model_evaluation["ece"], "ceiling": gate.max_ece})
+
+    @dg.asset(group_name="training", kinds={"mlflow"}, owners=OWNERS, code_version="1")
+    def champion_model(
+        context: dg.AssetExecutionContext, model_evaluation: dict, mlflow_tracking: MlflowResource
+    ) -> dg.Output[dict]:
+        """Moves the MLflow alias ``champion`` to the new version — only after the blocking
+        gate checks on ``model_evaluation`` passed (otherwise this step does not run and the
+        champion stays). ``daily_predictions`` always reads ``models:/<name>@champion``, so an
+        alias moved by hand in the MLflow UI is honored too."""
+        client = mlflow_tracking.client()
+        name, version = model_evaluation["model_name"], model_evaluation["version"]
+        previous = _champion_version(client, name)
+        client.set_registered_model_alias(name, CHAMPION, version)
+        context.log.info(f"{name}@{CHAMPION}: v{previous} -> v{version}")
+        return dg.Output({"model_name": name, "version": version, "previous": previous},
+                         metadata={"champion": f"models:/{name}@{CHAMPION} = v{version}", "previous_version": previous})
+
+    return [sofar_classifier, ood_calibration, model_evaluation, champion_model], [
+        macro_f1_not_worse_than_champion, ood_auroc_above_floor, ece_below_ceiling]

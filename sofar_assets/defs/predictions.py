@@ -1,0 +1,206 @@
+"""The ONE daily prediction table: every photo uploaded on a day, top-2 labels + OOD flag."""
+
+import datetime as dt
+from pathlib import Path
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+
+from sofar_assets.config import SofarConfig
+from sofar_assets.defs.model import CHAMPION, OWNERS
+from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
+from sofar_assets.lib import storage
+from sofar_assets.lib.inference import predict_images
+from sofar_assets.lib.packaging import load_registered
+from sofar_assets.lib.warehouse import uploads_from_table
+
+PREDICTIONS_TABLE = "predictions"
+PREDICTION_COLUMNS = {
+    "prediction_date": "object",  # datetime.date -> DATE in DuckDB and BigQuery
+    "image_id": "string",
+    "image_uri": "string",
+    "top1_label": "string",
+    "top1_prob": "float64",
+    "top2_label": "string",
+    "top2_prob": "float64",
+    "ood_score": "float64",
+    "is_ood": "boolean",
+    "error": "string",
+    "model_name": "string",
+    "model_version": "string",
+    "predicted_at": "datetime64[us]",
+}
+TRAILING_DAYS = 7
+
+
+def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> list[tuple[str, str]]:
+    """``(image_id, image_uri)`` of every photo uploaded on ``day``."""
+    if cfg.uploads.folder is not None:
+        folder = f"{cfg.resolve(cfg.uploads.folder).rstrip('/')}/{day.isoformat()}"
+        if not storage.is_gcs(folder) and not Path(folder).is_dir():
+            return []  # nothing was uploaded that day
+        return [(f"{day.isoformat()}/{uri.rsplit('/', 1)[-1]}", uri) for uri in storage.list_files(folder)]
+    df = uploads_from_table(warehouse, cfg.uploads.table, day, day + dt.timedelta(days=1))
+    return [(str(i), cfg.resolve(str(u))) for i, u in zip(df["image_id"], df["image_uri"], strict=True)]
+
+
+def _typed(df: pd.DataFrame) -> pd.DataFrame:
+    return df.reindex(columns=list(PREDICTION_COLUMNS)).astype(
+        {k: v for k, v in PREDICTION_COLUMNS.items() if k != "prediction_date"}
+    )
+
+
+def _trailing_rates(wh, day: dt.date) -> pd.DataFrame:
+    """Per-day OOD rate and row count over the trailing window before ``day``."""
+    if not wh.table_exists(PREDICTIONS_TABLE):
+        return pd.DataFrame(columns=["prediction_date", "rows", "ood_rate"])
+    past = wh.read_range(PREDICTIONS_TABLE, "prediction_date", day - dt.timedelta(days=TRAILING_DAYS), day)
+    past = past[past["error"].isna()]
+    if past.empty:
+        return pd.DataFrame(columns=["prediction_date", "rows", "ood_rate"])
+    return past.groupby("prediction_date").agg(rows=("image_id", "size"), ood_rate=("is_ood", "mean")).reset_index()
+
+
+def build_prediction_assets(cfg: SofarConfig):
+    partitions = dg.DailyPartitionsDefinition(
+        start_date=cfg.partitions.start_date.isoformat(), timezone=cfg.partitions.timezone
+    )
+
+    @dg.asset(
+        partitions_def=partitions,
+        backfill_policy=dg.BackfillPolicy.single_run(),
+        deps=["champion_model"],
+        group_name="predictions",
+        kinds={cfg.storage.warehouse.kind, "pytorch"},
+        owners=OWNERS,
+        code_version="1",
+        metadata={"table": PREDICTIONS_TABLE, "partition_expr": "prediction_date"},
+        check_specs=[
+            dg.AssetCheckSpec("rows_match_uploads", asset="daily_predictions",
+                              description="One row per uploaded photo for every day in the run (error rows included)."),
+            dg.AssetCheckSpec("ood_rate_vs_trailing_7_days", asset="daily_predictions",
+                              description="Warns when a day's OOD share spikes against the trailing 7 days."),
+            dg.AssetCheckSpec("label_mix_vs_trailing_7_days", asset="daily_predictions",
+                              description="Warns when a day's top-1 label distribution drifts from the trailing 7 days."),
+        ],
+    )
+    def daily_predictions(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource, image_store: ImageStoreResource
+    ):
+        """Top-2 labels, max-logit OOD score and OOD flag for every photo uploaded that day,
+        by the MLflow ``champion`` version with its own temperature and threshold. Rows land in
+        the warehouse table ``predictions`` (``prediction_date`` is a DATE); a re-run replaces
+        exactly the days it covers. A backfill range runs as one run: the model loads once.
+        """
+        window = context.partition_time_window
+        first, last = window.start.date(), window.end.date()
+        days = [first + dt.timedelta(days=i) for i in range((last - first).days)]
+        wh = warehouse.get()
+        client = mlflow_tracking.client()
+        name = cfg.model.name
+        try:
+            mv = client.get_model_version_by_alias(name, CHAMPION)
+        except Exception as exc:  # noqa: BLE001
+            raise dg.Failure(
+                description=f"no '{CHAMPION}' alias on registered model {name!r} ({exc}). Materialize the training "
+                "group (sofar_classifier → champion_model) or set the alias in the MLflow UI."
+            ) from exc
+        tags = dict(mv.tags)
+        if "ood_threshold" not in tags:
+            raise dg.Failure(
+                description=f"{name} v{mv.version} (the champion) has no OOD calibration tags; materialize "
+                "ood_calibration for it or move the alias to a calibrated version."
+            )
+        threshold, temperature = float(tags["ood_threshold"]), float(tags["ood_temperature"])
+        method = tags.get("ood_score_method", "max_logit")
+        model, meta = load_registered(f"models:/{name}/{mv.version}")
+        context.log.info(f"{name} v{mv.version} loaded once for {len(days)} day(s): {days[0]} .. {days[-1]}")
+
+        per_day, failures, checks_rows, checks_ood, checks_mix = {}, [], [], [], []
+        for day in days:
+            items = day_uploads(cfg, day, wh)
+            frames = list(predict_images(
+                model, items, classes=list(meta["classes"]), image_size=int(meta["spec"]["image_size"]),
+                threshold=threshold, score_method=method, temperature=temperature,
+                batch_size=cfg.inference.batch_size, num_workers=cfg.inference.num_workers,
+                device=cfg.inference.device, read_bytes=image_store.read_bytes, max_bytes=cfg.inference.max_bytes,
+                log=context.log.info,
+            )) if items else []
+            df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+            df = df.assign(prediction_date=day, model_name=name, model_version=str(mv.version),
+                           predicted_at=pd.Timestamp.now(tz="UTC").tz_localize(None))
+            df = _typed(df)
+            df["prediction_date"] = [day] * len(df)
+            trailing = _trailing_rates(wh, day)
+            written = wh.replace_partition(PREDICTIONS_TABLE, df, "prediction_date", day, day + dt.timedelta(days=1))
+            ok = df[df["error"].isna()]
+            errors = df[df["error"].notna()]
+            for err in errors["error"]:
+                context.log.warning(f"{day}: {err}")
+            ood_rate = float(ok["is_ood"].mean()) if len(ok) else 0.0
+            per_day[day.isoformat()] = {"uploads": len(items), "rows": written, "errors": len(errors),
+                                        "ood": int(ok["is_ood"].sum()), "ood_rate": round(ood_rate, 4)}
+            if not items:
+                context.log.info(f"{day}: no uploads; 0 rows written")
+            if items and errors.shape[0] == len(items):
+                failures.append(day)
+            checks_rows.append(written == len(items))
+            if len(trailing) and len(ok):
+                base = float(np.average(trailing["ood_rate"], weights=trailing["rows"]))
+                checks_ood.append((day, ood_rate, base, ood_rate <= max(2 * base, base + 0.15)))
+                past = wh.read_range(PREDICTIONS_TABLE, "prediction_date", day - dt.timedelta(days=TRAILING_DAYS), day)
+                p = past["top1_label"].value_counts(normalize=True)
+                q = ok["top1_label"].value_counts(normalize=True)
+                tv = 0.5 * float(p.subtract(q, fill_value=0).abs().sum())  # total variation distance
+                checks_mix.append((day, tv, tv <= 0.5))
+        total = {k: sum(d[k] for d in per_day.values()) for k in ("uploads", "rows", "errors", "ood")}
+        summary = pd.DataFrame(per_day).T
+        yield dg.MaterializeResult(
+            metadata={
+                "dagster/row_count": total["rows"],
+                "days": len(days),
+                "rows": total["rows"],
+                "error_rows": total["errors"],
+                "ood_rows": total["ood"],
+                "empty_days": dg.MetadataValue.json([d for d, v in per_day.items() if v["uploads"] == 0]),
+                "per_day": dg.MetadataValue.md(summary.to_markdown()),
+                "model_version": str(mv.version),
+                "model_uri": f"models:/{name}/{mv.version}",
+                "ood_threshold": threshold,
+                "temperature": temperature,
+            },
+            check_results=[
+                dg.AssetCheckResult(check_name="rows_match_uploads", passed=all(checks_rows),
+                                    metadata={"per_day": dg.MetadataValue.json(per_day)}),
+                dg.AssetCheckResult(
+                    check_name="ood_rate_vs_trailing_7_days", severity=dg.AssetCheckSeverity.WARN,
+                    passed=all(c[3] for c in checks_ood),
+                    metadata={"days": dg.MetadataValue.json(
+                        {d.isoformat(): {"ood_rate": r, "trailing": round(b, 4)} for d, r, b, _ in checks_ood}),
+                        "compared_days": len(checks_ood)},
+                ),
+                dg.AssetCheckResult(
+                    check_name="label_mix_vs_trailing_7_days", severity=dg.AssetCheckSeverity.WARN,
+                    passed=all(c[2] for c in checks_mix),
+                    metadata={"total_variation": dg.MetadataValue.json({d.isoformat(): round(t, 4) for d, t, _ in checks_mix}),
+                              "compared_days": len(checks_mix)},
+                ),
+            ],
+        )
+        if failures:
+            raise dg.Failure(
+                description=f"every image failed on {', '.join(map(str, failures))}; their error rows were written "
+                "to the predictions table — check the image store and the errors in those rows."
+            )
+
+    job = dg.define_asset_job(
+        "daily_predictions_job", selection=[daily_predictions], partitions_def=partitions,
+        description="Predict one day's uploads (the schedule runs yesterday's partition).",
+    )
+    schedule = dg.build_schedule_from_partitioned_job(
+        job, hour_of_day=cfg.partitions.schedule_hour,
+        default_status=dg.DefaultScheduleStatus.RUNNING if cfg.partitions.schedule_enabled
+        else dg.DefaultScheduleStatus.STOPPED,
+    )
+    return daily_predictions, job, schedule

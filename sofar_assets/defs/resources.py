@@ -1,0 +1,136 @@
+"""Resources: the same asset code runs locally and in production; only their targets differ.
+
+=================  ===============================  ==================================
+resource           local (config/demo.yaml)          production (config/prod.yaml)
+=================  ===============================  ==================================
+warehouse          DuckDB file                       BigQuery dataset (dagster-gcp)
+mlflow             sqlite registry + local folder    MLflow tracking server
+image_store        local folders + local cache       gs:// buckets + node-local cache
+io_manager         pickles small pointers to disk    GCS pickles (dagster-gcp)
+=================  ===============================  ==================================
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from sofar_assets.config import BigQueryTarget, SofarConfig
+from sofar_assets.lib import storage
+from sofar_assets.lib.images import PreprocessCache
+from sofar_assets.lib.warehouse import BigQueryWarehouse, DuckDBWarehouse, Warehouse
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """Base of the warehouse targets; assets annotate ``warehouse: WarehouseResource``."""
+
+    def get(self) -> Warehouse:
+        raise NotImplementedError
+
+    @property
+    def kind(self) -> str:
+        raise NotImplementedError
+
+
+class DuckDBWarehouseResource(WarehouseResource):
+    """The local warehouse: one DuckDB file (one writer at a time; runs execute in process)."""
+
+    path: str
+    schema_name: str = "sofar"
+
+    def get(self) -> Warehouse:
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        return DuckDBWarehouse(self.path, schema=self.schema_name)
+
+    @property
+    def kind(self) -> str:
+        return "duckdb"
+
+
+class BigQueryWarehouseResource(WarehouseResource):
+    """The production warehouse: a BigQuery dataset (credentials from the environment, ADC)."""
+
+    project: str
+    dataset: str
+    location: str | None = None
+
+    def get(self) -> Warehouse:
+        return BigQueryWarehouse(self.project, self.dataset, location=self.location)
+
+    @property
+    def kind(self) -> str:
+        return "bigquery"
+
+
+class MlflowResource(dg.ConfigurableResource):
+    """Tracking + model registry. ``setup()`` points the mlflow client at them."""
+
+    tracking_uri: str
+    registry_uri: str | None = None
+    artifact_location: str = Field(description="where new experiments store artifacts")
+    experiment: str = "sofar"
+
+    def setup(self) -> str:
+        """Point mlflow at this server/registry and return the experiment id (created if missing)."""
+        import mlflow
+
+        if self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
+        exp = mlflow.get_experiment_by_name(self.experiment)
+        if exp is not None:
+            return exp.experiment_id
+        location = self.artifact_location
+        if not storage.is_gcs(location) and "://" not in location:
+            Path(location).mkdir(parents=True, exist_ok=True)
+            location = Path(location).resolve().as_uri()
+        return mlflow.create_experiment(self.experiment, artifact_location=location)
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        self.setup()
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
+
+
+class ImageStoreResource(dg.ConfigurableResource):
+    """Reads image bytes (local or gs://) and owns the preprocessed-image cache."""
+
+    cache_dir: str | None = None
+
+    def cache(self, size: int) -> PreprocessCache:
+        return PreprocessCache(self.cache_dir, size)
+
+    def read_bytes(self, uri: str) -> bytes:
+        return storage.read_bytes(uri)
+
+
+def build_resources(cfg: SofarConfig) -> dict[str, object]:
+    """The resource targets for ``cfg`` — the one seam where the environment is chosen."""
+    wh = cfg.storage.warehouse
+    if isinstance(wh, BigQueryTarget):
+        warehouse: object = BigQueryWarehouseResource(project=wh.project, dataset=wh.dataset, location=wh.location)
+    else:
+        warehouse = DuckDBWarehouseResource(path=cfg.duckdb_path, schema_name=wh.schema_)
+    base = cfg.io_manager_base
+    if storage.is_gcs(base):
+        from dagster_gcp.gcs import GCSPickleIOManager, GCSResource
+
+        bucket, _, prefix = base[len("gs://") :].partition("/")
+        io_manager: object = GCSPickleIOManager(gcs=GCSResource(), gcs_bucket=bucket, gcs_prefix=prefix or "dagster")
+    else:
+        io_manager = dg.FilesystemIOManager(base_dir=base)
+    return {
+        "warehouse": warehouse,
+        "mlflow_tracking": MlflowResource(
+            tracking_uri=cfg.mlflow_tracking_uri,
+            registry_uri=cfg.storage.mlflow.registry_uri,
+            artifact_location=cfg.mlflow_artifact_location,
+            experiment=cfg.storage.mlflow.experiment,
+        ),
+        "image_store": ImageStoreResource(cache_dir=cfg.cache_dir),
+        "io_manager": io_manager,
+    }

@@ -1,0 +1,185 @@
+"""The whole graph materialized in-process on tiny SYNTHETIC data (see conftest.pipeline)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from conftest import DAYS, _assets, write_config
+from sofar_assets.config import load_config
+from sofar_assets.definitions import build_definitions
+from sofar_assets.lib import storage
+from sofar_assets.lib.images import ImageDataset
+from sofar_assets.lib.packaging import load_registered
+
+
+def _warehouse(pipeline):
+    return pipeline["defs"].resources["warehouse"].get()
+
+
+def _materialize_days(pipeline, start: dt.date, end: dt.date, *, defs=None, raise_on_error=True):
+    defs = defs or pipeline["defs"]
+    return dg.materialize(
+        _assets(defs),
+        selection=dg.AssetSelection.assets("daily_predictions"),
+        # a range runs as ONE run (single-run backfill policy), as `--partition-range` does
+        tags={"dagster/asset_partition_range_start": start.isoformat(),
+              "dagster/asset_partition_range_end": end.isoformat()} if start != end else None,
+        partition_key=start.isoformat() if start == end else None,
+        resources=defs.resources,
+        instance=pipeline["instance"],
+        raise_on_error=raise_on_error,
+    )
+
+
+def _mat_metadata(result, key):
+    mats = result.asset_materializations_for_node(key)
+    return mats[-1].metadata
+
+
+def test_dataset_asset_merges_tasks_and_reports(pipeline):
+    wh = _warehouse(pipeline)
+    data = wh.read_table("sofar_dataset")
+    cfg = pipeline["cfg"]
+    assert set(data["label"]) <= set(cfg.vocabulary())
+    assert (data["label"] == "normal").any()
+    assert data["sha256"].is_unique
+    multi = data[data["multi_label"]]
+    assert len(multi) == 3 and set(multi["labels"]) == {"defect|dirt"}
+    assert data.groupby("sha256")["split"].nunique().max() == 1
+    checks = {c.check_name: c for c in pipeline["result"].get_asset_check_evaluations()}
+    assert checks["no_image_in_two_splits"].passed
+    assert checks["label_conflicts"].metadata["multi_label_images"].value == 3
+    md = _mat_metadata(pipeline["result"], "sofar_dataset")
+    assert "data:image/png;base64," in md["dataset_card"].value  # the contact sheet
+
+
+def test_model_is_registered_with_lineage_tags_and_loads_back(pipeline):
+    cfg = pipeline["cfg"]
+    client = pipeline["defs"].resources["mlflow_tracking"].client()
+    mv = client.get_model_version(cfg.model.name, "1")
+    tags = dict(mv.tags)
+    data = _warehouse(pipeline).read_table("sofar_dataset")
+    from sofar_assets.lib.dataset import dataset_hash
+
+    assert tags["dataset_hash"] == dataset_hash(data)
+    assert len(tags["git_commit"]) >= 7
+    threshold = float(tags["ood_threshold"])
+    md = _mat_metadata(pipeline["result"], "ood_calibration")
+    lo, hi = md["val_score_range"].value
+    assert lo <= threshold <= hi  # the threshold lies within the validation scores
+    assert md["val_tpr"].value >= cfg.ood.target_tpr
+    # the registered version gives the same logits as the pyfunc flavour and on reload
+    model, meta = load_registered(f"models:/{cfg.model.name}/1")
+    assert meta["classes"] == cfg.vocabulary()
+    rows = data.head(4)
+    ds = ImageDataset(list(rows["image_uri"]), [0] * 4, cfg.model.image_size)
+    x = torch.stack([ds[i][0] for i in range(4)]).float().div(255)
+    with torch.inference_mode():
+        ref = model(x).numpy()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.model.name}/1")
+    np.testing.assert_allclose(pyfunc.predict(x.numpy()), ref, rtol=1e-4, atol=1e-4)
+    again, _ = load_registered(f"models:/{cfg.model.name}/1")
+    with torch.inference_mode():
+        np.testing.assert_allclose(again(x).numpy(), ref, rtol=0, atol=0)
+    assert str(client.get_model_version_by_alias(cfg.model.name, "champion").version) == "1"
+
+
+def test_daily_predictions_rows_rerun_and_errors(pipeline, demo_data):
+    cfg = pipeline["cfg"]
+    wh = _warehouse(pipeline)
+    result = _materialize_days(pipeline, DAYS[0], DAYS[1])  # a 2-day single-run backfill
+    assert result.success
+    out = wh.read_table("predictions")
+    uploads = {d: len(storage.list_files(str(demo_data / "uploads" / d.isoformat()))) for d in DAYS}
+    per_day = out.groupby("prediction_date").size().to_dict()
+    assert per_day == uploads  # one row per uploaded photo, error rows included
+    assert set(out["top1_label"].dropna()) <= set(cfg.vocabulary())
+    assert (out["top1_prob"].dropna() >= out["top2_prob"].dropna()).all()
+    bad = out[out["error"].notna()]
+    assert len(bad) == 1 and "truncated" in bad["image_uri"].iloc[0] and bad["top1_label"].isna().all()
+    assert (out["model_version"] == "1").all()
+    # the synthetic page uploaded every day is rejected as out of distribution
+    pages = out[out["image_uri"].str.endswith(".png")]
+    assert len(pages) == 2 and pages["is_ood"].mean() >= 0.5
+    # re-running one day replaces its rows instead of adding more
+    assert _materialize_days(pipeline, DAYS[1], DAYS[1]).success
+    again = wh.read_table("predictions")
+    assert again.groupby("prediction_date").size().to_dict() == uploads
+    described = wh.query("DESCRIBE {table:predictions}")
+    assert described.set_index("column_name").loc["prediction_date", "column_type"] == "DATE"
+
+
+def test_empty_day_writes_zero_rows_and_says_so(pipeline):
+    empty_day = dt.date(2026, 11, 20)
+    result = _materialize_days(pipeline, empty_day, empty_day)
+    assert result.success
+    md = _mat_metadata(result, "daily_predictions")
+    assert md["rows"].value == 0 and md["empty_days"].value == [empty_day.isoformat()]
+    out = _warehouse(pipeline).read_table("predictions")
+    assert (out["prediction_date"] == empty_day).sum() == 0
+
+
+def test_unreadable_task_image_is_named_not_fatal(tmp_path, demo_data):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    broken = data / "tasks/dirt/1_DIRT/broken.jpg"
+    broken.write_bytes(b"this is not a jpeg")
+    cfg = load_config(write_config(tmp_path, data))
+    defs = build_definitions(cfg)
+    result = dg.materialize(
+        _assets(defs), selection=dg.AssetSelection.groups("ingest"), resources=defs.resources,
+        instance=dg.DagsterInstance.ephemeral(),
+    )
+    assert result.success
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["no_unreadable_files"].passed
+    assert str(broken) in checks["no_unreadable_files"].metadata["files"].value
+    raw = defs.resources["warehouse"].get().read_table("raw_labels_dirt")
+    assert raw.loc[raw["image_uri"] == str(broken), "error"].str.contains("ImageDecodeError").all()
+    assert str(broken) not in set(defs.resources["warehouse"].get().read_table("sofar_dataset")["image_uri"])
+
+
+def test_no_champion_gives_an_actionable_error(tmp_path, demo_data):
+    cfg = load_config(write_config(tmp_path, demo_data))
+    defs = build_definitions(cfg)
+    result = dg.materialize(
+        _assets(defs), selection=dg.AssetSelection.assets("daily_predictions"), partition_key="2026-11-01",
+        resources=defs.resources, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+    )
+    assert not result.success
+    failure = result.failure_data_for_node("daily_predictions")
+    assert "champion" in str(failure.user_failure_data.description) and "MLflow" in str(
+        failure.user_failure_data.description)
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "prod.yaml"])
+def test_definitions_load_for_each_environment(name, monkeypatch):
+    from pathlib import Path
+
+    from sofar_assets.defs.resources import BigQueryWarehouseResource, DuckDBWarehouseResource
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / name, check_paths=False)
+    defs = build_definitions(cfg)
+    repo = defs.get_repository_def()
+    keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
+    assert {"sofar_dataset", "sofar_classifier", "ood_calibration", "model_evaluation", "champion_model",
+            "daily_predictions"} <= keys
+    assert {f"raw_labels/{t}" for t in cfg.tasks} <= keys
+    wh = defs.resources["warehouse"]
+    if name == "prod.yaml":
+        assert isinstance(wh, BigQueryWarehouseResource) and wh.dataset == "sofar"
+        assert repo.get_job("train_and_promote").executor_def.name == "k8s"
+    else:
+        assert isinstance(wh, DuckDBWarehouseResource)
+        assert repo.get_job("train_and_promote").executor_def.name == "in_process"
+    node = repo.assets_defs_by_key[dg.AssetKey("sofar_classifier")]
+    tags = node.op.tags
+    assert "nvidia.com/gpu" in str(tags["dagster-k8s/config"])
+    assert node.op.pool == "gpu"
