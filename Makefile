@@ -32,7 +32,12 @@ summary: install
 run: pipeline
 	@$(MAKE) --no-print-directory summary
 
-test: install
+# .venv-bq: the local BigQuery emulator's own virtualenv (the BigQuery tests start it).
+.venv-bq/.installed: scripts/bqemulator.sh
+	bash scripts/bqemulator.sh
+	@touch $@
+
+test: install .venv-bq/.installed
 	$(PY) -m pytest -q
 
 bench: install
@@ -44,8 +49,7 @@ ui: install demo-data
 lint: install
 	$(VENV)/bin/ruff check .
 
-bigquery-emulator:
-	bash scripts/bqemulator.sh
+bigquery-emulator: .venv-bq/.installed
 
 clean:
 	rm -rf .sofar dagster_home/storage dagster_home/history dagster_home/schedules dagster_home/logs

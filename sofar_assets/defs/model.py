@@ -26,6 +26,7 @@ from sofar_assets.settings import git_commit
 
 OWNERS = ["team:ml-platform"]
 CHAMPION = "champion"
+TEMPERATURE_MIN = 0.5
 
 # A Kubernetes run (dagster-k8s executor / run launcher) puts the training step on a GPU node.
 # Op tags, not job tags: backfills and UI materializations ignore job-level tags.
@@ -228,7 +229,14 @@ def build_model_assets(cfg: SofarConfig) -> list:
         val_rows = _split(warehouse.get().read_table("sofar_dataset"), "val")
         logits = predict_logits(model, _image_dataset(val_rows, classes, cfg, image_store), device=cfg.inference.device)
         y = val_rows["label"].map(index).to_numpy()
-        temperature = ood.fit_temperature(logits, y)
+        # A perfectly separated val split drives the NLL-optimal temperature towards 0 (every
+        # probability 1.0); the lower bound keeps probabilities informative in that case.
+        temperature = ood.fit_temperature(logits, y, t_min=TEMPERATURE_MIN)
+        if temperature <= TEMPERATURE_MIN * 1.01:
+            context.log.warning(
+                f"temperature hit its lower bound {TEMPERATURE_MIN}: the val split is (nearly) perfectly "
+                "separated, so its NLL cannot pin the temperature down; probabilities use the bound"
+            )
         nll_before, nll_after = ood.nll(logits, y, 1.0), ood.nll(logits, y, temperature)
         id_scores = ood.scores(logits, cfg.ood.score, temperature)
         threshold = ood.threshold_at_tpr(id_scores, cfg.ood.target_tpr)

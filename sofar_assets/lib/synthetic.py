@@ -184,7 +184,7 @@ def _encode(img: Image.Image, rng: random.Random, fmt: str = "JPEG") -> bytes:
 def generate_demo_data(
     out: str | Path,
     *,
-    per_class: int = 24,
+    per_class: int = 40,
     days: tuple[dt.date, ...] = (dt.date(2026, 11, 1), dt.date(2026, 11, 2), dt.date(2026, 11, 3)),
     per_day: int = 14,
     multilabel: int = 3,

@@ -1,0 +1,155 @@
+"""predict_images: per-image errors, top-2 and OOD columns, identical across workers and batch sizes."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from sofar_assets.lib import ood
+from sofar_assets.lib.images import load_image_array
+from sofar_assets.lib.inference import PREDICTION_COLUMNS, predict_frame, predict_images
+
+CLASSES = ["red", "green", "blue"]
+SCALE = 5.0
+
+
+class MeanColour(torch.nn.Module):
+    """logits = SCALE * mean RGB in [0, 1]: a solid colour image has hand-computable outputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.dtype == torch.float32 and x.shape[1] == 3 and float(x.max()) <= 1.0
+        return SCALE * x.mean(dim=(2, 3))
+
+
+def solid(path, rgb, size=(40, 30)):
+    Image.new("RGB", size, rgb).save(path)
+    return str(path)
+
+
+@pytest.fixture()
+def items(tmp_path):
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is no jpeg")
+    return [
+        ("r", solid(tmp_path / "r.png", (255, 0, 0))),
+        ("missing", str(tmp_path / "nope.jpg")),
+        ("g", solid(tmp_path / "g.png", (0, 255, 0))),
+        ("grey", solid(tmp_path / "grey.png", (102, 102, 102))),
+        ("corrupt", str(corrupt)),
+        ("b2", solid(tmp_path / "b2.png", (0, 102, 255))),
+    ]
+
+
+def run(items, **kw):
+    args = dict(classes=CLASSES, image_size=16, threshold=3.0, num_workers=0, batch_size=4)
+    return predict_frame(MeanColour(), items, **(args | kw))
+
+
+def test_rows_labels_and_errors(items):
+    df = run(items)
+    assert df.columns.tolist() == list(PREDICTION_COLUMNS)
+    assert df["image_id"].tolist() == ["r", "missing", "g", "grey", "corrupt", "b2"]
+
+    r = df.set_index("image_id")
+    e5 = math.exp(SCALE)
+    assert r.loc["r", "top1_label"] == "red"
+    assert r.loc["r", "top1_prob"] == pytest.approx(e5 / (e5 + 2))
+    assert r.loc["r", "top2_label"] == "green"  # tie between green and blue: lower index first
+    assert r.loc["r", "top2_prob"] == pytest.approx(1 / (e5 + 2))
+    assert r.loc["r", "ood_score"] == pytest.approx(SCALE)
+    assert not r.loc["r", "is_ood"]
+    assert r.loc["g", "top1_label"] == "green"
+    # grey: all logits 2.0 -> uniform, max logit 2.0 < threshold 3.0 -> OOD
+    assert r.loc["grey", "top1_prob"] == pytest.approx(1 / 3)
+    assert r.loc["grey", "ood_score"] == pytest.approx(SCALE * 102 / 255)
+    assert r.loc["grey", "is_ood"]
+    # (0, 102, 255): blue first, green second with logits 5.0 and 2.0
+    assert (r.loc["b2", "top1_label"], r.loc["b2", "top2_label"]) == ("blue", "green")
+    assert r.loc["b2", "top2_prob"] == pytest.approx(math.exp(2) / (math.exp(5) + math.exp(2) + 1))
+
+    assert r.loc["missing", "error"] == f"ImageReadError: {items[1][1]}: file not found"
+    assert r.loc["corrupt", "error"].startswith(f"ImageDecodeError: {items[4][1]}: ")
+    for bad in ("missing", "corrupt"):
+        assert r.loc[bad, "top1_label"] is None and r.loc[bad, "top2_label"] is None
+        assert np.isnan(r.loc[bad, "top1_prob"]) and np.isnan(r.loc[bad, "ood_score"])
+        assert not r.loc[bad, "is_ood"]
+    good = df[df["error"].isna()]
+    assert len(good) == 4
+    assert (good["top1_prob"] >= good["top2_prob"]).all()
+    assert (good["top1_prob"] + good["top2_prob"] <= 1 + 1e-12).all()
+    assert (good["is_ood"] == (good["ood_score"] < 3.0)).all()
+    assert df["is_ood"].dtype == bool
+
+
+def test_same_result_for_workers_and_batch_sizes(items):
+    base = run(items, batch_size=4, num_workers=0)
+    for kw in (dict(batch_size=1, num_workers=0), dict(batch_size=3, num_workers=2), dict(batch_size=32)):
+        pd.testing.assert_frame_equal(run(items, **kw), base, check_exact=False, rtol=1e-6)
+
+
+def test_batches_stream_in_order_and_log_progress(items):
+    lines = []
+    frames = list(
+        predict_images(
+            MeanColour(), items, classes=CLASSES, image_size=16, threshold=3.0,
+            batch_size=4, num_workers=0, log=lines.append, log_every=1,
+        )
+    )  # fmt: skip
+    assert [len(f) for f in frames] == [4, 2]
+    assert lines[0].startswith("predicted 4/6 images (67%)")
+    assert lines[-1].startswith("predicted 6/6 images (100%)") and lines[-1].endswith("2 errors")
+
+
+def test_too_large_all_bad_batch_and_empty(items, tmp_path):
+    df = run(items[:1], max_bytes=10)
+    size = len(open(items[0][1], "rb").read())
+    assert df["error"].tolist() == [f"too large: {size} bytes > max_bytes=10"]
+    # a custom reader (e.g. GCS) is checked after reading
+    df = run(items[:1], max_bytes=10, read_bytes=lambda uri: open(uri, "rb").read())
+    assert df["error"].tolist() == [f"too large: {size} bytes > max_bytes=10"]
+    assert run([items[1], items[4]])["error"].notna().all()
+    empty = run([])
+    assert empty.empty and empty.columns.tolist() == list(PREDICTION_COLUMNS)
+
+
+def test_temperature_and_score_method(items):
+    df = run(items[:1], temperature=2.0, score_method="energy", threshold=10.0)
+    logits = np.array([[SCALE, 0.0, 0.0]])
+    assert df["top1_prob"].item() == pytest.approx(ood.softmax(logits, 2.0)[0, 0])
+    assert df["ood_score"].item() == pytest.approx(ood.scores(logits, "energy", 2.0)[0])
+    assert df["is_ood"].item()
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 3\) for 1 images, but there are 4 classes"):
+        run(items[:1], classes=["a", "b", "c", "d"])
+
+
+def test_real_photos(samples, tmp_path):
+    paths = sorted(str(p) for p in samples.rglob("*.jpg"))
+    assert len(paths) >= 20
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(open(paths[0], "rb").read()[:20_000])
+    items = [(f"img{i}", p) for i, p in enumerate(paths)] + [("cut", str(truncated))]
+    df = run(items, image_size=64, batch_size=8, num_workers=2)
+    assert len(df) == len(paths) + 1 and df["error"].iloc[:-1].isna().all()
+    assert df["error"].iloc[-1].startswith(f"ImageDecodeError: {truncated}: truncated or corrupt")
+    # the same preprocess by hand: logits are SCALE * the mean colour of the 64 x 64 input
+    for p, (_, row) in zip(paths[:3], df.iterrows(), strict=False):
+        arr = load_image_array(open(p, "rb").read(), p, 64)
+        logits = SCALE * arr.reshape(-1, 3).astype(np.float64).mean(0)[None] / 255
+        probs = ood.softmax(logits)[0]
+        assert row["top1_label"] == CLASSES[int(np.argmax(probs))]
+        assert row["top1_prob"] == pytest.approx(probs.max(), rel=1e-5)
+        assert row["ood_score"] == pytest.approx(logits.max(), rel=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu(items):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    pd.testing.assert_frame_equal(
+        run(items, device="cuda", num_workers=2), run(items), check_exact=False, rtol=1e-5
+    )
