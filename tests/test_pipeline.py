@@ -183,3 +183,66 @@ def test_definitions_load_for_each_environment(name, monkeypatch):
     tags = node.op.tags
     assert "nvidia.com/gpu" in str(tags["dagster-k8s/config"])
     assert node.op.pool == "gpu"
+
+
+def test_irrelevant_images_are_rejected_and_the_rate_is_reported(pipeline):
+    md = _mat_metadata(pipeline["result"], "ood_calibration")
+    report = md["ood_report"].value["documents"]
+    assert md["rejected_share_documents"].value == report["rejected_share"]
+    assert report["images"] == 8 and report["rejected_share"] >= 0.75
+    assert md["auroc_documents"].value >= 0.9
+    assert "data:image/png;base64," in md["roc"].value
+    assert md["val_nll_after"].value <= md["val_nll_before"].value + 1e-9
+
+
+def test_evaluation_maps_the_n_class_model_onto_each_task(pipeline):
+    cfg = pipeline["cfg"]
+    md = _mat_metadata(pipeline["result"], "model_evaluation")
+    per_task = md["per_task"].value
+    for task in cfg.tasks:
+        assert task in per_task
+    assert 0.0 <= md["ece"].value <= 1.0
+    # the dirty-and-damaged photos were never trained on; their top-2 is scored on both labels
+    assert 0.0 <= md["top2_joint_hit_rate"].value <= 1.0
+    evaluation = pipeline["result"].output_for_node("model_evaluation")
+    assert evaluation["multi_label_images"] == 3
+    assert set(evaluation["tasks"]) == set(cfg.tasks)
+    assert evaluation["tasks"]["defect"]["n"] > 0
+
+
+def test_tasks_and_uploads_from_warehouse_tables(pipeline, demo_data, tmp_path):
+    """Label tables and the image_uploads table as sources instead of folders."""
+    import pandas as pd
+    import yaml
+
+    base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
+    wh = _warehouse(pipeline)
+    wash = demo_data / "tasks/wash"
+    labels = pd.DataFrame(
+        [(f, "bubble" if sub == "0_BUBBLE" else "machine") for sub in ("0_BUBBLE", "1_MACHINE")
+         for f in storage.list_files(str(wash / sub))],
+        columns=["image_uri", "label"],
+    )
+    wh.write_table("labels_wash", labels)
+    day = dt.date(2026, 11, 5)
+    files = storage.list_files(str(demo_data / "uploads" / DAYS[0].isoformat()))[:5]
+    uploads = pd.DataFrame({
+        "image_id": [f"u{i}" for i in range(len(files)) ] + ["u-yesterday"],
+        "image_uri": files + [files[0]],
+        "uploaded_at": [pd.Timestamp(day) + pd.Timedelta(hours=i + 1) for i in range(len(files))]
+        + [pd.Timestamp(day) - pd.Timedelta(hours=1)],
+    })
+    wh.write_table("image_uploads", uploads)
+    base["tasks"]["wash"] = {"table": "labels_wash", "labels": {"bubble": "bubble_wash", "machine": "wash_machine"}}
+    base["uploads"] = {"table": "image_uploads"}
+    (tmp_path / "tables.yaml").write_text(yaml.safe_dump(base))
+    defs = build_definitions(load_config(tmp_path / "tables.yaml"))
+    ingest = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets(["raw_labels", "wash"]),
+                            resources=defs.resources, instance=pipeline["instance"])
+    assert ingest.success
+    raw = wh.read_table("raw_labels_wash")
+    assert len(raw) == len(labels) and set(raw["label"]) == {"bubble_wash", "wash_machine"}
+    assert _materialize_days(pipeline, day, day, defs=defs).success
+    out = wh.read_table("predictions")
+    out = out[out["prediction_date"] == day]
+    assert sorted(out["image_id"]) == [f"u{i}" for i in range(len(files))]  # yesterday's upload is not today's
