@@ -15,6 +15,7 @@ BENCHES = [
     ("decode throughput (issue: dataset)", ["bench_decode.py"]),
     ("training throughput (issue: classifier)", ["bench_train.py"]),
     ("inference and efficiency (issue: daily table)", ["bench_inference.py"]),
+    ("Dagster overhead on one day (issue: daily table)", ["bench_dagster_overhead.py"]),
     ("pipeline part of make run (issue: foundation)", ["bench_pipeline.py"]),
 ]
 

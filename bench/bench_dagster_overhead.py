@@ -1,0 +1,124 @@
+"""Dagster overhead: materializing one `daily_predictions` day vs the same work in a plain script.
+
+    python bench/bench_dagster_overhead.py [--images 200] [--rounds 3]
+
+Both sides do identical work on the same day of real-size photos (the sample photos under
+distinct names): load the champion from the MLflow registry, decode + predict every photo, and
+replace the day's rows in DuckDB. A = `dagster.materialize(daily_predictions, partition)`,
+B = the plain functions (`load_registered`, `day_uploads`, `predict_images`,
+`replace_partition`). Rounds alternate A, B, A, B …; the ratio A/B of the medians is printed
+(target <= 1.10).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import dagster as dg  # noqa: E402
+import mlflow  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from sofar_assets.config import load_config  # noqa: E402
+from sofar_assets.definitions import build_definitions  # noqa: E402
+from sofar_assets.defs.predictions import PREDICTION_COLUMNS, _typed, day_uploads  # noqa: E402
+from sofar_assets.lib.inference import predict_images  # noqa: E402
+from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
+from sofar_assets.lib.packaging import load_registered, log_and_register  # noqa: E402
+
+SAMPLES = REPO.parent / "shared/data/sofar-public-samples"
+DAY = dt.date(2026, 11, 1)
+
+
+def setup(tmp: Path, n_images: int):
+    photos = sorted(SAMPLES.rglob("*.jpg"))
+    if not photos:
+        sys.exit(f"no sample photos under {SAMPLES}")
+    day = tmp / "uploads" / DAY.isoformat()
+    day.mkdir(parents=True)
+    for i in range(n_images):
+        (day / f"{i:05d}.jpg").symlink_to(photos[i % len(photos)])
+    task = tmp / "task"
+    for sub in ("0_NORMAL", "1_DEFECT"):
+        (task / sub).mkdir(parents=True)
+    cfg_path = tmp / "sofar.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "tasks": {"defect": {"folder": str(task), "labels": {"0_NORMAL": "normal", "1_DEFECT": "defect"}}},
+        "uploads": {"folder": str(tmp / "uploads")},
+        "partitions": {"start_date": "2026-11-01"},
+        "storage": {"root": str(tmp / "state")},
+        "inference": {"num_workers": 2, "batch_size": 32, "device": "cpu"},
+    }))
+    cfg = load_config(cfg_path)
+    defs = build_definitions(cfg)
+    mlflow_res = defs.resources["mlflow_tracking"]
+    mlflow_res.setup()
+    classes = cfg.vocabulary()
+    model = build_model(ModelSpec(num_classes=len(classes))).eval()
+    with mlflow.start_run():
+        log_and_register(model, ModelSpec(num_classes=len(classes)), classes, cfg.model.name)
+    client = mlflow_res.client()
+    for k, v in {"ood_threshold": "0.0", "ood_temperature": "1.0", "ood_score_method": "max_logit"}.items():
+        client.set_model_version_tag(cfg.model.name, "1", k, v)
+    client.set_registered_model_alias(cfg.model.name, "champion", "1")
+    return cfg, defs
+
+
+def run_dagster(defs, instance) -> float:
+    t0 = time.perf_counter()
+    result = dg.materialize([*defs.assets, *defs.asset_checks], selection=dg.AssetSelection.assets("daily_predictions"),
+                            partition_key=DAY.isoformat(), resources=defs.resources, instance=instance,
+                            run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}})
+    assert result.success
+    return time.perf_counter() - t0
+
+
+def run_plain(cfg, defs) -> float:
+    t0 = time.perf_counter()
+    wh = defs.resources["warehouse"].get()
+    model, meta = load_registered(f"models:/{cfg.model.name}@champion")
+    items = day_uploads(cfg, DAY, wh)
+    frames = list(predict_images(model, items, classes=list(meta["classes"]), image_size=cfg.model.image_size,
+                                 threshold=0.0, batch_size=cfg.inference.batch_size,
+                                 num_workers=cfg.inference.num_workers, device="cpu"))
+    df = pd.concat(frames, ignore_index=True).assign(prediction_date=DAY, model_name=cfg.model.name,
+                                                     model_version="1", predicted_at=pd.Timestamp.now())
+    df = _typed(df.reindex(columns=list(PREDICTION_COLUMNS)))
+    df["prediction_date"] = [DAY] * len(df)
+    wh.replace_partition("predictions", df, "prediction_date", DAY, DAY + dt.timedelta(days=1))
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory(prefix="sofar-overhead-") as tmp:
+        cfg, defs = setup(Path(tmp), args.images)
+        instance = dg.DagsterInstance.ephemeral()
+        run_plain(cfg, defs)  # warm-up: imports, page cache, registry
+        a, b = [], []
+        for _ in range(args.rounds):
+            a.append(run_dagster(defs, instance))
+            b.append(run_plain(cfg, defs))
+        ratios = [x / y for x, y in zip(a, b, strict=True)]
+    print(f"one day of {args.images} real-size photos, {args.rounds} alternating rounds, CPU:")
+    print(f"  A dagster materialize   median {statistics.median(a):6.2f} s   {['%.2f' % x for x in a]}")
+    print(f"  B plain script          median {statistics.median(b):6.2f} s   {['%.2f' % x for x in b]}")
+    print(f"  A/B per round {['%.3f' % r for r in ratios]}   median {statistics.median(ratios):.3f}  (target <= 1.10)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
