@@ -114,9 +114,9 @@ def main() -> int:
             b.append(run_plain(cfg, defs))
         ratios = [x / y for x, y in zip(a, b, strict=True)]
     print(f"one day of {args.images} real-size photos, {args.rounds} alternating rounds, CPU:")
-    print(f"  A dagster materialize   median {statistics.median(a):6.2f} s   {['%.2f' % x for x in a]}")
-    print(f"  B plain script          median {statistics.median(b):6.2f} s   {['%.2f' % x for x in b]}")
-    print(f"  A/B per round {['%.3f' % r for r in ratios]}   median {statistics.median(ratios):.3f}  (target <= 1.10)")
+    print(f"  A dagster materialize   median {statistics.median(a):6.2f} s   {[f'{x:.2f}' for x in a]}")
+    print(f"  B plain script          median {statistics.median(b):6.2f} s   {[f'{x:.2f}' for x in b]}")
+    print(f"  A/B per round {[f'{r:.3f}' for r in ratios]}   median {statistics.median(ratios):.3f}  (target <= 1.10)")
     return 0
 
 

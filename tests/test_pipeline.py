@@ -8,10 +8,11 @@ import shutil
 import dagster as dg
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 import torch
-
 from conftest import DAYS, _assets, write_config
+
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
 from sofar_assets.lib import storage
@@ -126,11 +127,50 @@ def test_empty_day_writes_zero_rows_and_says_so(pipeline):
     assert (out["prediction_date"] == empty_day).sum() == 0
 
 
-def test_unreadable_task_image_is_named_not_fatal(tmp_path, demo_data):
+def _messy_files() -> tuple[dict[str, bytes], set[str]]:
+    """User-generated oddities: which must decode (good) and which must be named errors (bad)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    def enc(img, fmt, **kw):
+        buf = io.BytesIO()
+        img.save(buf, format=fmt, **kw)
+        return buf.getvalue()
+
+    rgb = Image.new("RGB", (80, 60), (200, 120, 40))
+    jpeg = enc(rgb, "JPEG")
+    gif = [Image.new("P", (40, 40), i) for i in (3, 9)]
+    buf = io.BytesIO()
+    gif[0].save(buf, format="GIF", save_all=True, append_images=gif[1:])
+    pal = Image.new("P", (40, 40), 1)
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)  # a 10-gigapixel header
+    bomb = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + ihdr
+            + struct.pack(">I", zlib.crc32(b"IHDR" + ihdr)))
+    files = {
+        "empty.jpg": b"",
+        "text.jpg": b"receipt: 2 coffees, 9000 won",
+        "truncated.jpg": jpeg[: len(jpeg) // 2],
+        "bomb.png": bomb,
+        "jpeg_named.png": jpeg,
+        "cmyk.jpg": enc(rgb.convert("CMYK"), "JPEG"),
+        "sixteen_bit.png": enc(Image.fromarray(__import__("numpy").full((30, 30), 40000, dtype="uint16")), "PNG"),
+        "palette_transparent.png": enc(pal, "PNG", transparency=0),
+        "animated.gif": buf.getvalue(),
+    }
+    return files, {"empty.jpg", "text.jpg", "truncated.jpg", "bomb.png"}
+
+
+def test_messy_task_files_decode_or_are_named_never_fatal(tmp_path, demo_data):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
-    broken = data / "tasks/dirt/1_DIRT/broken.jpg"
-    broken.write_bytes(b"this is not a jpeg")
+    folder = data / "tasks/dirt/1_DIRT"
+    files, bad = _messy_files()
+    for name, payload in files.items():
+        (folder / name).write_bytes(payload)
     cfg = load_config(write_config(tmp_path, data))
     defs = build_definitions(cfg)
     result = dg.materialize(
@@ -140,10 +180,20 @@ def test_unreadable_task_image_is_named_not_fatal(tmp_path, demo_data):
     assert result.success
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert not checks["no_unreadable_files"].passed
-    assert str(broken) in checks["no_unreadable_files"].metadata["files"].value
-    raw = defs.resources["warehouse"].get().read_table("raw_labels_dirt")
-    assert raw.loc[raw["image_uri"] == str(broken), "error"].str.contains("ImageDecodeError").all()
-    assert str(broken) not in set(defs.resources["warehouse"].get().read_table("sofar_dataset")["image_uri"])
+    assert checks["no_unreadable_files"].metadata["unreadable"].value == len(bad)
+    named = checks["no_unreadable_files"].metadata["files"].value
+    wh = defs.resources["warehouse"].get()
+    raw = wh.read_table("raw_labels_dirt").set_index("image_uri")
+    dataset_uris = set(wh.read_table("sofar_dataset")["image_uri"])
+    for name in files:
+        uri = str(folder / name)
+        if name in bad:
+            assert uri in named and raw.loc[uri, "error"].startswith("ImageDecodeError: " + uri)
+            assert uri not in dataset_uris
+        else:
+            assert pd.isna(raw.loc[uri, "error"]), (name, raw.loc[uri, "error"])
+    # good oddities are in the dataset (deduplicated: jpeg_named.png has the bytes of no other file)
+    assert str(folder / "jpeg_named.png") in dataset_uris and str(folder / "cmyk.jpg") in dataset_uris
 
 
 def test_no_champion_gives_an_actionable_error(tmp_path, demo_data):

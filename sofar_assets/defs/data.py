@@ -84,7 +84,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         raw = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ds.RAW_COLUMNS)
         wh.write_table(raw_table_name(task_name), raw)
         errors = raw[raw["error"].notna()]
-        for uri, err in zip(errors["image_uri"], errors["error"], strict=True):
+        for err in errors["error"]:
             context.log.warning(f"unreadable: {err}")
         return dg.MaterializeResult(
             metadata={

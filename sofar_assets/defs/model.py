@@ -5,7 +5,6 @@ weights live in MLflow, so lineage holds and a backfill knows exactly which vers
 """
 
 import io
-import json
 
 import dagster as dg
 import mlflow
