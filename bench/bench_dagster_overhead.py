@@ -62,10 +62,10 @@ def setup(tmp: Path, n_images: int):
     cfg = load_config(cfg_path)
     defs = build_definitions(cfg)
     mlflow_res = defs.resources["mlflow_tracking"]
-    mlflow_res.setup()
+    experiment_id = mlflow_res.setup()
     classes = cfg.vocabulary()
     model = build_model(ModelSpec(num_classes=len(classes))).eval()
-    with mlflow.start_run():
+    with mlflow.start_run(experiment_id=experiment_id):
         log_and_register(model, ModelSpec(num_classes=len(classes)), classes, cfg.model.name)
     client = mlflow_res.client()
     for k, v in {"ood_threshold": "0.0", "ood_temperature": "1.0", "ood_score_method": "max_logit"}.items():
