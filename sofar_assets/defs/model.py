@@ -228,13 +228,13 @@ def build_model_assets(cfg: SofarConfig) -> list:
         val_rows = _split(warehouse.get().read_table("sofar_dataset"), "val")
         logits = predict_logits(model, _image_dataset(val_rows, classes, cfg, image_store), device=cfg.inference.device)
         y = val_rows["label"].map(index).to_numpy()
-        # A perfectly separated val split drives the NLL-optimal temperature towards 0 (every
-        # probability 1.0); the lower bound keeps probabilities informative in that case.
+        # A perfectly separated val split (or a very underconfident model) drives the NLL-optimal
+        # temperature towards 0, where every probability is 1.0; the bound keeps them informative.
         temperature = ood.fit_temperature(logits, y, t_min=TEMPERATURE_MIN)
         if temperature <= TEMPERATURE_MIN * 1.01:
             context.log.warning(
-                f"temperature hit its lower bound {TEMPERATURE_MIN}: the val split is (nearly) perfectly "
-                "separated, so its NLL cannot pin the temperature down; probabilities use the bound"
+                f"temperature hit its lower bound {TEMPERATURE_MIN}: the val NLL keeps falling as it sharpens "
+                "(val split perfectly separated, or the model underconfident); probabilities use the bound"
             )
         nll_before, nll_after = ood.nll(logits, y, 1.0), ood.nll(logits, y, temperature)
         id_scores = ood.scores(logits, cfg.ood.score, temperature)
