@@ -80,6 +80,22 @@ def _assets(defs):
     return [*defs.assets, *(defs.asset_checks or [])]
 
 
+@pytest.fixture(scope="session")
+def emulator():
+    """The local BigQuery emulator (bqemulator in .venv-bq; `make test` sets it up)."""
+    from bq_emulator import Emulator, EmulatorUnavailable
+
+    emu = Emulator()
+    try:
+        emu.start()
+    except EmulatorUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
 @pytest.fixture(autouse=True)
 def _no_hub_downloads(monkeypatch):
     # Nothing may download weights at run time: make any attempt fail fast and loudly.

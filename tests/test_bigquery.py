@@ -7,26 +7,12 @@ import uuid
 
 import pandas as pd
 import pytest
-from bq_emulator import Emulator, EmulatorUnavailable
 
 from sofar_assets.lib.warehouse import BigQueryWarehouse, TableNotFoundError, uploads_from_table
 
 pytestmark = pytest.mark.bigquery
 
 D1, D2, D3 = dt.date(2024, 3, 1), dt.date(2024, 3, 2), dt.date(2024, 3, 3)
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    emu = Emulator()
-    try:
-        emu.start()
-    except EmulatorUnavailable as exc:
-        pytest.skip(str(exc))
-    try:
-        yield emu
-    finally:
-        emu.stop()
 
 
 @pytest.fixture()

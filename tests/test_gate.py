@@ -6,10 +6,11 @@ import datetime as dt
 
 import dagster as dg
 import numpy as np
-from conftest import _assets, write_config
 
 from sofar_assets.config import load_config
 from sofar_assets.definitions import TRAINING_SELECTION, build_definitions
+
+from conftest import _assets, write_config
 
 RETRAIN = dg.AssetSelection.assets("sofar_classifier", "ood_calibration", "model_evaluation", "champion_model")
 

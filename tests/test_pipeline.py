@@ -11,13 +11,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import DAYS, _assets, write_config
 
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
 from sofar_assets.lib import storage
 from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.packaging import load_registered
+
+from conftest import DAYS, _assets, write_config
 
 
 def _warehouse(pipeline):

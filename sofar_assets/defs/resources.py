@@ -3,7 +3,7 @@
 =================  ===============================  ==================================
 resource           local (config/demo.yaml)          production (config/prod.yaml)
 =================  ===============================  ==================================
-warehouse          DuckDB file                       BigQuery dataset (dagster-gcp)
+warehouse          DuckDB file                       BigQuery dataset (dagster-gcp client)
 mlflow             sqlite registry + local folder    MLflow tracking server
 image_store        local folders + local cache       gs:// buckets + node-local cache
 io_manager         pickles small pointers to disk    GCS pickles (dagster-gcp)
@@ -12,10 +12,11 @@ io_manager         pickles small pointers to disk    GCS pickles (dagster-gcp)
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from sofar_assets.config import BigQueryTarget, SofarConfig
 from sofar_assets.lib import storage
@@ -50,14 +51,38 @@ class DuckDBWarehouseResource(WarehouseResource):
 
 
 class BigQueryWarehouseResource(WarehouseResource):
-    """The production warehouse: a BigQuery dataset (credentials from the environment, ADC)."""
+    """The production warehouse: a BigQuery dataset.
+
+    The client comes from dagster-gcp's ``BigQueryResource``: application-default credentials,
+    or a base64 service-account key in ``gcp_credentials`` (e.g. ``EnvVar("GCP_CREDENTIALS")``).
+    It is opened once per run (``setup_for_execution``) and closed after it.
+    """
 
     project: str
     dataset: str
     location: str | None = None
+    gcp_credentials: str | None = Field(None, description="base64 service-account key; default: ADC")
+    _client: object = PrivateAttr(default=None)
+    _stack: ExitStack = PrivateAttr(default_factory=ExitStack)
+
+    def client_context(self):
+        from dagster_gcp import BigQueryResource
+
+        return BigQueryResource(
+            project=self.project, location=self.location, gcp_credentials=self.gcp_credentials
+        ).get_client()
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self._client = self._stack.enter_context(self.client_context())
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._stack.close()
+        self._client = None
 
     def get(self) -> Warehouse:
-        return BigQueryWarehouse(self.project, self.dataset, location=self.location)
+        if self._client is None:  # used outside a run (CLI summary): open it for the process
+            self._client = self._stack.enter_context(self.client_context())
+        return BigQueryWarehouse(self.project, self.dataset, location=self.location, client=self._client)
 
     @property
     def kind(self) -> str:
