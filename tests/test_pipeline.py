@@ -297,3 +297,24 @@ def test_tasks_and_uploads_from_warehouse_tables(pipeline, demo_data, tmp_path):
     out = wh.read_table("predictions")
     out = out[out["prediction_date"] == day]
     assert sorted(out["image_id"]) == [f"u{i}" for i in range(len(files))]  # yesterday's upload is not today's
+
+
+def test_predictions_with_forkserver_workers(pipeline, tmp_path):
+    """Run workers (dagster dev, Kubernetes) may start DataLoader workers with forkserver, which
+    pickles the dataset and everything it calls: nothing run-scoped (loggers, resources) may ride along."""
+    import multiprocessing
+
+    import yaml
+
+    base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
+    base["inference"]["num_workers"] = 2
+    (tmp_path / "workers.yaml").write_text(yaml.safe_dump(base))
+    defs = build_definitions(load_config(tmp_path / "workers.yaml"))
+    previous = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        result = _materialize_days(pipeline, DAYS[0], DAYS[0], defs=defs)
+    finally:
+        multiprocessing.set_start_method(previous, force=True)
+    assert result.success
+    assert _mat_metadata(result, "daily_predictions")["rows"].value > 0

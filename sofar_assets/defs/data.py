@@ -44,7 +44,7 @@ def _inspector(image_store: ImageStoreResource, size: int):
     cache = image_store.cache(size)
 
     def inspect(uri: str) -> tuple[str, int, int, int]:
-        data = image_store.read_bytes(uri)
+        data = storage.read_bytes(uri)
         sha = sha256_hex(data)
         cache.get(sha, lambda: data, uri)  # the one full decode; training reuses the cached array
         with Image.open(io.BytesIO(data)) as im:
@@ -209,7 +209,7 @@ def _dataset_card(data, counts, raw, image_store, cfg, vocabulary) -> str:
         for label in vocabulary:
             rows = data[(data["label"] == label) & ~data["multi_label"]].head(k)
             thumbs[label] = [
-                cache.get(sha, lambda uri=uri: image_store.read_bytes(uri), uri)
+                cache.get(sha, lambda uri=uri: storage.read_bytes(uri), uri)
                 for sha, uri in zip(rows["sha256"], rows["image_uri"], strict=True)
             ]
         sheet = "\n\n### Contact sheet\n\n" + png_to_markdown(contact_sheet_png(thumbs), "contact sheet")

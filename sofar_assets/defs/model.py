@@ -57,7 +57,7 @@ def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, ima
         cfg.model.image_size,
         cache=image_store.cache(cfg.model.image_size),
         sha256s=list(rows["sha256"]),
-        read_bytes=image_store.read_bytes,
+        read_bytes=storage.read_bytes,
         hflip=hflip,
     )
 

@@ -124,7 +124,7 @@ def build_prediction_assets(cfg: SofarConfig):
                 model, items, classes=list(meta["classes"]), image_size=int(meta["spec"]["image_size"]),
                 threshold=threshold, score_method=method, temperature=temperature,
                 batch_size=cfg.inference.batch_size, num_workers=cfg.inference.num_workers,
-                device=cfg.inference.device, read_bytes=image_store.read_bytes, max_bytes=cfg.inference.max_bytes,
+                device=cfg.inference.device, read_bytes=storage.read_bytes, max_bytes=cfg.inference.max_bytes,
                 log=context.log.info,
             )) if items else []
             df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PREDICTION_COLUMNS))

@@ -122,15 +122,14 @@ class MlflowResource(dg.ConfigurableResource):
 
 
 class ImageStoreResource(dg.ConfigurableResource):
-    """Reads image bytes (local or gs://) and owns the preprocessed-image cache."""
+    """Owns the preprocessed-image cache. Bytes are read with ``lib.storage.read_bytes`` (a plain
+    function: DataLoader workers started by forkserver/spawn must pickle what they call)."""
 
     cache_dir: str | None = None
 
     def cache(self, size: int) -> PreprocessCache:
         return PreprocessCache(self.cache_dir, size)
 
-    def read_bytes(self, uri: str) -> bytes:
-        return storage.read_bytes(uri)
 
 
 def build_resources(cfg: SofarConfig) -> dict[str, object]:
