@@ -161,6 +161,9 @@ class PartitionsConfig(_Strict):
     start_date: dt.date
     schedule_hour: int = Field(2, ge=0, le=23)
     schedule_enabled: bool = Field(False, description="start the daily schedule as RUNNING")
+    backfill_days_per_run: int | None = Field(
+        None, ge=1, description="None: a backfill range is one run; N: runs of up to N days each (fan-out)"
+    )
     timezone: str = "UTC"
 
 

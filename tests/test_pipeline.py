@@ -230,6 +230,8 @@ def test_definitions_load_for_each_environment(name, monkeypatch):
     else:
         assert isinstance(wh, DuckDBWarehouseResource)
         assert repo.get_job("train_and_promote").executor_def.name == "in_process"
+    policy = repo.assets_defs_by_key[dg.AssetKey("daily_predictions")].backfill_policy
+    assert policy.max_partitions_per_run == (7 if name == "prod.yaml" else None)
     node = repo.assets_defs_by_key[dg.AssetKey("sofar_classifier")]
     tags = node.op.tags
     assert "nvidia.com/gpu" in str(tags["dagster-k8s/config"])
@@ -318,3 +320,70 @@ def test_predictions_with_forkserver_workers(pipeline, tmp_path):
         multiprocessing.set_start_method(previous, force=True)
     assert result.success
     assert _mat_metadata(result, "daily_predictions")["rows"].value > 0
+
+
+def test_range_backfill_loads_the_model_once(pipeline, monkeypatch):
+    import sofar_assets.defs.predictions as predictions
+
+    calls = []
+    real = predictions.load_registered
+
+    def counting(uri):
+        calls.append(uri)
+        return real(uri)
+
+    monkeypatch.setattr(predictions, "load_registered", counting)
+    result = _materialize_days(pipeline, dt.date(2026, 11, 1), dt.date(2026, 11, 3))
+    assert result.success
+    assert calls == [f"models:/{pipeline['cfg'].model.name}/1"]
+    assert _mat_metadata(result, "daily_predictions")["days"].value == 3
+
+
+def test_day_of_only_broken_files_fails_loudly_after_writing_error_rows(pipeline, tmp_path):
+    import yaml
+
+    base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
+    uploads = tmp_path / "uploads"
+    day = dt.date(2026, 11, 10)
+    (uploads / day.isoformat()).mkdir(parents=True)
+    for i in range(3):
+        (uploads / day.isoformat() / f"{i}.jpg").write_bytes(b"\xff\xd8\xff broken")
+    base["uploads"] = {"folder": str(uploads)}
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump(base))
+    defs = build_definitions(load_config(tmp_path / "broken.yaml"))
+    result = _materialize_days(pipeline, day, day, defs=defs, raise_on_error=False)
+    assert not result.success
+    failure = result.failure_data_for_node("daily_predictions").user_failure_data
+    assert "every image failed on 2026-11-10" in failure.description
+    rows = _warehouse(pipeline).read_table("predictions")
+    rows = rows[rows["prediction_date"] == day]
+    assert len(rows) == 3 and rows["error"].notna().all()
+
+
+def test_ood_spike_against_the_trailing_week_warns(pipeline, demo_data, tmp_path):
+    import yaml
+
+    _materialize_days(pipeline, DAYS[0], DAYS[1])  # the trailing days
+    base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
+    uploads = tmp_path / "uploads"
+    day = DAYS[1] + dt.timedelta(days=1)
+    shutil.copytree(demo_data / "ood/documents", uploads / day.isoformat())  # a day of paperwork
+    base["uploads"] = {"folder": str(uploads)}
+    (tmp_path / "spike.yaml").write_text(yaml.safe_dump(base))
+    defs = build_definitions(load_config(tmp_path / "spike.yaml"))
+    result = _materialize_days(pipeline, day, day, defs=defs)
+    assert result.success  # a warning, not a failure
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    spike = checks["ood_rate_vs_trailing_7_days"]
+    assert not spike.passed and spike.severity == dg.AssetCheckSeverity.WARN
+    assert spike.metadata["days"].value[day.isoformat()]["ood_rate"] >= 0.75
+    assert checks["rows_match_uploads"].passed
+
+
+def test_schedule_materializes_yesterday(pipeline):
+    repo = pipeline["defs"].get_repository_def()
+    schedule = repo.get_schedule_def("daily_predictions_job_schedule")
+    when = dt.datetime(2026, 11, 5, 2, 0, tzinfo=dt.UTC)
+    with dg.build_schedule_context(scheduled_execution_time=when) as ctx:
+        requests = schedule.evaluate_tick(ctx).run_requests
+    assert [r.partition_key for r in requests] == ["2026-11-04"]

@@ -69,7 +69,8 @@ def build_prediction_assets(cfg: SofarConfig):
 
     @dg.asset(
         partitions_def=partitions,
-        backfill_policy=dg.BackfillPolicy.single_run(),
+        backfill_policy=dg.BackfillPolicy.single_run() if cfg.partitions.backfill_days_per_run is None
+        else dg.BackfillPolicy.multi_run(cfg.partitions.backfill_days_per_run),
         deps=["champion_model"],
         group_name="predictions",
         kinds={cfg.storage.warehouse.kind, "pytorch"},
@@ -91,7 +92,9 @@ def build_prediction_assets(cfg: SofarConfig):
         """Top-2 labels, max-logit OOD score and OOD flag for every photo uploaded that day,
         by the MLflow ``champion`` version with its own temperature and threshold. Rows land in
         the warehouse table ``predictions`` (``prediction_date`` is a DATE); a re-run replaces
-        exactly the days it covers. A backfill range runs as one run: the model loads once.
+        exactly the days it covers. A backfill range runs as one run (or, with
+        ``partitions.backfill_days_per_run``, fans out into runs of N days): the model loads once
+        per run.
         """
         window = context.partition_time_window
         first, last = window.start.date(), window.end.date()
