@@ -7,6 +7,7 @@ DAGSTER := $(VENV)/bin/dagster
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export SOFAR_CONFIG ?= $(CURDIR)/config/demo.yaml
 DEMO_DAYS ?= 2026-11-01...2026-11-03
+RUN_LOGS := -c config/run_logging.yaml
 
 .PHONY: install run demo-data pipeline summary test bench ui lint clean bigquery-emulator
 
@@ -23,8 +24,8 @@ demo-data: install
 
 # The pipeline part of `make run` (what `make bench` times): train + promote, then the demo days.
 pipeline: demo-data
-	$(DAGSTER) job execute -m sofar_assets.definitions -j train_and_promote
-	$(DAGSTER) asset materialize -m sofar_assets.definitions --select daily_predictions --partition-range $(DEMO_DAYS)
+	$(DAGSTER) job execute -m sofar_assets.definitions -j train_and_promote $(RUN_LOGS)
+	$(DAGSTER) asset materialize -m sofar_assets.definitions --select daily_predictions --partition-range $(DEMO_DAYS) $(RUN_LOGS)
 
 summary: install
 	$(PY) -m sofar_assets.cli summary

@@ -7,6 +7,8 @@ raw label table per task → ``sofar_dataset`` → ``sofar_classifier`` → ``oo
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 
 from sofar_assets.config import SofarConfig, load_config
@@ -17,6 +19,9 @@ from sofar_assets.defs.resources import build_resources
 from sofar_assets.settings import config_path
 
 TRAINING_SELECTION = dg.AssetSelection.groups("ingest", "training")
+
+# BackfillPolicy is marked beta in 1.13; we rely on it knowingly (single-run backfills).
+warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_policy.*")
 
 
 def _executor(cfg: SofarConfig):

@@ -432,7 +432,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         name, version = model_evaluation["model_name"], model_evaluation["version"]
         previous = _champion_version(client, name)
         client.set_registered_model_alias(name, CHAMPION, version)
-        context.log.info(f"{name}@{CHAMPION}: v{previous} -> v{version}")
+        context.log.info(f"{name}@{CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")
         return dg.Output({"model_name": name, "version": version, "previous": previous},
                          metadata={"champion": f"models:/{name}@{CHAMPION} = v{version}", "previous_version": previous})
 
