@@ -13,6 +13,15 @@ SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sofar-publi
 DAYS = (dt.date(2026, 11, 1), dt.date(2026, 11, 2))
 
 
+def prediction_rows(day: dt.date, ids: list[str], prob: float = 0.9):
+    """A few rows shaped like the predictions table, for warehouse tests."""
+    import pandas as pd
+
+    n = len(ids)
+    return pd.DataFrame({"prediction_date": [day] * n, "image_id": ids, "top1_label": ["dirt"] * n,
+                         "top1_prob": [prob] * n, "is_ood": [False] * n, "error": [None] * n})
+
+
 @pytest.fixture(scope="session")
 def samples() -> Path:
     if not (SAMPLES / "CAR_DEFECT_RECOGNITION").is_dir():

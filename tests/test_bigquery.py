@@ -10,6 +10,8 @@ import pytest
 
 from sofar_assets.lib.warehouse import BigQueryWarehouse, TableNotFoundError, uploads_from_table
 
+from conftest import prediction_rows as predictions
+
 pytestmark = pytest.mark.bigquery
 
 D1, D2, D3 = dt.date(2024, 3, 1), dt.date(2024, 3, 2), dt.date(2024, 3, 3)
@@ -19,20 +21,6 @@ D1, D2, D3 = dt.date(2024, 3, 1), dt.date(2024, 3, 2), dt.date(2024, 3, 3)
 def wh(emulator):
     # a fresh dataset per test: the emulator is shared by the module
     return BigQueryWarehouse(emulator.project, f"sofar_{uuid.uuid4().hex[:8]}", client=emulator.client())
-
-
-def predictions(day: dt.date, ids: list[str], prob: float = 0.9) -> pd.DataFrame:
-    n = len(ids)
-    return pd.DataFrame(
-        {
-            "prediction_date": [day] * n,
-            "image_id": ids,
-            "top1_label": ["defect/defect"] * n,
-            "top1_prob": [prob] * n,
-            "is_ood": [False] * n,
-            "error": [None] * n,
-        }
-    )
 
 
 def test_replace_partition_is_idempotent_per_day(wh):

@@ -17,21 +17,9 @@ from sofar_assets.lib.warehouse import (
     uploads_from_table,
 )
 
+from conftest import prediction_rows as predictions
+
 D1, D2, D3 = dt.date(2024, 3, 1), dt.date(2024, 3, 2), dt.date(2024, 3, 3)
-
-
-def predictions(day: dt.date, ids: list[str], prob: float = 0.9) -> pd.DataFrame:
-    n = len(ids)
-    return pd.DataFrame(
-        {
-            "prediction_date": [day] * n,
-            "image_id": ids,
-            "top1_label": ["dirt/dirt"] * n,
-            "top1_prob": [prob] * n,
-            "is_ood": [False] * n,
-            "error": [None] * n,
-        }
-    )
 
 
 @pytest.fixture()

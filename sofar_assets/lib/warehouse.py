@@ -340,7 +340,12 @@ class Warehouse(ABC):
     def table_exists(self, table: str) -> bool: ...
 
     @abstractmethod
-    def read_table(self, table: str, columns: Sequence[str] | None = None) -> pd.DataFrame: ...
+    def _select(self, sql: str, params: list | None = None) -> pd.DataFrame: ...
+
+    def read_table(self, table: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
+        """The whole table (or ``columns`` of it)."""
+        cols = ", ".join(self.quote(c) for c in self._selected_columns(table, columns))
+        return self._select(f"SELECT {cols} FROM {self.fully_qualified(table)}")
 
     @abstractmethod
     def read_range(
@@ -498,11 +503,6 @@ class DuckDBWarehouse(Warehouse):
         with self._connect() as con:
             rel = con.sql(sql, params=params)
             return pd.DataFrame() if rel is None else arrow_to_pandas(rel.to_arrow_table())
-
-    def read_table(self, table: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        selected = self._selected_columns(table, columns)
-        cols = ", ".join(self.quote(c) for c in selected)
-        return self._select(f"SELECT {cols} FROM {self.fully_qualified(table)}")
 
     def read_range(self, table, column, start, end, columns=None) -> pd.DataFrame:
         existing = self.table_columns(table)
@@ -696,11 +696,6 @@ class BigQueryWarehouse(Warehouse):
         rows = self.client.query(sql, job_config=config, location=self.location).result()
         # The REST path: reads here are one day of rows, and the Storage API client is optional
         return arrow_to_pandas(rows.to_arrow(create_bqstorage_client=False))
-
-    def read_table(self, table: str, columns: Sequence[str] | None = None) -> pd.DataFrame:
-        selected = self._selected_columns(table, columns)
-        cols = ", ".join(self.quote(c) for c in selected)
-        return self._select(f"SELECT {cols} FROM {self.fully_qualified(table)}")
 
     def read_range(self, table, column, start, end, columns=None) -> pd.DataFrame:
         existing = self.table_columns(table)
