@@ -237,9 +237,7 @@ class SofarConfig(_Strict):
     def duckdb_path(self) -> str:
         wh = self.storage.warehouse
         assert isinstance(wh, DuckDBTarget)
-        return wh.path if wh.path == ":memory:" else (
-            str(Path(wh.path)) if Path(wh.path).is_absolute() else str(Path(self.root) / wh.path)
-        )
+        return str(Path(self.root) / wh.path)  # an absolute path stays as it is
 
     def vocabulary(self) -> list[str]:
         """Canonical labels in first-seen order over the tasks (shared labels appear once)."""

@@ -20,7 +20,7 @@ from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.inference import predict_images
 from sofar_assets.lib.models import ModelSpec
 from sofar_assets.lib.packaging import load_registered, log_and_register
-from sofar_assets.lib.training import TrainConfig, predict_logits, train_classifier
+from sofar_assets.lib.training import TrainConfig, predict_logits, resolve_device, train_classifier
 from sofar_assets.settings import git_commit
 
 OWNERS = ["team:ml-platform"]
@@ -80,12 +80,11 @@ def _champion_version(client, name: str) -> str | None:
 def build_model_assets(cfg: SofarConfig) -> list:
     classes = cfg.vocabulary()
     index = {c: i for i, c in enumerate(classes)}
-    device_kind = "pytorch"
 
     @dg.asset(
         deps=["sofar_dataset"],
         group_name="training",
-        kinds={device_kind, "mlflow"},
+        kinds={"pytorch", "mlflow"},
         owners=OWNERS,
         code_version="1",
         pool="gpu",
@@ -149,9 +148,10 @@ def build_model_assets(cfg: SofarConfig) -> list:
                                         device=tcfg.device)
             val_y = val_rows["label"].map(index).to_numpy()
             cm = metrics.confusion_matrix(val_y, val_logits.argmax(1), len(classes))
-            mlflow.log_image(_png_image(plots.confusion_matrix_png(cm, classes)), "val_confusion_matrix.png")
-            mlflow.log_image(_png_image(plots.training_curves_png(result.history, ["train_loss", "val_loss"])),
-                             "training_curves.png")
+            cm_png = plots.confusion_matrix_png(cm, classes)
+            curves_png = plots.training_curves_png(result.history, ["train_loss", "val_loss"])
+            mlflow.log_image(_png_image(cm_png), "val_confusion_matrix.png")
+            mlflow.log_image(_png_image(curves_png), "training_curves.png")
             final = {f"best_{k}": float(v) for k, v in result.best_val_metrics.items() if isinstance(v, (int, float))}
             mlflow.log_metrics({**final, "images_per_s": result.images_per_s, "data_wait_share": result.data_wait_share})
             reg = log_and_register(
@@ -183,13 +183,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "val_macro_f1": result.best_val_macro_f1,
                 "train_images_per_s": result.images_per_s,
                 "data_wait_share": result.data_wait_share,
-                "device": str(result.device) if hasattr(result, "device") else tcfg.device,
-                "training_curves": dg.MetadataValue.md(
-                    plots.png_to_markdown(plots.training_curves_png(result.history, ["train_loss", "val_loss"]), "loss")
-                ),
-                "val_confusion_matrix": dg.MetadataValue.md(
-                    plots.png_to_markdown(plots.confusion_matrix_png(cm, classes), "confusion matrix")
-                ),
+                "device": str(resolve_device(tcfg.device)),
+                "training_curves": dg.MetadataValue.md(plots.png_to_markdown(curves_png, "loss")),
+                "val_confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(cm_png, "confusion matrix")),
             },
         )
 
@@ -333,7 +329,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             )
         multi = data[data["multi_label"]].reset_index(drop=True)
         if not multi.empty:
-            multi_ds = _image_dataset(multi.assign(label=multi["label"]), classes, cfg, image_store)
+            multi_ds = _image_dataset(multi, classes, cfg, image_store)  # label = the first of its labels
             mlogits = predict_logits(model, multi_ds, device=cfg.inference.device)
             sets = [{index[lab] for lab in labels.split("|")} for labels in multi["labels"]]
             result["top2_joint_hit_rate"] = metrics.top2_joint_hit_rate(mlogits, sets)
@@ -370,8 +366,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 **{f"test_ood_auroc_{k}": v for k, v in ood_auc.items()},
             })
             mlflow.log_dict(result, "evaluation.json")
-            mlflow.log_image(_png_image(plots.confusion_matrix_png(cm, classes)), "test_confusion_matrix.png")
-            mlflow.log_image(_png_image(plots.reliability_png(bins)), "reliability.png")
+            cm_png, rel_png = plots.confusion_matrix_png(cm, classes), plots.reliability_png(bins)
+            mlflow.log_image(_png_image(cm_png), "test_confusion_matrix.png")
+            mlflow.log_image(_png_image(rel_png), "reliability.png")
         task_table = pd.DataFrame(result["tasks"]).T
         return dg.Output(
             result,
@@ -385,8 +382,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "champion_version": champ,
                 "champion_macro_f1_same_test": result["champion_macro_f1"],
                 "per_task": dg.MetadataValue.md(task_table.to_markdown()),
-                "confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(plots.confusion_matrix_png(cm, classes), "cm")),
-                "reliability": dg.MetadataValue.md(plots.png_to_markdown(plots.reliability_png(bins), "reliability")),
+                "confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(cm_png, "confusion matrix")),
+                "reliability": dg.MetadataValue.md(plots.png_to_markdown(rel_png, "reliability")),
             },
         )
 

@@ -4,7 +4,6 @@ import datetime as dt
 from pathlib import Path
 
 import dagster as dg
-import numpy as np
 import pandas as pd
 
 from sofar_assets.config import SofarConfig
@@ -51,15 +50,12 @@ def _typed(df: pd.DataFrame) -> pd.DataFrame:
     )
 
 
-def _trailing_rates(wh, day: dt.date) -> pd.DataFrame:
-    """Per-day OOD rate and row count over the trailing window before ``day``."""
+def _trailing(wh, day: dt.date) -> pd.DataFrame:
+    """The scored (non-error) rows of the trailing window before ``day``."""
     if not wh.table_exists(PREDICTIONS_TABLE):
-        return pd.DataFrame(columns=["prediction_date", "rows", "ood_rate"])
+        return pd.DataFrame(columns=list(PREDICTION_COLUMNS))
     past = wh.read_range(PREDICTIONS_TABLE, "prediction_date", day - dt.timedelta(days=TRAILING_DAYS), day)
-    past = past[past["error"].isna()]
-    if past.empty:
-        return pd.DataFrame(columns=["prediction_date", "rows", "ood_rate"])
-    return past.groupby("prediction_date").agg(rows=("image_id", "size"), ood_rate=("is_ood", "mean")).reset_index()
+    return past[past["error"].isna()]
 
 
 def build_prediction_assets(cfg: SofarConfig):
@@ -135,7 +131,7 @@ def build_prediction_assets(cfg: SofarConfig):
                            predicted_at=pd.Timestamp.now(tz="UTC").tz_localize(None))
             df = _typed(df)
             df["prediction_date"] = [day] * len(df)
-            trailing = _trailing_rates(wh, day)
+            past = _trailing(wh, day)  # read before this day's rows are replaced
             written = wh.replace_partition(PREDICTIONS_TABLE, df, "prediction_date", day, day + dt.timedelta(days=1))
             ok = df[df["error"].isna()]
             errors = df[df["error"].notna()]
@@ -149,10 +145,9 @@ def build_prediction_assets(cfg: SofarConfig):
             if items and errors.shape[0] == len(items):
                 failures.append(day)
             checks_rows.append(written == len(items))
-            if len(trailing) and len(ok):
-                base = float(np.average(trailing["ood_rate"], weights=trailing["rows"]))
+            if len(past) and len(ok):
+                base = float(past["is_ood"].mean())  # the trailing week's share, weighted by rows
                 checks_ood.append((day, ood_rate, base, ood_rate <= max(2 * base, base + 0.15)))
-                past = wh.read_range(PREDICTIONS_TABLE, "prediction_date", day - dt.timedelta(days=TRAILING_DAYS), day)
                 p = past["top1_label"].value_counts(normalize=True)
                 q = ok["top1_label"].value_counts(normalize=True)
                 tv = 0.5 * float(p.subtract(q, fill_value=0).abs().sum())  # total variation distance
