@@ -8,6 +8,11 @@ replace the day's rows in DuckDB. A = `dagster.materialize(daily_predictions, pa
 B = the plain functions (`load_registered`, `day_uploads`, `predict_images`,
 `replace_partition`). Rounds alternate A, B, A, B …; the ratio A/B of the medians is printed
 (target <= 1.10).
+
+Whole processes, for an outside timer (each prepares STATE once, then does one side once):
+
+    python bench/bench_dagster_overhead.py --state /tmp/ovh --only dagster
+    python bench/bench_dagster_overhead.py --state /tmp/ovh --only plain
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ DAY = dt.date(2026, 11, 1)
 
 
 def setup(tmp: Path, n_images: int):
+    """A day of ``n_images`` photos and a registered champion under ``tmp`` (reused if there)."""
+    if (tmp / "sofar.yaml").exists():
+        cfg = load_config(tmp / "sofar.yaml")
+        return cfg, build_definitions(cfg)
     photos = sorted(SAMPLES.rglob("*.jpg"))
     if not photos:
         sys.exit(f"no sample photos under {SAMPLES}")
@@ -86,6 +95,7 @@ def run_dagster(defs, instance) -> float:
 def run_plain(cfg, defs) -> float:
     t0 = time.perf_counter()
     wh = defs.resources["warehouse"].get()
+    defs.resources["mlflow_tracking"].setup()  # point mlflow at the registry, as the asset does
     model, meta = load_registered(f"models:/{cfg.model.name}@champion")
     items = day_uploads(cfg, DAY, wh)
     frames = list(predict_images(model, items, classes=list(meta["classes"]), image_size=cfg.model.image_size,
@@ -103,7 +113,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--state", type=Path, help="keep the prepared day + registry here (for --only)")
+    ap.add_argument("--only", choices=["dagster", "plain"], help="one side once, as a whole process")
     args = ap.parse_args()
+    if args.only:
+        if args.state is None:
+            ap.error("--only needs --state")
+        args.state.mkdir(parents=True, exist_ok=True)
+        cfg, defs = setup(args.state, args.images)
+        if args.only == "dagster":
+            run_dagster(defs, dg.DagsterInstance.ephemeral())
+        else:
+            run_plain(cfg, defs)
+        return 0
     with tempfile.TemporaryDirectory(prefix="sofar-overhead-") as tmp:
         cfg, defs = setup(Path(tmp), args.images)
         instance = dg.DagsterInstance.ephemeral()
