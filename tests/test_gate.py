@@ -43,7 +43,17 @@ def test_worse_model_fails_the_gate_and_the_champion_stays(tmp_path, demo_data):
     # the blocking check stopped the promotion step: no materialization, alias unchanged
     assert not result.asset_materializations_for_node("champion_model")
     assert str(client.get_model_version_by_alias(cfg.model.name, "champion").version) == "1"
-    assert client.get_model_version(cfg.model.name, "2") is not None  # registered, just not promoted
+    assert str(client.get_model_version(cfg.model.name, "2").version) == "2"  # registered, just not promoted
+
+    # Materializing champion_model on its own later (the failed run's evaluation is stored)
+    # must not promote the version either: the step re-checks the gate itself.
+    alone = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets("champion_model"),
+                           raise_on_error=False, **run)
+    assert not alone.success
+    failure = alone.failure_data_for_node("champion_model").user_failure_data
+    assert "did not pass the promotion gate" in failure.description
+    assert "macro_f1_not_worse_than_champion" in failure.description
+    assert str(client.get_model_version_by_alias(cfg.model.name, "champion").version) == "1"
 
     day = dt.date(2026, 11, 1)
     out = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets("daily_predictions"),

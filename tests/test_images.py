@@ -408,3 +408,17 @@ def test_dataset_propagates_named_errors(tmp_path):
         ImageDataset([str(bad)], [0, 1], 32)
     with pytest.raises(ValueError):
         ImageDataset([str(bad)], [0], 32, cache=PreprocessCache(None, 64))
+
+
+def test_dataset_refuses_bytes_that_changed_since_ingest(tmp_path):
+    from PIL import Image as _Image
+
+    path = tmp_path / "photo.png"
+    _Image.new("RGB", (40, 40), (255, 0, 0)).save(path)
+    red_sha = sha256_hex(path.read_bytes())
+    _Image.new("RGB", (40, 40), (0, 0, 255)).save(path)  # replaced after ingest
+    cache = PreprocessCache(tmp_path / "cache", 16)
+    ds = ImageDataset([str(path)], [0], 16, cache=cache, sha256s=[red_sha])
+    with pytest.raises(ImageDecodeError, match="content changed since ingest"):
+        ds[0]
+    assert not cache.path(red_sha).exists()  # nothing was cached under the old hash

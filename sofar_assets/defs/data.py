@@ -46,7 +46,9 @@ def _inspector(image_store: ImageStoreResource, size: int):
     def inspect(uri: str) -> tuple[str, int, int, int]:
         data = storage.read_bytes(uri)
         sha = sha256_hex(data)
-        cache.get(sha, lambda: data, uri)  # the one full decode; training reuses the cached array
+        # the one full decode: training and evaluation reuse the cached array wherever they share
+        # this cache (one machine locally; a shared volume in production, see config/prod.yaml)
+        cache.get(sha, lambda: data, uri)
         with Image.open(io.BytesIO(data)) as im:
             width, height = im.size
         return sha, len(data), width, height
@@ -77,11 +79,12 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         inspect = _inspector(image_store, cfg.model.image_size)
         rows = []
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
-            for i, df in enumerate(pool.map(lambda it: ds.scan_rows(task_name, [it], task.labels, inspect), items), 1):
-                rows.append(df)
+            scanned = pool.map(lambda it: ds.scan_row(task_name, it[0], it[1], task.labels, inspect), items)
+            for i, row in enumerate(scanned, 1):
+                rows.append(row)
                 if i % 100 == 0:
                     context.log.info(f"{task_name}: {i}/{len(items)} files scanned")
-        raw = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=ds.RAW_COLUMNS)
+        raw = ds.raw_frame(rows)
         wh.write_table(raw_table_name(task_name), raw)
         errors = raw[raw["error"].notna()]
         for err in errors["error"]:
@@ -104,7 +107,8 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
 DATASET_CHECKS = [
     ("no_unreadable_files", "Every task file decodes; failing lists the files (they are left out of training)."),
     ("min_images_per_class_and_split", "Each class has at least dataset.min_per_class single-label images per split."),
-    ("no_image_in_two_splits", "No content hash sits in two splits (no leakage between train, val and test)."),
+    ("no_image_in_two_splits", "No content hash sits in two splits, in this version or against the previous "
+     "one (no leakage between train, val and test across retrains)."),
     ("vocabulary_consistent", "No task label looks like a typo of another task's label (e.g. nomral)."),
     ("label_conflicts", "Photos with different labels in different tasks (kept once, multi-label; listed)."),
 ]
@@ -135,6 +139,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
         data = ds.concatenate(
             raw, vocabulary, val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction
         )
+        previous = wh.read_table("sofar_dataset") if wh.table_exists("sofar_dataset") else None
         wh.write_table("sofar_dataset", data)
         counts = ds.counts_by(data, vocabulary)
         digest = ds.dataset_hash(data)
@@ -152,7 +157,8 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
             for split in split_cols
             if counts.loc[label, split] < cfg.dataset.min_per_class
         ]
-        leaks = int(data.groupby("sha256")["split"].nunique().gt(1).sum())
+        moved = ds.moved_between_versions(previous, data) if previous is not None else data.iloc[:0]
+        leaks = int(data["sha256"].duplicated().sum()) + len(moved)
         checks = [
             dg.AssetCheckResult(
                 check_name="no_unreadable_files",
@@ -167,7 +173,11 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
                 severity=dg.AssetCheckSeverity.WARN,
                 metadata={"minimum": cfg.dataset.min_per_class, "below": dg.MetadataValue.json(too_small)},
             ),
-            dg.AssetCheckResult(check_name="no_image_in_two_splits", passed=leaks == 0, metadata={"hashes_in_two_splits": leaks}),
+            dg.AssetCheckResult(
+                check_name="no_image_in_two_splits", passed=leaks == 0,
+                metadata={"hashes_in_two_splits": leaks, "moved_since_previous_version": dg.MetadataValue.json(
+                    moved.head(50).to_dict("records"))},
+            ),
             dg.AssetCheckResult(
                 check_name="vocabulary_consistent",
                 passed=not typos,

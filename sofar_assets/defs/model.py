@@ -10,6 +10,7 @@ import dagster as dg
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from sofar_assets.config import SofarConfig
@@ -66,15 +67,37 @@ def _png_image(png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
-def _version_tags(client, name: str, version: str) -> dict[str, str]:
-    return dict(client.get_model_version(name, version).tags)
-
-
 def _champion_version(client, name: str) -> str | None:
+    """The version behind ``@champion``; None only when there is no such model or alias yet.
+
+    Any other registry error propagates: a gate that cannot reach the registry must not pass.
+    """
     try:
         return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except Exception:  # noqa: BLE001 - no registered model or no alias yet
-        return None
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def gate_results(evaluation: dict, gate) -> dict[str, tuple[bool, dict]]:
+    """The promotion gate, one verdict per check: used by the blocking asset checks AND by
+    ``champion_model`` itself, so promoting a stored evaluation later cannot skip the gate."""
+    new, old = evaluation["macro_f1"], evaluation["champion_macro_f1"]
+    if old is None:
+        f1 = (True, {"new_macro_f1": new, "reason": "no comparable champion yet"})
+    else:
+        f1 = (bool(new >= old - gate.max_macro_f1_drop),
+              {"new_macro_f1": new, "champion_macro_f1": old, "allowed_drop": gate.max_macro_f1_drop,
+               "champion_version": evaluation["champion_version"]})
+    auc = evaluation["ood_auroc_min"]
+    if auc is None:
+        ood_ok = (True, {"reason": "no ood_sets configured: nothing to gate on"})
+    else:
+        ood_ok = (bool(auc >= gate.min_ood_auroc),
+                  {"ood_auroc_min": auc, "floor": gate.min_ood_auroc, "per_set": evaluation["ood_auroc"]})
+    ece = (bool(evaluation["ece"] <= gate.max_ece), {"ece": evaluation["ece"], "ceiling": gate.max_ece})
+    return {"macro_f1_not_worse_than_champion": f1, "ood_auroc_above_floor": ood_ok, "ece_below_ceiling": ece}
 
 
 def build_model_assets(cfg: SofarConfig) -> list:
@@ -199,6 +222,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 model, [(f, f) for f in files], classes=classes, image_size=cfg.model.image_size,
                 threshold=threshold, score_method=cfg.ood.score, temperature=temperature,
                 batch_size=cfg.inference.batch_size, num_workers=0, device=cfg.inference.device,
+                max_bytes=cfg.inference.max_bytes,
             )
         )
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["ood_score", "error"])
@@ -242,12 +266,13 @@ def build_model_assets(cfg: SofarConfig) -> list:
             "val_score_min": float(id_scores.min()), "val_score_max": float(id_scores.max()),
             "ood_sets": {}, "task_auroc": {},
         }
-        curves = {}
+        curves, ood_scores = {}, {}
         for name, oset in cfg.ood_sets.items():
             scores_ood, skipped = _ood_scores(model, cfg.resolve(oset.folder), threshold, temperature, context)
             if len(scores_ood) == 0:
                 context.log.warning(f"OOD set {name!r} has no readable images; skipped")
                 continue
+            ood_scores[name] = scores_ood.tolist()
             auc = ood.auroc(id_scores, scores_ood)
             fpr, tpr = ood.roc_curve(id_scores, scores_ood)
             curves[name] = (fpr, tpr, auc)
@@ -273,10 +298,11 @@ def build_model_assets(cfg: SofarConfig) -> list:
                                 **{f"ood_auroc_{k}": v["auroc"] for k, v in report["ood_sets"].items()},
                                 **{f"ood_fpr_at_tpr_{k}": v["fpr_at_tpr"] for k, v in report["ood_sets"].items()},
                                 **{f"task_auroc_{k}": v for k, v in report["task_auroc"].items()}})
-            if curves:
-                mlflow.log_image(_png_image(plots.roc_png(curves)), "ood_roc.png")
+            roc_png = plots.roc_png(curves) if curves else None
+            if roc_png:
+                mlflow.log_image(_png_image(roc_png), "ood_roc.png")
         out = {**sofar_classifier, **{k: report[k] for k in ("score_method", "temperature", "threshold", "target_tpr")},
-               "ood_sets": report["ood_sets"]}
+               "ood_sets": report["ood_sets"], "ood_scores": ood_scores}
         md = {
             "threshold": threshold, "temperature": temperature, "score_method": cfg.ood.score,
             "val_tpr": report["val_tpr"], "val_nll_before": nll_before, "val_nll_after": nll_after,
@@ -288,8 +314,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
         for name, r in report["ood_sets"].items():
             md[f"auroc_{name}"] = r["auroc"]
             md[f"rejected_share_{name}"] = r["rejected_share"]
-        if curves:
-            md["roc"] = dg.MetadataValue.md(plots.png_to_markdown(plots.roc_png(curves), "ROC"))
+        if roc_png:
+            md["roc"] = dg.MetadataValue.md(plots.png_to_markdown(roc_png, "ROC"))
         return dg.Output(out, metadata=md)
 
     @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1")
@@ -332,14 +358,15 @@ def build_model_assets(cfg: SofarConfig) -> list:
             multi_ds = _image_dataset(multi, classes, cfg, image_store)  # label = the first of its labels
             mlogits = predict_logits(model, multi_ds, device=cfg.inference.device)
             sets = [{index[lab] for lab in labels.split("|")} for labels in multi["labels"]]
-            result["top2_joint_hit_rate"] = metrics.top2_joint_hit_rate(mlogits, sets)
+            two = [k for k, st in enumerate(sets) if len(st) == 2]  # three labels cannot fit a top-2
+            if two:
+                result["top2_joint_hit_rate"] = metrics.top2_joint_hit_rate(mlogits[two], [sets[k] for k in two])
             result["multi_label_images"] = int(len(multi))
+            result["multi_label_images_over_two_labels"] = len(sets) - len(two)
         id_scores = ood.scores(logits, ref["score_method"], ref["temperature"])
-        ood_auc = {}
-        for name, oset in cfg.ood_sets.items():
-            s_ood, _ = _ood_scores(model, cfg.resolve(oset.folder), ref["threshold"], ref["temperature"], context)
-            if len(s_ood):
-                ood_auc[name] = ood.auroc(id_scores, s_ood)
+        # the OOD sets were scored by this same version in ood_calibration: reuse those scores
+        ood_auc = {name: ood.auroc(id_scores, np.asarray(s_ood))
+                   for name, s_ood in ref.get("ood_scores", {}).items() if len(s_ood)}
         result["ood_auroc"] = ood_auc
         result["ood_auroc_min"] = min(ood_auc.values()) if ood_auc else None
         champ = _champion_version(client, ref["model_name"])
@@ -389,33 +416,21 @@ def build_model_assets(cfg: SofarConfig) -> list:
 
     gate = cfg.gate
 
-    @dg.asset_check(asset=model_evaluation, blocking=True,
-                    description="Macro-F1 on the test split is not worse than the champion's by more than gate.max_macro_f1_drop.")
-    def macro_f1_not_worse_than_champion(model_evaluation: dict) -> dg.AssetCheckResult:
-        new, old = model_evaluation["macro_f1"], model_evaluation["champion_macro_f1"]
-        if old is None:
-            return dg.AssetCheckResult(passed=True, metadata={"new_macro_f1": new, "reason": "no comparable champion yet"})
-        return dg.AssetCheckResult(
-            passed=bool(new >= old - gate.max_macro_f1_drop),
-            metadata={"new_macro_f1": new, "champion_macro_f1": old, "allowed_drop": gate.max_macro_f1_drop,
-                      "champion_version": model_evaluation["champion_version"]},
-        )
+    def _check(name: str, description: str):
+        @dg.asset_check(name=name, asset=model_evaluation, blocking=True, description=description)
+        def _gate_check(model_evaluation: dict) -> dg.AssetCheckResult:
+            passed, metadata = gate_results(model_evaluation, gate)[name]
+            return dg.AssetCheckResult(passed=passed, metadata=metadata)
 
-    @dg.asset_check(asset=model_evaluation, blocking=True,
-                    description="The lowest OOD AUROC over the irrelevant image sets is at least gate.min_ood_auroc.")
-    def ood_auroc_above_floor(model_evaluation: dict) -> dg.AssetCheckResult:
-        auc = model_evaluation["ood_auroc_min"]
-        if auc is None:
-            return dg.AssetCheckResult(passed=True, metadata={"reason": "no ood_sets configured: nothing to gate on"})
-        return dg.AssetCheckResult(passed=bool(auc >= gate.min_ood_auroc),
-                                   metadata={"ood_auroc_min": auc, "floor": gate.min_ood_auroc,
-                                             "per_set": dg.MetadataValue.json(model_evaluation["ood_auroc"])})
+        return _gate_check
 
-    @dg.asset_check(asset=model_evaluation, blocking=True,
-                    description="Expected calibration error (temperature applied) is at most gate.max_ece.")
-    def ece_below_ceiling(model_evaluation: dict) -> dg.AssetCheckResult:
-        return dg.AssetCheckResult(passed=bool(model_evaluation["ece"] <= gate.max_ece),
-                                   metadata={"ece": model_evaluation["ece"], "ceiling": gate.max_ece})
+    gate_checks = [
+        _check("macro_f1_not_worse_than_champion",
+               "Macro-F1 on the test split is not worse than the champion's by more than gate.max_macro_f1_drop."),
+        _check("ood_auroc_above_floor",
+               "The lowest OOD AUROC over the irrelevant image sets is at least gate.min_ood_auroc."),
+        _check("ece_below_ceiling", "Expected calibration error (temperature applied) is at most gate.max_ece."),
+    ]
 
     @dg.asset(group_name="training", kinds={"mlflow"}, owners=OWNERS, code_version="1")
     def champion_model(
@@ -425,6 +440,12 @@ def build_model_assets(cfg: SofarConfig) -> list:
         gate checks on ``model_evaluation`` passed (otherwise this step does not run and the
         champion stays). ``daily_predictions`` always reads ``models:/<name>@champion``, so an
         alias moved by hand in the MLflow UI is honored too."""
+        failed = {k: md for k, (ok, md) in gate_results(model_evaluation, gate).items() if not ok}
+        if failed:  # e.g. a stored evaluation of a failed run, materialized on its own later
+            raise dg.Failure(
+                description=f"v{model_evaluation['version']} did not pass the promotion gate: {sorted(failed)}; "
+                "the champion stays.", metadata={k: dg.MetadataValue.json(v) for k, v in failed.items()},
+            )
         client = mlflow_tracking.client()
         name, version = model_evaluation["model_name"], model_evaluation["version"]
         previous = _champion_version(client, name)
@@ -433,5 +454,4 @@ def build_model_assets(cfg: SofarConfig) -> list:
         return dg.Output({"model_name": name, "version": version, "previous": previous},
                          metadata={"champion": f"models:/{name}@{CHAMPION} = v{version}", "previous_version": previous})
 
-    return [sofar_classifier, ood_calibration, model_evaluation, champion_model], [
-        macro_f1_not_worse_than_champion, ood_auroc_above_floor, ece_below_ceiling]
+    return [sofar_classifier, ood_calibration, model_evaluation, champion_model], gate_checks

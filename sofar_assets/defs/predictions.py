@@ -2,6 +2,7 @@
 
 import datetime as dt
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import dagster as dg
 import pandas as pd
@@ -33,14 +34,21 @@ PREDICTION_COLUMNS = {
 TRAILING_DAYS = 7
 
 
+def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
+    """The partition's day as an aware [start, end) in ``partitions.timezone`` (not UTC midnight)."""
+    tz = ZoneInfo(cfg.partitions.timezone)
+    start = dt.datetime.combine(day, dt.time(), tzinfo=tz)
+    return start, dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=tz)
+
+
 def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> list[tuple[str, str]]:
-    """``(image_id, image_uri)`` of every photo uploaded on ``day``."""
+    """``(image_id, image_uri)`` of every photo uploaded on ``day`` (in the partitions' timezone)."""
     if cfg.uploads.folder is not None:
         folder = f"{cfg.resolve(cfg.uploads.folder).rstrip('/')}/{day.isoformat()}"
         if not storage.is_gcs(folder) and not Path(folder).is_dir():
             return []  # nothing was uploaded that day
         return [(f"{day.isoformat()}/{uri.rsplit('/', 1)[-1]}", uri) for uri in storage.list_files(folder)]
-    df = uploads_from_table(warehouse, cfg.uploads.table, day, day + dt.timedelta(days=1))
+    df = uploads_from_table(warehouse, cfg.uploads.table, *day_window(cfg, day))
     return [(str(i), cfg.resolve(str(u))) for i, u in zip(df["image_id"], df["image_uri"], strict=True)]
 
 
@@ -144,7 +152,11 @@ def build_prediction_assets(cfg: SofarConfig):
                 context.log.info(f"{day}: no uploads; 0 rows written")
             if items and errors.shape[0] == len(items):
                 failures.append(day)
-            checks_rows.append(written == len(items))
+            # read back what the table now holds for the day: catches lost or duplicated rows
+            stored = len(wh.read_range(PREDICTIONS_TABLE, "prediction_date", day, day + dt.timedelta(days=1),
+                                       columns=["image_id"]))
+            per_day[day.isoformat()]["stored"] = stored
+            checks_rows.append(written == stored == len(items))
             if len(past) and len(ok):
                 base = float(past["is_ood"].mean())  # the trailing week's share, weighted by rows
                 checks_ood.append((day, ood_rate, base, ood_rate <= max(2 * base, base + 0.15)))

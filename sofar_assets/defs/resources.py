@@ -30,10 +30,6 @@ class WarehouseResource(dg.ConfigurableResource):
     def get(self) -> Warehouse:
         raise NotImplementedError
 
-    @property
-    def kind(self) -> str:
-        raise NotImplementedError
-
 
 class DuckDBWarehouseResource(WarehouseResource):
     """The local warehouse: one DuckDB file (one writer at a time; runs execute in process)."""
@@ -44,10 +40,6 @@ class DuckDBWarehouseResource(WarehouseResource):
     def get(self) -> Warehouse:
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         return DuckDBWarehouse(self.path, schema=self.schema_name)
-
-    @property
-    def kind(self) -> str:
-        return "duckdb"
 
 
 class BigQueryWarehouseResource(WarehouseResource):
@@ -83,10 +75,6 @@ class BigQueryWarehouseResource(WarehouseResource):
         if self._client is None:  # used outside a run (CLI summary): open it for the process
             self._client = self._stack.enter_context(self.client_context())
         return BigQueryWarehouse(self.project, self.dataset, location=self.location, client=self._client)
-
-    @property
-    def kind(self) -> str:
-        return "bigquery"
 
 
 class MlflowResource(dg.ConfigurableResource):

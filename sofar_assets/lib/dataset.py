@@ -37,33 +37,46 @@ def split_for(sha256: str, val_fraction: float, test_fraction: float) -> str:
     return "train"
 
 
+def scan_row(
+    task: str, uri: str, source_label: str, labels: dict[str, str],
+    inspect: Callable[[str], tuple[str, int, int, int]],
+) -> dict:
+    """One row of a raw label table. ``inspect(uri)`` returns ``(sha256, n_bytes, width, height)``
+    or raises; an exception becomes the row's ``error`` (the file is named, never dropped
+    silently). A source label the task does not map is an error row too."""
+    row = dict(task=task, image_uri=uri, source_label=source_label, label=labels.get(source_label),
+               sha256=None, n_bytes=None, width=None, height=None, error=None)
+    if row["label"] is None:
+        row["error"] = f"label {source_label!r} is not mapped in tasks.{task}.labels"
+        return row
+    try:
+        row["sha256"], row["n_bytes"], row["width"], row["height"] = inspect(uri)
+    except Exception as exc:  # noqa: BLE001 - any failure is recorded against the file
+        row["error"] = f"{type(exc).__name__}: {exc}"
+    return row
+
+
+def raw_frame(rows: Iterable[dict]) -> pd.DataFrame:
+    """Rows from :func:`scan_row` as a raw label table."""
+    df = pd.DataFrame(list(rows), columns=RAW_COLUMNS)
+    return df.astype({"n_bytes": "Int64", "width": "Int64", "height": "Int64"})
+
+
 def scan_rows(
     task: str,
     items: Iterable[tuple[str, str]],
     labels: dict[str, str],
     inspect: Callable[[str], tuple[str, int, int, int]],
 ) -> pd.DataFrame:
-    """Rows of a raw label table from ``(image_uri, source_label)`` pairs.
+    """A raw label table from ``(image_uri, source_label)`` pairs (see :func:`scan_row`)."""
+    return raw_frame(scan_row(task, uri, source, labels, inspect) for uri, source in items)
 
-    ``inspect(uri)`` returns ``(sha256, n_bytes, width, height)`` or raises; an exception
-    becomes the row's ``error`` (the file is named, never dropped silently). A source label
-    the task does not map is an error row too.
-    """
-    rows = []
-    for uri, source_label in items:
-        label = labels.get(source_label, source_label if not labels else None)
-        row = dict(task=task, image_uri=uri, source_label=source_label, label=label,
-                   sha256=None, n_bytes=None, width=None, height=None, error=None)
-        if label is None:
-            row["error"] = f"label {source_label!r} is not mapped in tasks.{task}.labels"
-        else:
-            try:
-                row["sha256"], row["n_bytes"], row["width"], row["height"] = inspect(uri)
-            except Exception as exc:  # noqa: BLE001 - any failure is recorded against the file
-                row["error"] = f"{type(exc).__name__}: {exc}"
-        rows.append(row)
-    df = pd.DataFrame(rows, columns=RAW_COLUMNS)
-    return df.astype({"n_bytes": "Int64", "width": "Int64", "height": "Int64"})
+
+def moved_between_versions(previous: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
+    """Images whose split differs from the previous dataset version (evaluation leakage across
+    retrains: a photo the champion trained on must not become a test photo of its challenger)."""
+    both = previous[["sha256", "split"]].merge(current[["sha256", "split"]], on="sha256", suffixes=("_before", "_now"))
+    return both[both["split_before"] != both["split_now"]]
 
 
 def concatenate(

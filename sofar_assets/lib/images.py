@@ -296,12 +296,19 @@ class ImageDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.uris)
 
+    def _verified_bytes(self, uri: str, sha256: str) -> bytes:
+        """Bytes that still hash to the ingested sha256 (else the cache would store other content)."""
+        data = self.read_bytes(uri)
+        if sha256_hex(data) != sha256:
+            raise ImageDecodeError(uri, f"content changed since ingest (sha256 {sha256[:12]}…); re-run the ingest assets")
+        return data
+
     def _array(self, i: int) -> np.ndarray:
         uri = self.uris[i]
         if self.cache is None:
             return load_image_array(self.read_bytes(uri), uri, self.size)
         if self.sha256s is not None:
-            return self.cache.get(self.sha256s[i], lambda: self.read_bytes(uri), uri)
+            return self.cache.get(self.sha256s[i], lambda: self._verified_bytes(uri, self.sha256s[i]), uri)
         data = self.read_bytes(uri)
         return self.cache.get(sha256_hex(data), lambda: data, uri)
 

@@ -20,6 +20,7 @@ import torch
 
 from sofar_assets.lib import ood, storage
 from sofar_assets.lib.images import ImageDecodeError, load_image_array
+from sofar_assets.lib.training import resolve_device
 
 PREDICTION_COLUMNS = (
     "image_id",
@@ -76,12 +77,6 @@ def _collate(samples):
     # (k, S, S, 3) uint8; permuted to NCHW later, which is channels_last in memory for free
     x = torch.from_numpy(np.stack([samples[k][1] for k in good])) if good else None
     return index, good, x, [s[2] for s in samples]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _frame(ids, uris, errors, good, probs, scores, threshold, classes) -> pd.DataFrame:

@@ -153,11 +153,12 @@ def train_step(model: SofarNet, opt: torch.optim.Optimizer, x: torch.Tensor, y: 
 
 
 @torch.no_grad()
-def _run_eval(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def _run_eval(model: nn.Module, loader: DataLoader, device: torch.device, *,
+              mixed_precision: bool = True) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     logits, labels = [], []
     for x, y in loader:
-        with _autocast(device):
+        with _autocast(device) if mixed_precision else contextlib.nullcontext():
             out = model(to_input(x, device))
         logits.append(out.float().cpu())
         labels.append(torch.as_tensor(y).cpu())
@@ -310,11 +311,16 @@ def train_classifier(
 
 def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int = 64, device: str = "auto",
                    num_workers: int = 0) -> np.ndarray:
-    """Logits (N, C) float32 for ``dataset`` in its order. Moves ``model`` to the device, eval mode."""
+    """Logits (N, C) float32 for ``dataset`` in its order. Moves ``model`` to the device, eval mode.
+
+    Always full precision, like ``inference.predict_images``: OOD thresholds and evaluation
+    computed from these logits must hold for the daily predictions (bf16 shifts max logits).
+    """
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
     loader = _loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers, device=dev)
-    logits, _ = _run_eval(model, loader, dev)
+    with torch.inference_mode():
+        logits, _ = _run_eval(model, loader, dev, mixed_precision=False)
     if logits.shape[0] == 0:
         n_out = getattr(getattr(model, "spec", None), "num_classes", 0)
         return np.zeros((0, n_out), np.float32)
