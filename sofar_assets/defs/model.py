@@ -17,11 +17,12 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import metrics, ood, plots, storage
+from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.inference import predict_images
 from sofar_assets.lib.models import ModelSpec
 from sofar_assets.lib.packaging import load_registered, log_and_register
-from sofar_assets.lib.training import TrainConfig, predict_logits, resolve_device, train_classifier
+from sofar_assets.lib.training import TrainConfig, predict_logits, train_classifier
 from sofar_assets.settings import git_commit
 
 OWNERS = ["team:ml-platform"]

@@ -19,8 +19,8 @@ import pandas as pd
 import torch
 
 from sofar_assets.lib import ood, storage
+from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.images import ImageDecodeError, load_image_array
-from sofar_assets.lib.training import resolve_device
 
 PREDICTION_COLUMNS = (
     "image_id",

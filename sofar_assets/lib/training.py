@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from sofar_assets.lib import metrics
+from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.models import ModelSpec, SofarNet, build_model, jigsaw
 
 # PMG's progressive steps: (jigsaw grid, head index, loss weight); None = whole image.
@@ -53,18 +54,6 @@ class TrainResult:
     best_val_metrics: dict = field(default_factory=dict)
     images_per_s: float = float("nan")
     data_wait_share: float = float("nan")
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when available; asking for ``cuda`` without one is an error."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use auto, cpu or cuda")
-    return dev
 
 
 def _autocast(device: torch.device):
