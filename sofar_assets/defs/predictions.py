@@ -124,17 +124,23 @@ def build_prediction_assets(cfg: SofarConfig):
         model, meta = load_registered(f"models:/{name}/{mv.version}")
         context.log.info(f"{name} v{mv.version} loaded once for {len(days)} day(s): {days[0]} .. {days[-1]}")
 
+        # ONE streaming pass (one DataLoader, one set of workers) over every day of the run; each
+        # day is written as soon as its rows are complete, so a crash keeps the finished days.
+        day_items = [(day, day_uploads(cfg, day, wh)) for day in days]
+        stream = predict_images(
+            model, [it for _, items in day_items for it in items], classes=list(meta["classes"]),
+            image_size=int(meta["spec"]["image_size"]), threshold=threshold, score_method=method,
+            temperature=temperature, batch_size=cfg.inference.batch_size, num_workers=cfg.inference.num_workers,
+            device=cfg.inference.device, read_bytes=storage.read_bytes, max_bytes=cfg.inference.max_bytes,
+            log=context.log.info,
+        )
+        pending = pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+
         per_day, failures, checks_rows, checks_ood, checks_mix = {}, [], [], [], []
-        for day in days:
-            items = day_uploads(cfg, day, wh)
-            frames = list(predict_images(
-                model, items, classes=list(meta["classes"]), image_size=int(meta["spec"]["image_size"]),
-                threshold=threshold, score_method=method, temperature=temperature,
-                batch_size=cfg.inference.batch_size, num_workers=cfg.inference.num_workers,
-                device=cfg.inference.device, read_bytes=storage.read_bytes, max_bytes=cfg.inference.max_bytes,
-                log=context.log.info,
-            )) if items else []
-            df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+        for day, items in day_items:
+            while len(pending) < len(items):
+                pending = pd.concat([pending, next(stream)], ignore_index=True)
+            df, pending = pending.iloc[: len(items)], pending.iloc[len(items):].reset_index(drop=True)
             df = df.assign(prediction_date=day, model_name=name, model_version=str(mv.version),
                            predicted_at=pd.Timestamp.now(tz="UTC").tz_localize(None))
             df = _typed(df)
