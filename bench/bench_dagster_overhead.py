@@ -36,7 +36,7 @@ import yaml  # noqa: E402
 
 from sofar_assets.config import load_config  # noqa: E402
 from sofar_assets.definitions import build_definitions  # noqa: E402
-from sofar_assets.defs.predictions import PREDICTION_COLUMNS, _typed, day_uploads  # noqa: E402
+from sofar_assets.defs.predictions import day_uploads, table_rows  # noqa: E402
 from sofar_assets.lib.inference import predict_images  # noqa: E402
 from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
 from sofar_assets.lib.packaging import load_registered, log_and_register  # noqa: E402
@@ -101,10 +101,7 @@ def run_plain(cfg, defs) -> float:
     frames = list(predict_images(model, items, classes=list(meta["classes"]), image_size=cfg.model.image_size,
                                  threshold=0.0, batch_size=cfg.inference.batch_size,
                                  num_workers=cfg.inference.num_workers, device="cpu"))
-    df = pd.concat(frames, ignore_index=True).assign(prediction_date=DAY, model_name=cfg.model.name,
-                                                     model_version="1", predicted_at=pd.Timestamp.now())
-    df = _typed(df.reindex(columns=list(PREDICTION_COLUMNS)))
-    df["prediction_date"] = [DAY] * len(df)
+    df = table_rows(pd.concat(frames, ignore_index=True), DAY, cfg.model.name, "1")
     wh.replace_partition("predictions", df, "prediction_date", DAY, DAY + dt.timedelta(days=1))
     return time.perf_counter() - t0
 

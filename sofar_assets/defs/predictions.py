@@ -11,12 +11,12 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.model import CHAMPION, OWNERS
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import storage
-from sofar_assets.lib.inference import predict_images
+from sofar_assets.lib.inference import PREDICTION_COLUMNS, predict_images
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.warehouse import uploads_from_table
 
 PREDICTIONS_TABLE = "predictions"
-PREDICTION_COLUMNS = {
+TABLE_SCHEMA = {  # the columns of the warehouse table, in order, with their pandas dtypes
     "prediction_date": "object",  # datetime.date -> DATE in DuckDB and BigQuery
     "image_id": "string",
     "image_uri": "string",
@@ -52,16 +52,19 @@ def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> list[tuple[str, st
     return [(str(i), cfg.resolve(str(u))) for i, u in zip(df["image_id"], df["image_uri"], strict=True)]
 
 
-def _typed(df: pd.DataFrame) -> pd.DataFrame:
-    return df.reindex(columns=list(PREDICTION_COLUMNS)).astype(
-        {k: v for k, v in PREDICTION_COLUMNS.items() if k != "prediction_date"}
+def table_rows(scored: pd.DataFrame, day: dt.date, model_name: str, model_version: str) -> pd.DataFrame:
+    """One day's rows of the predictions table from ``predict_images`` output."""
+    rows = scored.assign(prediction_date=day, model_name=model_name, model_version=model_version,
+                         predicted_at=pd.Timestamp.now(tz="UTC").tz_localize(None))
+    return rows.reindex(columns=list(TABLE_SCHEMA)).astype(
+        {k: v for k, v in TABLE_SCHEMA.items() if k != "prediction_date"}  # dates stay datetime.date
     )
 
 
 def _trailing(wh, day: dt.date) -> pd.DataFrame:
     """The scored (non-error) rows of the trailing window before ``day``."""
     if not wh.table_exists(PREDICTIONS_TABLE):
-        return pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+        return pd.DataFrame(columns=list(TABLE_SCHEMA))
     past = wh.read_range(PREDICTIONS_TABLE, "prediction_date", day - dt.timedelta(days=TRAILING_DAYS), day)
     return past[past["error"].isna()]
 
@@ -134,17 +137,14 @@ def build_prediction_assets(cfg: SofarConfig):
             device=cfg.inference.device, read_bytes=storage.read_bytes, max_bytes=cfg.inference.max_bytes,
             log=context.log.info,
         )
-        pending = pd.DataFrame(columns=list(PREDICTION_COLUMNS))
+        pending = pd.DataFrame(columns=list(PREDICTION_COLUMNS))  # scored rows not yet written
 
         per_day, failures, checks_rows, checks_ood, checks_mix = {}, [], [], [], []
         for day, items in day_items:
             while len(pending) < len(items):
                 pending = pd.concat([pending, next(stream)], ignore_index=True)
             df, pending = pending.iloc[: len(items)], pending.iloc[len(items):].reset_index(drop=True)
-            df = df.assign(prediction_date=day, model_name=name, model_version=str(mv.version),
-                           predicted_at=pd.Timestamp.now(tz="UTC").tz_localize(None))
-            df = _typed(df)
-            df["prediction_date"] = [day] * len(df)
+            df = table_rows(df, day, name, str(mv.version))
             past = _trailing(wh, day)  # read before this day's rows are replaced
             written = wh.replace_partition(PREDICTIONS_TABLE, df, "prediction_date", day, day + dt.timedelta(days=1))
             ok = df[df["error"].isna()]
