@@ -10,14 +10,15 @@ import dagster as dg
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from sofar_assets.config import SofarConfig
+from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import dataset as ds
-from sofar_assets.lib import metrics, ood, plots, storage
+from sofar_assets.lib import metrics, ood, plots, registry, storage
 from sofar_assets.lib.devices import resolve_device
+from sofar_assets.lib.gate import GATE_CHECKS, failed_checks, gate_results
 from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.inference import predict_images
 from sofar_assets.lib.models import ModelSpec
@@ -26,26 +27,7 @@ from sofar_assets.lib.training import TrainConfig, predict_logits, train_classif
 from sofar_assets.settings import git_commit
 
 OWNERS = ["team:ml-platform"]
-CHAMPION = "champion"
 TEMPERATURE_MIN = 0.5
-
-# A Kubernetes run (dagster-k8s executor / run launcher) puts the training step on a GPU node.
-# Op tags, not job tags: backfills and UI materializations ignore job-level tags.
-GPU_OP_TAGS = {
-    "dagster-k8s/config": {
-        "container_config": {
-            "resources": {
-                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
-                "limits": {"memory": "24Gi", "nvidia.com/gpu": "1"},
-            }
-        },
-        "pod_spec_config": {
-            "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        },
-    }
-}
-
 
 def _split(data: pd.DataFrame, split: str) -> pd.DataFrame:
     return data[(data["split"] == split) & ~data["multi_label"]].reset_index(drop=True)
@@ -68,39 +50,6 @@ def _png_image(png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
-def _champion_version(client, name: str) -> str | None:
-    """The version behind ``@champion``; None only when there is no such model or alias yet.
-
-    Any other registry error propagates: a gate that cannot reach the registry must not pass.
-    """
-    try:
-        return str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            return None
-        raise
-
-
-def gate_results(evaluation: dict, gate) -> dict[str, tuple[bool, dict]]:
-    """The promotion gate, one verdict per check: used by the blocking asset checks AND by
-    ``champion_model`` itself, so promoting a stored evaluation later cannot skip the gate."""
-    new, old = evaluation["macro_f1"], evaluation["champion_macro_f1"]
-    if old is None:
-        f1 = (True, {"new_macro_f1": new, "reason": "no comparable champion yet"})
-    else:
-        f1 = (bool(new >= old - gate.max_macro_f1_drop),
-              {"new_macro_f1": new, "champion_macro_f1": old, "allowed_drop": gate.max_macro_f1_drop,
-               "champion_version": evaluation["champion_version"]})
-    auc = evaluation["ood_auroc_min"]
-    if auc is None:
-        ood_ok = (True, {"reason": "no ood_sets configured: nothing to gate on"})
-    else:
-        ood_ok = (bool(auc >= gate.min_ood_auroc),
-                  {"ood_auroc_min": auc, "floor": gate.min_ood_auroc, "per_set": evaluation["ood_auroc"]})
-    ece = (bool(evaluation["ece"] <= gate.max_ece), {"ece": evaluation["ece"], "ceiling": gate.max_ece})
-    return {"macro_f1_not_worse_than_champion": f1, "ood_auroc_above_floor": ood_ok, "ece_below_ceiling": ece}
-
-
 def build_model_assets(cfg: SofarConfig) -> list:
     classes = cfg.vocabulary()
     index = {c: i for i, c in enumerate(classes)}
@@ -112,7 +61,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         owners=OWNERS,
         code_version="1",
         pool="gpu",
-        op_tags=GPU_OP_TAGS,
+        op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers),
     )
     def sofar_classifier(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource, image_store: ImageStoreResource
@@ -286,13 +235,11 @@ def build_model_assets(cfg: SofarConfig) -> list:
             pos = task.positive_label
             if pos is not None and (y == index[pos]).any() and (y != index[pos]).any():
                 report["task_auroc"][task_name] = ood.one_vs_rest_auroc(logits, y, index[pos], temperature)
-        tags = {
-            "ood_score_method": cfg.ood.score, "ood_temperature": repr(temperature),
-            "ood_threshold": repr(threshold), "ood_target_tpr": str(cfg.ood.target_tpr),
-        }
-        tags.update({f"ood_auroc_{k}": f"{v['auroc']:.4f}" for k, v in report["ood_sets"].items()})
-        for k, v in tags.items():
-            client.set_model_version_tag(sofar_classifier["model_name"], sofar_classifier["version"], k, v)
+        registry.write_calibration(
+            client, sofar_classifier["model_name"], sofar_classifier["version"],
+            registry.Calibration(cfg.ood.score, temperature, threshold), target_tpr=cfg.ood.target_tpr,
+            extra={f"ood_auroc_{k}": f"{v['auroc']:.4f}" for k, v in report["ood_sets"].items()},
+        )
         with mlflow.start_run(run_id=sofar_classifier["run_id"]):
             mlflow.log_dict(report, "ood_calibration.json")
             mlflow.log_metrics({"ood_temperature": temperature, "ood_threshold": threshold,
@@ -370,7 +317,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                    for name, s_ood in ref.get("ood_scores", {}).items() if len(s_ood)}
         result["ood_auroc"] = ood_auc
         result["ood_auroc_min"] = min(ood_auc.values()) if ood_auc else None
-        champ = _champion_version(client, ref["model_name"])
+        champ = registry.champion_version(client, ref["model_name"])
         result["champion_version"] = champ
         result["champion_macro_f1"] = None
         if champ is not None and champ != ref["version"]:
@@ -425,13 +372,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
 
         return _gate_check
 
-    gate_checks = [
-        _check("macro_f1_not_worse_than_champion",
-               "Macro-F1 on the test split is not worse than the champion's by more than gate.max_macro_f1_drop."),
-        _check("ood_auroc_above_floor",
-               "The lowest OOD AUROC over the irrelevant image sets is at least gate.min_ood_auroc."),
-        _check("ece_below_ceiling", "Expected calibration error (temperature applied) is at most gate.max_ece."),
-    ]
+    gate_checks = [_check(name, description) for name, description in GATE_CHECKS.items()]
 
     @dg.asset(group_name="training", kinds={"mlflow"}, owners=OWNERS, code_version="1")
     def champion_model(
@@ -441,7 +382,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         gate checks on ``model_evaluation`` passed (otherwise this step does not run and the
         champion stays). ``daily_predictions`` always reads ``models:/<name>@champion``, so an
         alias moved by hand in the MLflow UI is honored too."""
-        failed = {k: md for k, (ok, md) in gate_results(model_evaluation, gate).items() if not ok}
+        failed = failed_checks(model_evaluation, gate)
         if failed:  # e.g. a stored evaluation of a failed run, materialized on its own later
             raise dg.Failure(
                 description=f"v{model_evaluation['version']} did not pass the promotion gate: {sorted(failed)}; "
@@ -449,10 +390,10 @@ def build_model_assets(cfg: SofarConfig) -> list:
             )
         client = mlflow_tracking.client()
         name, version = model_evaluation["model_name"], model_evaluation["version"]
-        previous = _champion_version(client, name)
-        client.set_registered_model_alias(name, CHAMPION, version)
-        context.log.info(f"{name}@{CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")
+        previous = registry.set_champion(client, name, version)
+        context.log.info(f"{name}@{registry.CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")
         return dg.Output({"model_name": name, "version": version, "previous": previous},
-                         metadata={"champion": f"models:/{name}@{CHAMPION} = v{version}", "previous_version": previous})
+                         metadata={"champion": f"models:/{name}@{registry.CHAMPION} = v{version}",
+                                   "previous_version": previous})
 
     return [sofar_classifier, ood_calibration, model_evaluation, champion_model], gate_checks

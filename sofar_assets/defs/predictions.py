@@ -8,9 +8,9 @@ import dagster as dg
 import pandas as pd
 
 from sofar_assets.config import SofarConfig
-from sofar_assets.defs.model import CHAMPION, OWNERS
+from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
-from sofar_assets.lib import storage
+from sofar_assets.lib import registry, storage
 from sofar_assets.lib.inference import PREDICTION_COLUMNS, predict_images
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.warehouse import uploads_from_table
@@ -110,20 +110,11 @@ def build_prediction_assets(cfg: SofarConfig):
         client = mlflow_tracking.client()
         name = cfg.model.name
         try:
-            mv = client.get_model_version_by_alias(name, CHAMPION)
-        except Exception as exc:  # noqa: BLE001
-            raise dg.Failure(
-                description=f"no '{CHAMPION}' alias on registered model {name!r} ({exc}). Materialize the training "
-                "group (sofar_classifier → champion_model) or set the alias in the MLflow UI."
-            ) from exc
-        tags = dict(mv.tags)
-        if "ood_threshold" not in tags:
-            raise dg.Failure(
-                description=f"{name} v{mv.version} (the champion) has no OOD calibration tags; materialize "
-                "ood_calibration for it or move the alias to a calibrated version."
-            )
-        threshold, temperature = float(tags["ood_threshold"]), float(tags["ood_temperature"])
-        method = tags.get("ood_score_method", "max_logit")
+            mv = registry.champion(client, name)
+            calibration = registry.read_calibration(mv)
+        except (registry.NoChampionError, registry.UncalibratedError) as exc:
+            raise dg.Failure(description=str(exc)) from exc
+        threshold, temperature, method = calibration.threshold, calibration.temperature, calibration.score_method
         model, meta = load_registered(f"models:/{name}/{mv.version}")
         context.log.info(f"{name} v{mv.version} loaded once for {len(days)} day(s): {days[0]} .. {days[-1]}")
 

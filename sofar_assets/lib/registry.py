@@ -1,0 +1,99 @@
+"""The MLflow model registry: the ``champion`` alias and the tags a version carries.
+
+One home for what is written on a model version and read back from it: the OOD calibration
+(score method, temperature, threshold), the lineage tags, and the alias that names the model
+serving the daily predictions. Assets and the CLI call these functions; nobody else parses
+the tags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mlflow.exceptions import MlflowException
+
+CHAMPION = "champion"
+CALIBRATION_TAGS = ("ood_score_method", "ood_temperature", "ood_threshold")
+
+
+class NoChampionError(LookupError):
+    """The registered model has no ``champion`` alias (or does not exist yet)."""
+
+
+class UncalibratedError(LookupError):
+    """The version has no OOD calibration tags (``ood_calibration`` never ran for it)."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``daily_predictions`` needs besides the weights: how to score and where to cut."""
+
+    score_method: str
+    temperature: float
+    threshold: float
+
+    def as_tags(self, target_tpr: float | None = None) -> dict[str, str]:
+        tags = {
+            "ood_score_method": self.score_method,
+            "ood_temperature": repr(float(self.temperature)),
+            "ood_threshold": repr(float(self.threshold)),
+        }
+        if target_tpr is not None:
+            tags["ood_target_tpr"] = str(target_tpr)
+        return tags
+
+
+def champion_version(client, name: str) -> str | None:
+    """The version behind ``@champion``; None only when there is no such model or alias yet.
+
+    Any other registry error propagates: a gate that cannot reach the registry must not pass.
+    """
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def champion(client, name: str):
+    """The champion's ``ModelVersion``; raises :class:`NoChampionError` naming the model."""
+    version = champion_version(client, name)
+    if version is None:
+        raise NoChampionError(
+            f"no '{CHAMPION}' alias on registered model {name!r}. Materialize the training group "
+            "(sofar_classifier → champion_model) or set the alias in the MLflow UI."
+        )
+    return client.get_model_version(name, version)
+
+
+def set_champion(client, name: str, version: str) -> str | None:
+    """Point ``@champion`` at ``version``; returns the previous champion version (or None)."""
+    previous = champion_version(client, name)
+    client.set_registered_model_alias(name, CHAMPION, str(version))
+    return previous
+
+
+def write_calibration(client, name: str, version: str, calibration: Calibration, *,
+                      target_tpr: float | None = None, extra: dict[str, str] | None = None) -> None:
+    for key, value in {**calibration.as_tags(target_tpr), **(extra or {})}.items():
+        client.set_model_version_tag(name, str(version), key, value)
+
+
+def read_calibration(model_version) -> Calibration:
+    """The calibration tagged on a ``ModelVersion``; :class:`UncalibratedError` if absent."""
+    tags = dict(model_version.tags)
+    if "ood_threshold" not in tags or "ood_temperature" not in tags:
+        raise UncalibratedError(
+            f"{model_version.name} v{model_version.version} has no OOD calibration tags; materialize "
+            "ood_calibration for it or move the alias to a calibrated version."
+        )
+    return Calibration(
+        score_method=tags.get("ood_score_method", "max_logit"),
+        temperature=float(tags["ood_temperature"]),
+        threshold=float(tags["ood_threshold"]),
+    )
+
+
+def model_uri(name: str, version: str) -> str:
+    return f"models:/{name}/{version}"
