@@ -22,7 +22,6 @@ from sofar_assets.lib.warehouse import (
     DuckDBWarehouse,
     ParquetSpool,
 )
-from sofar_assets.lib.warehouse.bigquery import emulator_client
 
 REPO = Path(__file__).resolve().parents[1]
 DAYS = [dt.date(2026, 11, d) for d in (1, 2, 3, 4)]
@@ -76,7 +75,7 @@ def target(request, tmp_path):
         return DuckDBWarehouse(path, lock_timeout_s=120), {"kind": "duckdb", "path": path}
     emulator = request.getfixturevalue("emulator")
     dataset = f"sofar_{uuid.uuid4().hex[:8]}"
-    wh = BigQueryWarehouse(emulator.project, dataset, client=emulator_client(emulator.project, emulator.url),
+    wh = BigQueryWarehouse(emulator.project, dataset, client=emulator.client(),
                            partition_decorator=False)
     wh.ensure_dataset()
     return wh, {"kind": "bigquery", "project": emulator.project, "dataset": dataset, "url": emulator.url}
@@ -136,7 +135,7 @@ def test_duckdb_write_killed_at_each_phase_leaves_old_or_new_day(tmp_path, phase
 @pytest.mark.parametrize("phase", ["bigquery:staged", "bigquery:script_sent"])
 def test_emulator_write_killed_leaves_old_or_new_day_and_the_next_write_cleans_up(emulator, tmp_path, phase):
     dataset = f"sofar_{uuid.uuid4().hex[:8]}"
-    client = emulator_client(emulator.project, emulator.url)
+    client = emulator.client()
     wh = BigQueryWarehouse(emulator.project, dataset, client=client, partition_decorator=False)
     wh.ensure_dataset()
     old, new = ["old-a", "old-b"], ["new-x", "new-y", "new-z"]
