@@ -367,3 +367,44 @@ def test_duckdb_schema_changes_are_additive(tmp_path):
     with pytest.raises(ValueError, match="column 'camera' is STRING in the warehouse but the rows declare INT64"):
         wh.replace_day(retyped, D1, [])
     assert wh.count_range("predictions", "prediction_date", D1, D3) == 2
+
+
+def test_production_whole_table_write_is_one_truncating_load(tmp_path):
+    from google.cloud import bigquery
+
+    from sofar_assets.lib.warehouse import SOFAR_DATASET
+
+    data = pd.DataFrame({"sha256": ["h1"], "image_uri": ["/a.jpg"], "label": ["dirt"], "labels": ["dirt"],
+                         "tasks": ["dirt"], "multi_label": [False], "split": ["train"], "n_sources": [1]})
+    client = RecordingClient()
+    wh = BigQueryWarehouse("sofar-prod", "sofar", client=client)
+    wh.write_table("sofar_dataset", data, schema=SOFAR_DATASET)
+    wh.write_table("sofar_dataset", data, schema=SOFAR_DATASET)
+    loads = [c for c in client.calls if c[0].startswith("load_")]
+    assert [c[1] for c in loads] == ["sofar-prod.sofar.sofar_dataset"] * 2
+    for _, _, config in loads:
+        assert config.write_disposition == bigquery.WriteDisposition.WRITE_TRUNCATE
+        # BigQuery refuses schema update options on a whole-table truncate: the added column is
+        # added by an additive table update first (below)
+        assert config.schema_update_options is None
+    assert client.names().count("create_table") == 1
+    v2 = TableSchema("sofar_dataset", {**SOFAR_DATASET.columns, "source": "STRING"})
+    wh.write_table("sofar_dataset", data.assign(source="folder"), schema=v2)
+    update = [c for c in client.calls if c[0] == "update_table"]
+    assert [f.name for f in update[0][1].schema][-1] == "source" and update[0][2] == ["schema"]
+    assert "delete_table" not in client.names() and "query" not in client.names()
+
+
+def test_write_table_with_a_schema_does_not_infer(tmp_path):
+    from sofar_assets.lib.warehouse import raw_labels_schema
+
+    wh = DuckDBWarehouse(tmp_path / "wh.duckdb")
+    raw = pd.DataFrame({"task": ["dirt"], "image_uri": ["/a.jpg"], "source_label": ["x"], "label": [None],
+                        "sha256": [None], "n_bytes": [None], "width": [None], "height": [None],
+                        "error": ["label 'x' is not mapped"]})  # all-null object columns
+    wh.write_table("raw_labels_dirt", raw, schema=raw_labels_schema("dirt"))
+    assert wh.table_columns("raw_labels_dirt")["n_bytes"] == "INT64"
+    assert wh.table_columns("raw_labels_dirt")["label"] == "STRING"
+    with pytest.raises(ValueError, match="table 'raw_labels_dirt': column 'width' is INT64, but row 0 holds 'wide'"):
+        wh.write_table("raw_labels_dirt", raw.assign(width=["wide"]), schema=raw_labels_schema("dirt"))
+    assert len(wh.read_table("raw_labels_dirt")) == 1
