@@ -1,7 +1,8 @@
 """The ONE daily prediction table: every photo uploaded on a day, top-2 labels + OOD flag."""
 
 import datetime as dt
-from pathlib import Path
+import functools
+from collections.abc import Iterator
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -13,6 +14,7 @@ from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, Ware
 from sofar_assets.lib import registry, storage
 from sofar_assets.lib.inference import PREDICTION_COLUMNS, predict_images
 from sofar_assets.lib.packaging import load_registered
+from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads, with_refused
 from sofar_assets.lib.warehouse import uploads_from_table
 
 PREDICTIONS_TABLE = "predictions"
@@ -41,15 +43,13 @@ def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime
     return start, dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=tz)
 
 
-def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> list[tuple[str, str]]:
-    """``(image_id, image_uri)`` of every photo uploaded on ``day`` (in the partitions' timezone)."""
+def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> Iterator[Upload]:
+    """One :class:`Upload` per photo uploaded on ``day`` (in the partitions' timezone): readable, or
+    an error record (bad link, pipe, URI outside ``uploads.allowed_roots``) that is never read."""
     if cfg.uploads.folder is not None:
-        folder = f"{cfg.resolve(cfg.uploads.folder).rstrip('/')}/{day.isoformat()}"
-        if not storage.is_gcs(folder) and not Path(folder).is_dir():
-            return []  # nothing was uploaded that day
-        return [(f"{day.isoformat()}/{uri.rsplit('/', 1)[-1]}", uri) for uri in storage.list_files(folder)]
+        return iter_folder_day(cfg.resolve(cfg.uploads.folder), day, allowed_roots=cfg.upload_roots)
     df = uploads_from_table(warehouse, cfg.uploads.table, *day_window(cfg, day))
-    return [(str(i), cfg.resolve(str(u))) for i, u in zip(df["image_id"], df["image_uri"], strict=True)]
+    return iter_table_uploads(zip(df["image_id"], df["image_uri"], strict=True), cfg.upload_roots)
 
 
 def table_rows(scored: pd.DataFrame, day: dt.date, model_name: str, model_version: str) -> pd.DataFrame:
@@ -120,22 +120,24 @@ def build_prediction_assets(cfg: SofarConfig):
 
         # ONE streaming pass (one DataLoader, one set of workers) over every day of the run; each
         # day is written as soon as its rows are complete, so a crash keeps the finished days.
-        day_items = [(day, day_uploads(cfg, day, wh)) for day in days]
-        stream = predict_images(
-            model, [it for _, items in day_items for it in items], classes=list(meta["classes"]),
+        day_items = [(day, list(day_uploads(cfg, day, wh))) for day in days]
+        stream = predict_images(  # only what may be read, by its real path; refused uploads become error rows
+            model, [(u.image_id, u.path) for _, ups in day_items for u in ups if u.path is not None], classes=list(meta["classes"]),
             image_size=int(meta["spec"]["image_size"]), threshold=threshold, score_method=method,
             temperature=temperature, batch_size=cfg.inference.batch_size, num_workers=cfg.inference.num_workers,
-            device=cfg.inference.device, read_bytes=storage.read_bytes, max_bytes=cfg.inference.max_bytes,
+            device=cfg.inference.device, max_bytes=cfg.inference.max_bytes,
+            read_bytes=functools.partial(storage.read_bytes, max_bytes=cfg.inference.max_bytes),
             log=context.log.info,
         )
         pending = pd.DataFrame(columns=list(PREDICTION_COLUMNS))  # scored rows not yet written
 
         per_day, failures, checks_rows, checks_ood, checks_mix = {}, [], [], [], []
         for day, items in day_items:
-            while len(pending) < len(items):
+            n = sum(u.path is not None for u in items)
+            while len(pending) < n:
                 pending = pd.concat([pending, next(stream)], ignore_index=True)
-            df, pending = pending.iloc[: len(items)], pending.iloc[len(items):].reset_index(drop=True)
-            df = table_rows(df, day, name, str(mv.version))
+            df, pending = pending.iloc[:n], pending.iloc[n:].reset_index(drop=True)
+            df = table_rows(with_refused(items, df), day, name, str(mv.version))
             past = _trailing(wh, day)  # read before this day's rows are replaced
             written = wh.replace_partition(PREDICTIONS_TABLE, df, "prediction_date", day, day + dt.timedelta(days=1))
             ok = df[df["error"].isna()]
