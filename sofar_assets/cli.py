@@ -1,18 +1,327 @@
-"""Small command-line helpers for the Makefile: demo data and the run summary.
+"""``sofar``: the everyday command line (also ``python -m sofar_assets.cli``).
 
-    python -m sofar_assets.cli demo-data [--out DIR]
-    python -m sofar_assets.cli summary
+    sofar validate                      check the config (exit 2 with one block of errors)
+    sofar status                        the champion, its gate result, the last days' counts
+    sofar show DAY [--ood] [--out F]    a day's review sheet (PNG) and the rows on it
+    sofar promote VERSION --reason R    move @champion after re-checking the gate (--force skips it)
+    sofar rollback --reason R           move @champion back to the previous champion
+    sofar add-task NAME FOLDER --labels SRC=label ...   add a task to the config and validate it
+    sofar demo-data | summary           what `make run` uses
+
+The config is the file ``SOFAR_CONFIG`` names (default config/demo.yaml). Exit codes: 0 ok,
+1 the command could not do what was asked (the message says why), 2 the config is invalid.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import getpass
+import os
+import re
 import sys
 from pathlib import Path
 
-from sofar_assets.settings import REPO_ROOT
+from sofar_assets.config import ConfigError, SofarConfig, check_folders, load_config, parse_config
+from sofar_assets.settings import REPO_ROOT, config_path
+
+PROMOTION_TAGS = ("promoted_by", "promoted_reason", "promoted_at", "promoted_from", "promoted_via", "promotion_gate")
+HISTORY_HEADER = "Champion history (newest first):"
+HISTORY_LINES = 50  # the registered model's description keeps this many moves
 
 
+class CliError(Exception):
+    """The command cannot do what was asked; the message says why and what to do (exit 1)."""
+
+
+# -- shared helpers ----------------------------------------------------------------------------
+def _config() -> SofarConfig:
+    return load_config(config_path())
+
+
+def _resources(cfg: SofarConfig) -> dict:
+    from sofar_assets.defs.resources import build_resources
+
+    return build_resources(cfg)
+
+
+def _client(cfg: SofarConfig):
+    return _resources(cfg)["mlflow_tracking"].client()
+
+
+def _predictions_table() -> str:
+    from sofar_assets.defs.predictions import PREDICTIONS_TABLE
+
+    return PREDICTIONS_TABLE
+
+
+def _stored_evaluation(mv) -> dict | None:
+    """The ``evaluation.json`` that ``model_evaluation`` logged in the version's run (or None)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not mv.run_id:
+        return None
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/evaluation.json")
+    except (MlflowException, OSError):
+        return None
+
+
+def _gate(cfg: SofarConfig, mv) -> dict[str, tuple[bool, dict]] | None:
+    """The promotion gate re-checked on the version's stored evaluation (None: never evaluated)."""
+    from sofar_assets.lib.gate import gate_results
+
+    evaluation = _stored_evaluation(mv)
+    return None if evaluation is None else gate_results(evaluation, cfg.gate)
+
+
+def _gate_text(verdict: dict[str, tuple[bool, dict]] | None) -> str:
+    if verdict is None:
+        return "not evaluated (no evaluation.json in the version's MLflow run)"
+    failed = [k for k, (ok, _) in verdict.items() if not ok]
+    head = "passed" if not failed else f"FAILED {', '.join(failed)}"
+    return f"{head} ({len(verdict) - len(failed)}/{len(verdict)} checks)"
+
+
+def _version_url(cfg: SofarConfig, version: str) -> str:
+    from sofar_assets.lib import links
+
+    return links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, version)
+
+
+# -- validate ------------------------------------------------------------------------------------
+def validate() -> None:
+    path = config_path()
+    cfg = load_config(path)
+    wh = cfg.storage.warehouse
+    print(f"{path}: OK")
+    print(f"  tasks:    {', '.join(f'{n} ({len(t.labels)} labels)' for n, t in cfg.tasks.items())}")
+    print(f"  classes:  {len(cfg.vocabulary())}: {', '.join(cfg.vocabulary())}")
+    print(f"  uploads:  {cfg.resolve(cfg.uploads.folder) if cfg.uploads.folder else 'table ' + str(cfg.uploads.table)}")
+    print(f"  warehouse: {wh.kind}; MLflow: {cfg.mlflow_tracking_uri}; executor: {cfg.storage.executor}")
+
+
+# -- status ---------------------------------------------------------------------------------------
+def status(days: int) -> None:
+    from sofar_assets.lib import registry
+
+    cfg = _config()
+    res = _resources(cfg)
+    client = res["mlflow_tracking"].client()
+    try:
+        mv = registry.champion(client, cfg.model.name)
+    except registry.NoChampionError as exc:
+        raise CliError(str(exc)) from None
+    tags = dict(mv.tags)
+    print(f"champion:  models:/{cfg.model.name}/{mv.version} (@{registry.CHAMPION})  {_version_url(cfg, mv.version)}")
+    if "promoted_by" in tags:
+        print(f"  moved by {tags['promoted_by']} at {tags.get('promoted_at', '?')} "
+              f"({tags.get('promoted_via', '?')}): {tags.get('promoted_reason', '')}")
+    print(f"  test macro-F1 {tags.get('test_macro_f1', '?')}, ECE {tags.get('test_ece', '?')}, "
+          f"OOD threshold {tags.get('ood_threshold', '?')} ({tags.get('ood_score_method', '?')})")
+    verdict = _gate(cfg, mv)
+    print(f"gate:      {_gate_text(verdict)}")
+    for name, (ok, md) in (verdict or {}).items():
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in md.items() if k != "per_set"}
+        print(f"  {'ok  ' if ok else 'FAIL'} {name}: {shown}")
+    wh = res["warehouse"].get()
+    table = _predictions_table()
+    if not wh.table_exists(table):
+        print(f"predictions: no table '{table}' yet (materialize daily_predictions)")
+        return
+    per_day = wh.query(
+        f"SELECT prediction_date, count(*) AS rows, count(error) AS error_rows, "
+        f"sum(CASE WHEN is_ood THEN 1 ELSE 0 END) AS ood_rows, max(model_version) AS model_version "
+        f"FROM {{table:{table}}} GROUP BY prediction_date ORDER BY prediction_date DESC LIMIT {int(days)}"
+    )
+    print(f"predictions: the last {len(per_day)} day(s) in '{table}'")
+    print(per_day.iloc[::-1].to_string(index=False))
+
+
+# -- show -----------------------------------------------------------------------------------------
+def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int) -> None:
+    from sofar_assets.lib import storage
+    from sofar_assets.lib.review import review_sheet_png, rows_text, select_for_review
+
+    cfg = _config()
+    wh = _resources(cfg)["warehouse"].get()
+    table = _predictions_table()
+    if not wh.table_exists(table):
+        raise CliError(f"no table '{table}' yet: materialize daily_predictions first")
+    rows = wh.read_range(table, "prediction_date", day, day + dt.timedelta(days=1))
+    if rows.empty:
+        raise CliError(f"no rows for {day} in '{table}': materialize that partition of daily_predictions "
+                       "(`make ui`, or `dg launch --assets daily_predictions --partition DAY`)")
+    picked = select_for_review(rows, least_confident=least_confident, ood_only=ood_only)
+    scored = rows[rows["error"].isna()]
+    versions = ", ".join(sorted(set(rows["model_version"].dropna().astype(str))))
+    title = (f"{day}: {len(rows)} rows, {int(scored['is_ood'].sum())} OOD-flagged, "
+             f"{len(rows) - len(scored)} errors; model v{versions}")
+    if out is None:
+        root = cfg.root
+        out = (Path(root) if not storage.is_gcs(root) else Path.cwd()) / "review" / f"{day.isoformat()}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(review_sheet_png(picked, storage.read_bytes, title=title))
+    print(title)
+    print(rows_text(picked))
+    errors = rows[rows["error"].notna()]
+    for image_id, error in zip(errors["image_id"], errors["error"], strict=True):
+        print(f"error row {image_id}: {error}")
+    print(f"review sheet: {out}")
+
+
+# -- promote / rollback -----------------------------------------------------------------------------
+def _record(client, cfg: SofarConfig, version: str, previous: str | None, *, by: str, reason: str,
+            via: str, gate: str) -> None:
+    """Who moved the alias, when and why: version tags + a line in the model's description."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+    name = cfg.model.name
+    tags = {"promoted_by": by, "promoted_reason": reason, "promoted_at": now,
+            "promoted_from": previous or "", "promoted_via": via, "promotion_gate": gate}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    line = f"- {now} v{previous or '-'} -> v{version} by {by} ({via}, gate {gate}): {reason}"
+    desc = client.get_registered_model(name).description or ""
+    head, _, history = desc.partition(HISTORY_HEADER)
+    lines = [line, *[x for x in history.strip().splitlines() if x.strip()]][:HISTORY_LINES]
+    client.update_registered_model(name, f"{head.rstrip()}\n\n{HISTORY_HEADER}\n" + "\n".join(lines))
+
+
+def _move_champion(cfg: SofarConfig, client, version: str, *, reason: str, force: bool, by: str, via: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    from sofar_assets.lib import registry
+
+    name = cfg.model.name
+    if not reason.strip():
+        raise CliError("--reason must say why the champion moves (it is recorded in MLflow)")
+    try:
+        mv = client.get_model_version(name, version)
+    except MlflowException:
+        raise CliError(f"{name} has no version {version!r} in the registry ({cfg.mlflow_tracking_uri})") from None
+    try:
+        registry.read_calibration(mv)  # daily_predictions refuses an uncalibrated champion, even forced
+    except registry.UncalibratedError as exc:
+        raise CliError(str(exc)) from None
+    current = registry.champion_version(client, name)
+    if current == str(version):
+        raise CliError(f"v{version} is already {name}@{registry.CHAMPION}")
+    verdict = _gate(cfg, mv)
+    gate = _gate_text(verdict)
+    failed = None if verdict is None else [k for k, (ok, _) in verdict.items() if not ok]
+    if failed is None or failed:
+        if not force:
+            raise CliError(f"v{version} cannot be promoted: gate {gate}. The champion stays "
+                           f"v{current}. Use --force to move the alias anyway (recorded as forced).")
+        gate = f"forced; {gate}"
+    previous = registry.set_champion(client, name, str(version))
+    _record(client, cfg, str(version), previous, by=by, reason=reason, via=via, gate=gate)
+    print(f"{name}@{registry.CHAMPION}: v{previous or '-'} -> v{version} (gate {gate})")
+    print(f"recorded in MLflow: {_version_url(cfg, version)}")
+
+
+def promote(version: str, *, reason: str, force: bool, by: str) -> None:
+    cfg = _config()
+    _move_champion(cfg, _client(cfg), str(version), reason=reason, force=force, by=by, via="sofar promote")
+
+
+def rollback_target(client, name: str, current: str) -> str | None:
+    """Where ``sofar rollback`` goes: the version the current champion replaced (its
+    ``promoted_from`` tag), else the newest older version that carries a calibration."""
+    from sofar_assets.lib import registry
+
+    mv = client.get_model_version(name, current)
+    previous = dict(mv.tags).get("promoted_from")
+    if previous:
+        return previous
+    older = sorted((v for v in client.search_model_versions(f"name='{name}'") if int(v.version) < int(current)),
+                   key=lambda v: int(v.version), reverse=True)
+    for v in older:
+        if all(t in dict(v.tags) for t in registry.CALIBRATION_TAGS):
+            return str(v.version)
+    return None
+
+
+def rollback(*, reason: str, force: bool, by: str, to: str | None) -> None:
+    from sofar_assets.lib import registry
+
+    cfg = _config()
+    client = _client(cfg)
+    current = registry.champion_version(client, cfg.model.name)
+    if current is None:
+        raise CliError(f"{cfg.model.name} has no @{registry.CHAMPION}: nothing to roll back")
+    target = to or rollback_target(client, cfg.model.name, current)
+    if target is None:
+        raise CliError(f"no earlier calibrated version of {cfg.model.name} than v{current} to roll back to")
+    _move_champion(cfg, client, target, reason=reason, force=force, by=by, via="sofar rollback")
+
+
+# -- add-task ---------------------------------------------------------------------------------------
+def _parse_labels(pairs: list[str]) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src or not dst:
+            raise CliError(f"--labels {pair!r}: write SOURCE=canonical, e.g. 1_SCRATCH=scratch")
+        labels[src] = dst
+    return labels
+
+
+def _insert_task_line(text: str, entry: str) -> str | None:
+    """``text`` with ``entry`` appended to the block-style ``tasks:`` mapping, comments kept;
+    None when the file's layout is not one this can edit in place."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if re.match(r"tasks:\s*(#.*)?$", line)), None)
+    if start is None:
+        return None
+    last_child, indent = None, None
+    for i in range(start + 1, len(lines)):
+        stripped = lines[i].strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        lead = len(lines[i]) - len(lines[i].lstrip(" "))
+        if lead == 0:
+            break
+        indent = lead if indent is None else indent
+        last_child = i
+    if last_child is None:
+        return None
+    if not lines[last_child].endswith("\n"):
+        lines[last_child] += "\n"
+    lines.insert(last_child + 1, " " * indent + entry + "\n")
+    return "".join(lines)
+
+
+def add_task(name: str, folder: str, labels: list[str], positive: str | None) -> None:
+    import yaml
+
+    path = config_path()
+    text = path.read_text()
+    data = yaml.safe_load(text) or {}
+    if name in (data.get("tasks") or {}):
+        raise CliError(f"{path}: task {name!r} already exists; edit it there")
+    folder_path = Path(folder).expanduser()
+    if not folder.startswith("gs://"):  # config paths are relative to the config file's folder
+        folder = os.path.relpath(folder_path.resolve(), path.resolve().parent)
+    task = {"folder": folder, "labels": _parse_labels(labels), **({"positive": positive} if positive else {})}
+    new = {**data, "tasks": {**(data.get("tasks") or {}), name: task}}
+    cfg = parse_config(new, base_dir=path.resolve().parent, source=str(path))  # ConfigError: file untouched
+    check_folders(cfg)
+    entry = yaml.safe_dump({name: task}, default_flow_style=True, sort_keys=False, width=10_000).strip()
+    entry = entry[1:-1] if entry.startswith("{") else entry  # "{name: {...}}" -> "name: {...}"
+    edited = _insert_task_line(text, entry)
+    if edited is None or yaml.safe_load(edited) != new:
+        # not a layout we can edit line by line: rewrite the whole file (PyYAML drops comments)
+        edited = yaml.safe_dump(new, sort_keys=False)
+        print(f"note: {path} was rewritten by PyYAML; its comments are gone")
+    path.write_text(edited)
+    print(f"{path}: added task {name!r} ({folder}, labels {task['labels']})")
+    print(f"classes now: {', '.join(cfg.vocabulary())}")
+    print("next: materialize the training group (`make pipeline`, or train_and_promote in the UI)")
+
+
+# -- demo-data / summary --------------------------------------------------------------------------
 def demo_data(out: Path) -> None:
     from sofar_assets.lib.synthetic import generate_demo_data
 
@@ -24,48 +333,119 @@ def demo_data(out: Path) -> None:
 
 
 def summary() -> None:
-    import mlflow
+    from sofar_assets.lib import links, registry
 
-    from sofar_assets.config import load_config
-    from sofar_assets.defs.predictions import PREDICTIONS_TABLE
-    from sofar_assets.defs.resources import build_resources
-    from sofar_assets.settings import config_path
-
-    cfg = load_config(config_path())
-    res = build_resources(cfg)
+    cfg = _config()
+    res = _resources(cfg)
     wh = res["warehouse"].get()
     client = res["mlflow_tracking"].client()
-    if not wh.table_exists(PREDICTIONS_TABLE):
-        sys.exit("no predictions table yet: run `make run` first")
+    table = _predictions_table()
+    if not wh.table_exists(table):
+        raise CliError("no predictions table yet: run `make run` first")
     per_day = wh.query(
         f"SELECT prediction_date, count(*) AS rows, count(error) AS error_rows, "
         f"sum(CASE WHEN is_ood THEN 1 ELSE 0 END) AS ood_rows, max(model_version) AS model_version "
-        f"FROM {{table:{PREDICTIONS_TABLE}}} GROUP BY prediction_date ORDER BY prediction_date"
+        f"FROM {{table:{table}}} GROUP BY prediction_date ORDER BY prediction_date"
     )
-    champ = client.get_model_version_by_alias(cfg.model.name, "champion")
+    try:
+        champ = registry.champion(client, cfg.model.name)
+    except registry.NoChampionError as exc:
+        raise CliError(str(exc)) from None
     print("\n=== sofar_assets: summary ===")
     print(f"config:     {cfg.source_file}")
     print(f"champion:   models:/{cfg.model.name}/{champ.version}  (alias @champion)  "
           f"test macro-F1 {champ.tags.get('test_macro_f1', '?')}, OOD threshold {float(champ.tags['ood_threshold']):.3f}")
-    print(f"warehouse:  {cfg.storage.warehouse.kind} table '{PREDICTIONS_TABLE}'")
+    print(f"warehouse:  {cfg.storage.warehouse.kind} table '{table}'"
+          + (f" in {cfg.duckdb_path} (schema {cfg.storage.warehouse.schema_})" if cfg.storage.warehouse.kind == "duckdb" else ""))
     print(per_day.to_string(index=False))
     print(f"OOD rows:   {int(per_day['ood_rows'].sum())} of {int(per_day['rows'].sum())}")
-    print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {mlflow.get_tracking_uri()}")
-    print("Dagster UI: make ui   (then open http://127.0.0.1:3000)")
+    print(f"review:     sofar show {per_day['prediction_date'].iloc[-1]} --ood   (a day's OOD and least confident photos)")
+    print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}   "
+          f"then {_version_url(cfg, champ.version)}")
+    print(f"Dagster UI: make ui   (then open {links.dagster_asset_url(cfg.ui.dagster_url, 'daily_predictions')})")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sofar_assets.cli")
-    sub = parser.add_subparsers(dest="cmd", required=True)
+# -- entry point ----------------------------------------------------------------------------------
+def _day(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a day; write YYYY-MM-DD") from None
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name in some containers
+        return "unknown"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sofar", description="Everyday commands for the SOFAR image-recognition pipeline. "
+        "The config is the YAML file SOFAR_CONFIG names (default config/demo.yaml).")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("validate", help="check the config; errors as one block, exit 2")
+    p = sub.add_parser("status", help="the champion, its gate result and the last days' row counts")
+    p.add_argument("--days", type=int, default=7, help="how many of the latest days to count (default 7)")
+    p = sub.add_parser("show", help="write a day's review sheet (PNG) and print its rows")
+    p.add_argument("day", type=_day, help="the day, YYYY-MM-DD")
+    p.add_argument("--ood", action="store_true", help="only the OOD-flagged photos")
+    p.add_argument("--out", type=Path, help="PNG file to write (default <storage.root>/review/DAY.png)")
+    p.add_argument("--least-confident", type=int, default=8, help="how many least confident photos (default 8)")
+    who = _user()
+    p = sub.add_parser("promote", help="move @champion to VERSION after re-checking the promotion gate")
+    p.add_argument("version")
+    p.add_argument("--reason", required=True, help="why (recorded in MLflow)")
+    p.add_argument("--force", action="store_true", help="move the alias even if the gate fails (recorded)")
+    p.add_argument("--by", default=who, help=f"who moves it (default: {who})")
+    p = sub.add_parser("rollback", help="move @champion back to the version it replaced")
+    p.add_argument("--reason", required=True, help="why (recorded in MLflow)")
+    p.add_argument("--force", action="store_true", help="move the alias even if the gate fails (recorded)")
+    p.add_argument("--to", help="the version to roll back to (default: the one the champion replaced)")
+    p.add_argument("--by", default=who, help=f"who moves it (default: {who})")
+    p = sub.add_parser("add-task", help="add a task (an ImageFolder of class folders) to the config")
+    p.add_argument("name", help="lower_snake_case task name (becomes asset raw_labels/NAME)")
+    p.add_argument("folder", help="the task's folder: FOLDER/<class folder>/<images>")
+    p.add_argument("--labels", nargs="+", required=True, metavar="SRC=canonical",
+                   help="map each class folder to a canonical label, e.g. 0_NORMAL=normal 1_SCRATCH=scratch")
+    p.add_argument("--positive", help="the task's positive label (default: the last one mapped)")
     p = sub.add_parser("demo-data", help="generate the SYNTHETIC demo dataset")
     p.add_argument("--out", type=Path, default=REPO_ROOT / ".sofar" / "demo-data")
-    sub.add_parser("summary", help="print rows per day, champion version and OOD count")
-    args = parser.parse_args(argv)
-    if args.cmd == "demo-data":
-        demo_data(args.out)
-    else:
-        summary()
+    sub.add_parser("summary", help="rows per day, the champion and the OOD count (what `make run` prints)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # MLflow's artifact download bars are noise in a terminal command and in run logs.
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        match args.cmd:
+            case "validate":
+                validate()
+            case "status":
+                status(args.days)
+            case "show":
+                show(args.day, ood_only=args.ood, out=args.out, least_confident=args.least_confident)
+            case "promote":
+                promote(args.version, reason=args.reason, force=args.force, by=args.by)
+            case "rollback":
+                rollback(reason=args.reason, force=args.force, by=args.by, to=args.to)
+            case "add-task":
+                add_task(args.name, args.folder, args.labels, args.positive)
+            case "demo-data":
+                demo_data(args.out)
+            case "summary":
+                summary()
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    except CliError as exc:
+        print(f"sofar {args.cmd}: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,10 @@ touches the network or imports Dagster.
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -233,6 +236,13 @@ class PartitionsConfig(_Strict):
         return tz
 
 
+class UiConfig(_Strict):
+    """Where people open the two UIs; used to build links between them (lib/links.py)."""
+
+    dagster_url: str = "http://127.0.0.1:3000"
+    mlflow_url: str = "http://127.0.0.1:5000"
+
+
 class SofarConfig(_Strict):
     """The whole config; ``base_dir`` is the config file's folder."""
 
@@ -247,6 +257,7 @@ class SofarConfig(_Strict):
     ood: OodConfig = OodConfig()
     gate: GateConfig = GateConfig()
     inference: InferenceConfig = InferenceConfig()
+    ui: UiConfig = UiConfig()
     base_dir: Path = Field(Path("."), exclude=True)
     source_file: str = Field("<memory>", exclude=True)
 
@@ -322,17 +333,55 @@ class SofarConfig(_Strict):
         return list(seen)
 
 
+def _keys_of(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items() if not f.exclude]
+
+
+def _holder(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """Walk the config models along an error's ``loc``: (the path as the user wrote it, the model
+    holding the last key). Dict entries (task names) and union tags (``kind``) are stepped over."""
+    path: list[str] = []
+    node: object = SofarConfig
+    for i, part in enumerate(loc):
+        part = str(part)
+        if typing.get_origin(node) in (typing.Union, types.UnionType):
+            # a tagged union: pydantic puts the tag (e.g. 'duckdb') into the loc
+            members = [a for a in typing.get_args(node) if isinstance(a, type) and issubclass(a, BaseModel)]
+            tagged = [m for m in members if part in typing.get_args(m.model_fields.get("kind", Field()).annotation)]
+            if tagged:
+                node = tagged[0]
+                continue
+            node = members[0] if len(members) == 1 else None
+        if typing.get_origin(node) is dict:
+            path.append(part)
+            node = typing.get_args(node)[1]
+            continue
+        path.append(part)
+        if i == len(loc) - 1:
+            return path, node if isinstance(node, type) and issubclass(node, BaseModel) else None
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            by_key = {f.alias or name: f for name, f in node.model_fields.items()}
+            node = by_key[part].annotation if part in by_key else None
+        else:
+            node = None
+    return path, None
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
+    """One block: the file, then one line per problem naming the key path; unknown keys get a
+    "did you mean" from the keys that model accepts (difflib)."""
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        parts = [str(x) for x in e["loc"]]
-        if parts[:3] in (["storage", "warehouse", "duckdb"], ["storage", "warehouse", "bigquery"]):
-            del parts[2]  # the union's tag (kind) is not a key of the file
-        loc = ".".join(parts)
-        msg = e["msg"]
+        path, holder = _holder(tuple(x for x in e["loc"] if x not in ("DuckDBTarget", "BigQueryTarget")))
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key (check its spelling against README.md 'Config')"
-        lines.append(f"  {loc or '<top>'}: {msg}")
+            known = _keys_of(holder) if holder is not None else []
+            close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
+            msg = f"unknown key; did you mean '{close[0]}'?" if close else "unknown key"
+            msg += f" (allowed: {', '.join(known)})" if known else " (see README.md 'Config')"
+        elif "input" in e and not isinstance(e["input"], dict | list):
+            msg += f" (got {e['input']!r})"
+        lines.append(f"  {'.'.join(path) or '<top>'}: {msg}")
     return "\n".join(lines)
 
 

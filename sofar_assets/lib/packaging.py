@@ -5,9 +5,9 @@ A package is a folder holding ``model.safetensors`` (the state dict) and ``sofar
 the network is rebuilt from the spec and the tensors are loaded into it.
 
 In MLflow the package travels as the ``package`` artifact of a pyfunc model
-(:class:`SofarPyfunc`). :func:`load_registered` reads that artifact directly, so serving code
-never unpickles the cloudpickled python model; ``mlflow.pyfunc.load_model`` works as well
-(it needs ``sofar_assets`` importable, since the pickled wrapper refers to this module).
+(:class:`SofarPyfunc`), logged as code (``pyfunc_model.py``), so nothing is pickled.
+:func:`load_registered` reads that artifact directly; ``mlflow.pyfunc.load_model`` works as well
+(it needs ``sofar_assets`` importable: the logged file imports this module).
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ class SofarPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.model, self.meta = load_package(context.artifacts[PYFUNC_ARTIFACT])
 
-    def predict(self, context, model_input, params=None):
+    # np.ndarray hints: MLflow skips its type-hint schema inference (the signature is explicit)
+    # and no longer warns that `predict` has no type hints.
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         x = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.float32)))
         if x.ndim != 4:
             raise ValueError(f"expected a float32 NCHW array, got shape {tuple(x.shape)}")
@@ -125,10 +127,12 @@ def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], regi
         pkg = save_package(model, spec, classes, Path(tmp) / PYFUNC_ARTIFACT, extra)
         info = mlflow.pyfunc.log_model(
             name="model",
-            python_model=SofarPyfunc(),
+            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
             artifacts={PYFUNC_ARTIFACT: str(pkg)},
             registered_model_name=registered_model_name,
             signature=_signature(spec),
+            # one blank image: MLflow validates serving with it instead of warning that none was given
+            input_example=np.zeros((1, 3, spec.image_size, spec.image_size), np.float32),
             pip_requirements=_pip_requirements(),
         )
     version = info.registered_model_version

@@ -1,0 +1,130 @@
+"""A day's predictions at a glance: which rows a person should look at, and a sheet to look at.
+
+:func:`select_for_review` picks, from one day's rows of the predictions table, the photos the
+model flagged as out-of-distribution and the in-distribution photos it was least sure of.
+:func:`review_sheet_png` draws them as a contact sheet with each photo's top-2 labels,
+probabilities and OOD score under its thumbnail. The ``daily_predictions`` asset puts the sheet
+in each partition's metadata; ``sofar show DAY`` writes it to a file. No Dagster import.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageDraw, ImageFont
+
+from sofar_assets.lib.images import decode_image
+from sofar_assets.lib.plots import _fit_thumb
+
+OOD = "ood"
+LEAST_CONFIDENT = "least_confident"
+SECTION_TITLES = {OOD: "flagged out-of-distribution (lowest OOD score first)",
+                  LEAST_CONFIDENT: "least confident in-distribution (lowest top-1 probability first)"}
+REVIEW_COLUMNS = ["image_id", "image_uri", "top1_label", "top1_prob", "top2_label", "top2_prob",
+                  "ood_score", "is_ood", "reason"]
+
+
+def select_for_review(rows: pd.DataFrame, *, max_ood: int = 24, least_confident: int = 8,
+                      ood_only: bool = False) -> pd.DataFrame:
+    """The rows worth a look, ``reason`` = ``ood`` or ``least_confident``, in sheet order.
+
+    ``rows`` are one day's rows of the predictions table. OOD-flagged rows come first, most
+    irrelevant-looking (lowest OOD score) first, at most ``max_ood``; then the ``least_confident``
+    in-distribution rows with the lowest top-1 probability (none with ``ood_only``). Error rows
+    (photos that could not be scored) are not review material: they are listed by their error.
+    """
+    missing = {"image_uri", "top1_label", "top1_prob", "ood_score", "is_ood"} - set(rows.columns)
+    if missing:
+        raise ValueError(f"prediction rows lack columns {sorted(missing)}")
+    scored = rows[rows["error"].isna()] if "error" in rows.columns else rows
+    flagged = scored["is_ood"].fillna(False).astype(bool)
+    ood = scored[flagged].sort_values(["ood_score", "image_uri"], kind="stable").head(max_ood)
+    parts = [ood.assign(reason=OOD)]
+    if not ood_only and least_confident > 0:
+        unsure = scored[~flagged].sort_values(["top1_prob", "image_uri"], kind="stable").head(least_confident)
+        parts.append(unsure.assign(reason=LEAST_CONFIDENT))
+    out = pd.concat(parts, ignore_index=True)
+    return out.reindex(columns=REVIEW_COLUMNS)
+
+
+def _caption(row) -> list[str]:
+    def label(name, prob) -> str:
+        if pd.isna(name):  # one-label models and error rows have no top-2
+            return "-"
+        return f"{name} {float(prob):.2f}"
+
+    flag = "  OOD" if bool(row.get("is_ood")) else ""
+    return [f"1 {label(row.get('top1_label'), row.get('top1_prob'))}",
+            f"2 {label(row.get('top2_label'), row.get('top2_prob'))}",
+            f"ood score {float(row['ood_score']):.2f}{flag}"]
+
+
+def _thumbnail(uri: str, read_bytes: Callable[[str], bytes], thumb: int) -> Image.Image | str:
+    """The photo fitted into ``thumb`` x ``thumb``, or why it cannot be shown."""
+    try:
+        img = decode_image(read_bytes(uri), uri, target_size=thumb)
+    except Exception as exc:  # a photo deleted or changed since it was scored: say so on the sheet
+        return f"{type(exc).__name__}"
+    return _fit_thumb(np.asarray(img.convert("RGB")), thumb)
+
+
+def review_sheet_png(rows: pd.DataFrame, read_bytes: Callable[[str], bytes], *, title: str = "",
+                     thumb: int = 128, columns: int = 6, pad: int = 6) -> bytes:
+    """Contact sheet of ``rows`` (from :func:`select_for_review`), one section per reason.
+
+    Under each thumbnail: the file name, top-1 and top-2 label with probability, and the OOD
+    score (``OOD`` when flagged). ``read_bytes(uri)`` fetches a photo (``lib.storage.read_bytes``);
+    a photo that can no longer be read gets a grey cell naming the error.
+    """
+    font = ImageFont.load_default(size=11)
+    head_font = ImageFont.load_default(size=13)
+    line_h, cap_lines, head_h = 13, 4, 22
+    cell_w, cell_h = thumb + pad, thumb + cap_lines * line_h + pad
+    sections = [(r, rows[rows["reason"] == r]) for r in (OOD, LEAST_CONFIDENT)] if len(rows) else []
+    sections = [(r, s) for r, s in sections if len(s)]
+    cols = max(1, min(columns, max((len(s) for _, s in sections), default=1)))
+    width = max(pad + cols * cell_w, 420)
+    height = head_h + sum(head_h + -(-len(s) // cols) * cell_h for _, s in sections) + pad
+    if not sections:
+        height += head_h
+    sheet = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((pad, 4), title or "review", fill=(0, 0, 0), font=head_font)
+    y = head_h
+    if not sections:
+        draw.text((pad, y + 4), "nothing to review: no OOD-flagged or scored rows", fill=(90, 90, 90), font=font)
+    for reason, part in sections:
+        draw.text((pad, y + 4), f"{SECTION_TITLES[reason]}: {len(part)}", fill=(150, 0, 0) if reason == OOD
+                  else (0, 0, 120), font=head_font)
+        y += head_h
+        for k, (_, row) in enumerate(part.iterrows()):
+            x0, y0 = pad + (k % cols) * cell_w, y + (k // cols) * cell_h
+            cell = _thumbnail(str(row["image_uri"]), read_bytes, thumb)
+            if isinstance(cell, str):
+                draw.rectangle([x0, y0, x0 + thumb - 1, y0 + thumb - 1], fill=(200, 200, 200))
+                draw.text((x0 + 4, y0 + thumb // 2 - line_h), "unreadable:", fill=(0, 0, 0), font=font)
+                draw.text((x0 + 4, y0 + thumb // 2), cell, fill=(0, 0, 0), font=font)
+            else:
+                sheet.paste(cell, (x0, y0))
+            name = str(row["image_uri"]).rsplit("/", 1)[-1]
+            for i, text in enumerate([name, *_caption(row)]):
+                while text and draw.textlength(text, font=font) > thumb:
+                    text = text[:-2] + "…"
+                draw.text((x0, y0 + thumb + 1 + i * line_h), text, fill=(0, 0, 0), font=font)
+        y += -(-len(part) // cols) * cell_h
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def rows_text(rows: pd.DataFrame) -> str:
+    """The selected rows as a plain table for a terminal (``sofar show``)."""
+    if rows.empty:
+        return "(no rows to review)"
+    shown = rows.assign(image=rows["image_id"].fillna(rows["image_uri"]))
+    cols = ["reason", "image", "top1_label", "top1_prob", "top2_label", "top2_prob", "ood_score", "is_ood"]
+    return shown[[c for c in cols if c in shown.columns]].to_string(
+        index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
