@@ -28,13 +28,16 @@ def summary() -> None:
 
     from sofar_assets.config import load_config
     from sofar_assets.defs.predictions import PREDICTIONS_TABLE
-    from sofar_assets.defs.resources import build_resources
+    from sofar_assets.defs.resources import MlflowUnavailable, build_resources
     from sofar_assets.settings import config_path
 
     cfg = load_config(config_path())
     res = build_resources(cfg)
     wh = res["warehouse"].get()
-    client = res["mlflow_tracking"].client()
+    try:
+        client = res["mlflow_tracking"].client()  # a read path: never creates a registry
+    except MlflowUnavailable as exc:
+        sys.exit(str(exc))
     if not wh.table_exists(PREDICTIONS_TABLE):
         sys.exit("no predictions table yet: run `make run` first")
     per_day = wh.query(
