@@ -444,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
     except CliError as exc:
         print(f"sofar {args.cmd}: {exc}", file=sys.stderr)
         return 1
+    except Exception as exc:
+        from sofar_assets.defs.resources import MlflowUnavailable  # imports Dagster: only on this path
+
+        if not isinstance(exc, MlflowUnavailable):
+            raise
+        print(f"sofar {args.cmd}: {exc.description}", file=sys.stderr)  # one line naming the URI
+        return 1
     return 0
 
 

@@ -157,7 +157,8 @@ class BigQueryTarget(_Strict):
 class MlflowTarget(_Strict):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<root>/mlflow.db")
     registry_uri: str | None = None
-    artifact_location: str | None = Field(None, description="default: <root>/mlartifacts")
+    artifact_location: str | None = Field(
+        None, description="default: <root>/mlartifacts; with a tracking server, the server's (proxied) artifact root")
     experiment: str = "sofar"
 
 
@@ -301,9 +302,12 @@ class SofarConfig(_Strict):
         return uri
 
     @property
-    def mlflow_artifact_location(self) -> str:
+    def mlflow_artifact_location(self) -> str | None:
+        """None for a tracking server left to choose: it proxies artifacts (``--serve-artifacts``)."""
         loc = self.storage.mlflow.artifact_location
-        return self.resolve(loc) if loc else self.under_root("mlartifacts")
+        if loc:
+            return self.resolve(loc)
+        return None if self.mlflow_tracking_uri.startswith(("http://", "https://")) else self.under_root("mlartifacts")
 
     @property
     def upload_roots(self) -> list[str]:

@@ -12,6 +12,7 @@ io_manager         small JSON files on disk          small JSON objects on gs://
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -89,35 +90,90 @@ class BigQueryWarehouseResource(WarehouseResource):
                                  partition_decorator=self.api_endpoint is None)
 
 
+class MlflowUnavailable(dg.Failure):
+    """The tracking server or registry cannot be used; ONE line naming the URI and what to do."""
+
+    def __init__(self, message: str):
+        super().__init__(description=message)
+
+
 class MlflowResource(dg.ConfigurableResource):
-    """Tracking + model registry. ``setup()`` points the mlflow client at them."""
+    """Tracking + model registry. ``setup()`` (training: the write path) points the mlflow client
+    at them and creates the experiment if missing; ``client()`` (every other step and the CLI)
+    never creates anything.
+
+    Both fail fast: a tracking server is probed with one short request before use, and mlflow's
+    own HTTP retries are bounded (``http_max_retries``, ``http_timeout_s``) instead of mlflow's
+    defaults (7 retries with exponential backoff, 120 s per request: minutes before an error).
+    A sqlite registry that does not exist is an error on the read path, not a new empty file.
+    Credentials for a server come from the environment only (``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD``, read by mlflow itself).
+    """
 
     tracking_uri: str
     registry_uri: str | None = None
-    artifact_location: str = Field(description="where new experiments store artifacts")
+    artifact_location: str | None = Field(
+        None, description="where new experiments store artifacts; None: the tracking server's default "
+        "(proxied artifacts with `mlflow server --serve-artifacts`)")
     experiment: str = "sofar"
+    probe_timeout_s: float = Field(5.0, gt=0, description="the reachability probe of a tracking server")
+    http_max_retries: int = Field(2, ge=0, description="mlflow's retries per request (its default: 7)")
+    http_timeout_s: int = Field(30, ge=1, description="mlflow's timeout per request (its default: 120 s)")
+
+    def _check_reachable(self, *, create: bool) -> None:
+        import requests
+
+        for uri in dict.fromkeys([self.tracking_uri, self.registry_uri or self.tracking_uri]):
+            if uri.startswith(("http://", "https://")):
+                try:
+                    r = requests.get(f"{uri.rstrip('/')}/health", timeout=self.probe_timeout_s)
+                except requests.RequestException as exc:
+                    reason = type(exc).__name__
+                    raise MlflowUnavailable(
+                        f"MLflow tracking server {uri} is not reachable ({reason}, probe timeout "
+                        f"{self.probe_timeout_s:g} s): start it or fix storage.mlflow.tracking_uri"
+                    ) from None
+                if r.status_code >= 500:
+                    raise MlflowUnavailable(f"MLflow tracking server {uri} is unhealthy: /health answered {r.status_code}")
+            elif uri.startswith("sqlite:///") and not create:
+                path = Path(uri[len("sqlite:///") :])
+                if not path.is_file():
+                    raise MlflowUnavailable(
+                        f"MLflow registry {path} does not exist (sqlite, {uri}): run training first "
+                        "(make run, or materialize train_and_promote); nothing was created"
+                    )
+
+    def _point(self, *, create: bool) -> None:
+        import mlflow
+
+        # mlflow reads these per request; bounded here so an outage is an error in seconds
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.http_max_retries)
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self.http_timeout_s)
+        self._check_reachable(create=create)
+        if create and self.tracking_uri.startswith("sqlite:///"):
+            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
 
     def setup(self) -> str:
         """Point mlflow at this server/registry and return the experiment id (created if missing)."""
         import mlflow
 
-        if self.tracking_uri.startswith("sqlite:///"):
-            Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
+        self._point(create=True)
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
         location = self.artifact_location
-        if not storage.is_gcs(location) and "://" not in location:
+        if location is not None and not storage.is_gcs(location) and "://" not in location:
             Path(location).mkdir(parents=True, exist_ok=True)
             location = Path(location).resolve().as_uri()
         return mlflow.create_experiment(self.experiment, artifact_location=location)
 
     def client(self):
+        """A client on the existing tracking store and registry (read path: creates nothing)."""
         from mlflow import MlflowClient
 
-        self.setup()
+        self._point(create=False)
         return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
 
 
