@@ -2,6 +2,7 @@
 
     python -m sofar_assets.cli demo-data [--out DIR]
     python -m sofar_assets.cli summary
+    python -m sofar_assets.cli export-weights PATH   (the image's build step: model.weights_file)
 """
 
 from __future__ import annotations
@@ -60,9 +61,15 @@ def main(argv: list[str] | None = None) -> None:
     p = sub.add_parser("demo-data", help="generate the SYNTHETIC demo dataset")
     p.add_argument("--out", type=Path, default=REPO_ROOT / ".sofar" / "demo-data")
     sub.add_parser("summary", help="print rows per day, champion version and OOD count")
+    p = sub.add_parser("export-weights", help="write the packaged Lite0 ImageNet weights as safetensors")
+    p.add_argument("path", type=Path)
     args = parser.parse_args(argv)
     if args.cmd == "demo-data":
         demo_data(args.out)
+    elif args.cmd == "export-weights":
+        from sofar_assets.lib.models import export_offline_weights
+
+        print(f"ImageNet weights written to {export_offline_weights(args.path)}")
     else:
         summary()
 
