@@ -431,7 +431,8 @@ def test_dockerfile_is_one_cuda_image_with_commit_config_weights_and_a_non_root_
     runs = [a for w, a in ins if w == "RUN"]
     assert any("pip install -c /app/deploy/constraints.txt /app" in r for r in runs)
     export = next(r for r in runs if "export-weights" in r)
-    assert shlex.split(export)[-1] == "/opt/sofar/weights/efficientnet_lite0.safetensors"
+    assert shlex.split(export)[-1] == cfg.model.weights_file  # prod loads the file the build writes
+    assert cfg.model.pretrained and cfg.model.backbone == "efficientnet_lite0"
     users = [a for w, a in ins if w == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert ins[-1][0] == "CMD" and json.loads(ins[-1][1])[:3] == ["dagster", "code-server", "start"]
