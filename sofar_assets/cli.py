@@ -7,6 +7,7 @@
     sofar rollback --reason R           move @champion back to the previous champion
     sofar add-task NAME FOLDER --labels SRC=label ...   add a task to the config and validate it
     sofar demo-data | summary           what `make run` uses
+    sofar export-weights PATH           the image's build step: the backbone weights for model.weights_file
 
 The config is the file ``SOFAR_CONFIG`` names (default config/demo.yaml). Exit codes: 0 ok,
 1 the command could not do what was asked (the message says why), 2 the config is invalid.
@@ -413,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="generate the SYNTHETIC demo dataset")
     p.add_argument("--out", type=Path, default=REPO_ROOT / ".sofar" / "demo-data")
     sub.add_parser("summary", help="rows per day, the champion and the OOD count (what `make run` prints)")
+    p = sub.add_parser("export-weights", help="write the packaged Lite0 ImageNet weights as safetensors "
+                       "(the image's build step: model.weights_file)")
+    p.add_argument("path", type=Path)
     return parser
 
 
@@ -438,6 +442,10 @@ def main(argv: list[str] | None = None) -> int:
                 demo_data(args.out)
             case "summary":
                 summary()
+            case "export-weights":
+                from sofar_assets.lib.models import export_offline_weights
+
+                print(f"ImageNet weights written to {export_offline_weights(args.path)}")
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 2

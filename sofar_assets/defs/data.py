@@ -9,6 +9,7 @@ import pandas as pd
 from PIL import Image
 
 from sofar_assets.config import SofarConfig, TaskSource
+from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import storage
@@ -72,6 +73,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
             "One row per file with its content hash; unreadable files are rows with an `error`."
         ),
         metadata={"task": task_name, "source": source},
+        op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
     )
     def _raw_labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource) -> dg.MaterializeResult:
         wh = warehouse.get()
@@ -126,6 +128,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
         owners=OWNERS,
         code_version="1",
         check_specs=[dg.AssetCheckSpec(name, asset="sofar_dataset", description=desc) for name, desc in DATASET_CHECKS],
+        op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
     )
     def sofar_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource):
         """The concatenated SOFAR dataset: every task's images in ONE label vocabulary.

@@ -61,7 +61,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
         owners=OWNERS,
         code_version="1",
         pool="gpu",
-        op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers),
+        op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers, batch_size=cfg.train.batch_size,
+                          device=cfg.train.device),
     )
     def sofar_classifier(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource, image_store: ImageStoreResource
@@ -90,6 +91,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             backbone=cfg.model.backbone,
             image_size=cfg.model.image_size,
             pretrained=cfg.model.pretrained,
+            weights_file=cfg.weights_file,
             pmg_feature_dim=cfg.model.pmg_feature_dim,
         )
         tcfg = TrainConfig(**cfg.train.model_dump())
@@ -181,7 +183,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
             context.log.warning(f"OOD set image skipped: {err}")
         return df[df["error"].isna()]["ood_score"].to_numpy(dtype=float), len(bad)
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1")
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1",
+              op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def ood_calibration(
         context: dg.AssetExecutionContext, sofar_classifier: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
         image_store: ImageStoreResource,
@@ -266,7 +269,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
             md["roc"] = dg.MetadataValue.md(plots.png_to_markdown(roc_png, "ROC"))
         return dg.Output(out, metadata=md)
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1")
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1",
+              op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def model_evaluation(
         context: dg.AssetExecutionContext, ood_calibration: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
         image_store: ImageStoreResource,

