@@ -42,7 +42,7 @@ CHILD = textwrap.dedent("""
     base.checkpoint = stop
     spec, day, files = json.loads(sys.argv[1]), dt.date.fromisoformat(sys.argv[2]), sys.argv[3:]
     if spec["kind"] == "duckdb":
-        wh = DuckDBWarehouse(spec["path"], lock_timeout_s=120)
+        wh = DuckDBWarehouse(spec["path"], lock_timeout_s=spec.get("lock_timeout_s", 120))
     else:
         client = emulator_client(spec["project"], spec["url"])
         wh = BigQueryWarehouse(spec["project"], spec["dataset"], client=client, partition_decorator=False)
@@ -159,3 +159,16 @@ def test_emulator_write_killed_leaves_old_or_new_day_and_the_next_write_cleans_u
     later.replace_day(PREDICTIONS, D2, [spool(tmp_path, D2, ["d2"])])
     assert [t.table_id for t in client.list_tables(f"{emulator.project}.{dataset}")] == ["predictions"]
     assert wh.count_range("predictions", "prediction_date", D1, D2) == len(day1)
+
+
+def test_a_paused_duckdb_read_does_not_block_another_process(tmp_path):
+    path = str(tmp_path / "wh.duckdb")
+    wh = DuckDBWarehouse(path)
+    wh.replace_day(PREDICTIONS, D1, [spool(tmp_path, D1, [f"a{i}" for i in range(5)])])
+    pages = wh.iter_range("predictions", "prediction_date", D1, D2, batch_rows=2)
+    assert len(next(pages)) == 2  # paused mid-read, as during a long inference
+    p = child({"kind": "duckdb", "path": path, "lock_timeout_s": 5}, D2, [spool(tmp_path, D2, ["b"])])
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err[-3000:]
+    assert [len(b) for b in pages] == [2, 1]
+    assert wh.count_range("predictions", "prediction_date", D2, D2 + dt.timedelta(days=1)) == 1

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from sofar_assets.lib.warehouse import base
 from sofar_assets.lib.warehouse.base import TableNotFoundError, Warehouse, check_day_files, evolve, is_gcs
@@ -213,17 +215,20 @@ class DuckDBWarehouse(Warehouse):
             return pd.DataFrame() if rel is None else arrow_to_pandas(rel.to_arrow_table())
 
     def iter_range(self, table, column, start, end, columns=None, *, batch_rows=50_000, order_by=None):
-        """Batches of the range from one query (the connection stays open while iterating, so
-        another process writing the file waits for the iteration to finish)."""
+        """Batches of the range. The query's result is first written (streamed) to a temporary
+        Parquet file and the connection closed, so a consumer that takes minutes per batch
+        (inference) never holds the file's lock against other processes' writes."""
         if batch_rows < 1:
             raise ValueError(f"batch_rows must be at least 1, got {batch_rows}")
         sql, params = self._range_sql(table, column, start, end, columns, order_by)
         return self._iter(sql, params, batch_rows)
 
     def _iter(self, sql: str, params: list, batch_rows: int) -> Iterator[pd.DataFrame]:
-        with self._connect() as con:
-            reader = con.sql(sql, params=params).to_arrow_reader(batch_rows)
-            for batch in reader:
+        with tempfile.TemporaryDirectory(prefix="sofar-range-") as tmp:
+            path = str(Path(tmp) / "range.parquet")
+            with self._connect() as con:
+                con.sql(sql, params=params).write_parquet(path, row_group_size=batch_rows)
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows):
                 if batch.num_rows:
                     yield arrow_to_pandas(pa.Table.from_batches([batch]))
 
