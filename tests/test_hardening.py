@@ -389,3 +389,110 @@ def test_hostile_uploads_table_reads_nothing_outside_the_roots(pipeline, tmp_pat
     assert rows["error"].iloc[1:].str.startswith("UploadRefused").all()
     assert not rows["error"].str.contains("root:x|SECRET|DAGSTER_", na=False).any()
     assert [os.path.basename(u) for u in reads] == ["ok.jpg"]
+
+
+# -- item 1: a killed run does not block the run queue ----------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DAGSTER_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+
+JOBS = '''
+import os, time
+import dagster as dg
+
+@dg.op
+def nap():
+    with open({pid_file!r} + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace({pid_file!r} + ".tmp", {pid_file!r})
+    time.sleep(600)
+
+@dg.op
+def hello():
+    return 1
+
+# dagster/max_runtime: the per-run form of run_monitoring.max_runtime_seconds, short so the test is
+@dg.job(executor_def=dg.in_process_executor, tags={{"dagster/max_runtime": 5}})
+def nap_job():
+    nap()
+
+@dg.job(executor_def=dg.in_process_executor)
+def hello_job():
+    hello()
+
+defs = dg.Definitions(jobs=[nap_job, hello_job])
+'''
+
+
+def _wait(what: str, predicate, timeout_s: float, procs=()):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for p in procs:
+            assert p.poll() is None, f"{p.args[:2]} exited with {p.returncode} while waiting for {what}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_failed_and_the_queued_run_still_runs(tmp_path):
+    """kill -9 a local run (as `make pipeline` starts them: `dagster job execute`, in process) while
+    it is STARTED; a second run queued behind it (max_concurrent_runs: 1) must still run. With our
+    dagster.yaml's run monitoring the daemon fails the dead run; without it both wait forever."""
+    import signal
+    import subprocess
+    import time
+
+    from dagster import DagsterRunStatus
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")  # our queue + monitoring settings
+    pid_file = tmp_path / "nap.pid"
+    (tmp_path / "jobs.py").write_text(JOBS.format(pid_file=str(pid_file)))
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": ""}
+    cli = dict(cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert instance.run_monitoring_enabled, "run_monitoring is off in dagster_home/dagster.yaml"
+    daemon = subprocess.Popen([DAGSTER_BIN / "dagster-daemon", "run", "-f", "jobs.py"], **cli)
+    started = time.monotonic()
+    run1 = subprocess.Popen([DAGSTER_BIN / "dagster", "job", "execute", "-f", "jobs.py", "-j", "nap_job"], **cli)
+    try:
+        pid = int(_wait("the run to start", lambda: pid_file.exists() and pid_file.read_text(), 60, [daemon, run1]))
+        print(f"run started after {time.monotonic() - started:.0f} s")
+        assert pid == run1.pid  # the op runs in the CLI's own process (in-process executor)
+        [killed] = instance.get_runs()
+        assert killed.status == DagsterRunStatus.STARTED
+        os.kill(pid, signal.SIGKILL)
+        run1.wait(10)
+        assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.STARTED  # nobody noticed
+
+        launch = subprocess.run([DAGSTER_BIN / "dagster", "job", "launch", "-f", "jobs.py", "-j", "hello_job"],
+                                timeout=60, **{k: v for k, v in cli.items() if k != "start_new_session"})
+        assert launch.returncode == 0, launch.stderr.decode()[-2000:]
+        [queued] = [r for r in instance.get_runs() if r.job_name == "hello_job"]
+        print(f"queued after {time.monotonic() - started:.0f} s")
+
+        def finished():
+            a, b = instance.get_run_by_id(killed.run_id), instance.get_run_by_id(queued.run_id)
+            return a.is_finished and b.is_finished and (a, b)
+
+        a, b = _wait("the killed run to fail and the queued run to finish", finished, 120, [daemon])
+        assert a.status == DagsterRunStatus.FAILURE
+        assert b.status == DagsterRunStatus.SUCCESS
+        print(f"killed run FAILURE and queued run SUCCESS {time.monotonic() - started:.0f} s after the start")
+    finally:
+        t0 = time.monotonic()
+        for proc in (run1, daemon):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+        print(f"teardown {time.monotonic() - t0:.0f} s")
