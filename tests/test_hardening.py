@@ -232,6 +232,27 @@ def test_links_may_point_into_the_allowed_roots(tmp_path, photos):
     assert all("leaves the uploads root" in u.error for u in uploads.iter_folder_day(str(root), dt.date(2026, 11, 11)))
 
 
+def test_refused_uploads_become_error_rows_in_listing_order():
+    from sofar_assets.lib.inference import PREDICTION_COLUMNS
+
+    ups = [uploads.Upload("d/a", "/u/a", "/u/a"), uploads.Upload("d/b", "/u/b", None, "UploadRefused: /u/b: pipe"),
+           uploads.Upload("d/\\xff", "/u/\\xff", "/u/\udcff")]
+    scored = pd.DataFrame({"image_id": ["d/a", "d/\\xff"], "image_uri": ["/u/a", "/u/\udcff"],
+                           "top1_label": ["dirt", None], "top1_prob": [0.9, float("nan")], "is_ood": [False, False],
+                           "error": [None, "ImageDecodeError: /u/\udcff: empty file"]})
+    rows = uploads.with_refused(ups, scored)
+    assert rows["image_id"].tolist() == ["d/a", "d/b", "d/\\xff"]
+    assert rows["image_uri"].tolist() == ["/u/a", "/u/b", "/u/\\xff"]  # the stored form, never the real path
+    assert rows["error"].tolist()[1:] == ["UploadRefused: /u/b: pipe", "ImageDecodeError: /u/\\xff: empty file"]
+    assert rows["top1_label"].tolist()[0] == "dirt" and rows["is_ood"].tolist() == [False] * 3
+    # a day where nothing may be read: every entry still gets its row
+    only = uploads.with_refused(ups[1:2], pd.DataFrame(columns=list(PREDICTION_COLUMNS)))
+    assert only[["image_id", "error", "is_ood"]].to_dict("records") == [
+        {"image_id": "d/b", "error": "UploadRefused: /u/b: pipe", "is_ood": False}]
+    with pytest.raises(ValueError, match="1 scored rows for 2 readable uploads"):
+        uploads.with_refused(ups, scored.iloc[:1])
+
+
 # -- item 4: URIs from the uploads table must lie under the allowed roots ------------------------
 
 
