@@ -40,6 +40,7 @@ from sofar_assets.defs.predictions import day_uploads, table_rows  # noqa: E402
 from sofar_assets.lib.inference import predict_images  # noqa: E402
 from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
 from sofar_assets.lib.packaging import load_registered, log_and_register  # noqa: E402
+from sofar_assets.lib.uploads import with_refused  # noqa: E402
 
 SAMPLES = REPO.parent / "shared/data/sofar-public-samples"
 DAY = dt.date(2026, 11, 1)
@@ -97,11 +98,12 @@ def run_plain(cfg, defs) -> float:
     wh = defs.resources["warehouse"].get()
     defs.resources["mlflow_tracking"].setup()  # point mlflow at the registry, as the asset does
     model, meta = load_registered(f"models:/{cfg.model.name}@champion")
-    items = day_uploads(cfg, DAY, wh)
+    ups = list(day_uploads(cfg, DAY, wh))
+    items = [(u.image_id, u.path) for u in ups if u.path is not None]
     frames = list(predict_images(model, items, classes=list(meta["classes"]), image_size=cfg.model.image_size,
                                  threshold=0.0, batch_size=cfg.inference.batch_size,
                                  num_workers=cfg.inference.num_workers, device="cpu"))
-    df = table_rows(pd.concat(frames, ignore_index=True), DAY, cfg.model.name, "1")
+    df = table_rows(with_refused(ups, pd.concat(frames, ignore_index=True)), DAY, cfg.model.name, "1")
     wh.replace_partition("predictions", df, "prediction_date", DAY, DAY + dt.timedelta(days=1))
     return time.perf_counter() - t0
 

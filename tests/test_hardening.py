@@ -102,6 +102,60 @@ def test_iter_files_streams_and_skips_hidden(tmp_path):
         [str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), str(tmp_path / "sub" / "c.jpg")])
 
 
+class _FakeBlob:
+    def __init__(self, name: str, data: bytes, calls: list):
+        self.name, self.data, self.calls, self.size = name, data, calls, None
+
+    def download_as_bytes(self, start=None, end=None, timeout=None, retry=None):
+        self.calls.append({"start": start, "end": end, "timeout": timeout, "retry": retry})
+        return self.data[start : None if end is None else end + 1]
+
+
+class _FakeGcs:
+    """Just enough of google-cloud-storage's client for the calls storage.py makes."""
+
+    def __init__(self, objects: dict[str, bytes], page_size: int = 2):
+        self.objects, self.calls, self.page_size = objects, [], page_size
+
+    def bucket(self, name):
+        return type("B", (), {"blob": lambda _, key: _FakeBlob(key, self.objects[f"{name}/{key}"], self.calls)})()
+
+    def list_blobs(self, bucket, prefix="", delimiter=None):
+        keys = sorted(k[len(bucket) + 1 :] for k in self.objects if k.startswith(f"{bucket}/{prefix}"))
+        files = [k for k in keys if "/" not in k[len(prefix) :]]
+        subs = sorted({prefix + k[len(prefix) :].split("/")[0] + "/" for k in keys if "/" in k[len(prefix) :]})
+        pages = [files[i : i + self.page_size] for i in range(0, len(files), self.page_size)] or [[]]
+        page_objs = []
+        for n, names in enumerate(pages):
+            page = [_FakeBlob(k, b"", self.calls) for k in names]
+            page_objs.append(type("P", (list,), {"prefixes": tuple(subs) if n == 0 else ()})(page))
+        return type("It", (), {"pages": iter(page_objs), "__iter__": lambda it: (b for p in page_objs for b in p)})()
+
+
+def test_gcs_reads_are_ranged_with_a_timeout_and_bounded_retries(monkeypatch):
+    fake = _FakeGcs({"imgs/up/a.jpg": b"x" * 100, "imgs/up/empty.jpg": b""})
+    monkeypatch.setattr(storage, "_gcs_client", lambda: fake)
+    assert storage.read_bytes("gs://imgs/up/a.jpg", max_bytes=100, timeout_s=7, retries=2) == b"x" * 100
+    call = fake.calls[-1]
+    assert (call["start"], call["end"], call["timeout"]) == (0, 100, 7)  # at most max_bytes + 1 bytes
+    assert call["retry"] is not None and call["retry"].timeout == 14
+    with pytest.raises(ImageReadError, match=r"gs://imgs/up/a.jpg: too large: more than 99 bytes"):
+        storage.read_bytes("gs://imgs/up/a.jpg", max_bytes=99)
+    assert fake.calls[-1]["end"] == 99
+    assert storage.read_bytes("gs://imgs/up/empty.jpg", max_bytes=10) == b""
+    with pytest.raises(ImageReadError, match="not a gs://bucket/object URI"):
+        storage.read_bytes("gs://imgs/", max_bytes=10)
+
+
+def test_gcs_day_gives_one_upload_per_object_and_refuses_sub_folders(monkeypatch):
+    fake = _FakeGcs({f"imgs/up/2026-11-10/{n}": b"x" for n in ("a.jpg", "b.jpg", "c.jpg", ".hidden", "album/d.jpg")})
+    monkeypatch.setattr(storage, "_gcs_client", lambda: fake)
+    got = sorted(uploads.iter_folder_day("gs://imgs/up", dt.date(2026, 11, 10)), key=lambda u: u.image_id)
+    assert [(u.image_id, u.path is not None) for u in got] == [
+        ("2026-11-10/a.jpg", True), ("2026-11-10/album", False), ("2026-11-10/b.jpg", True), ("2026-11-10/c.jpg", True)]
+    assert "sub-folder" in got[1].error and got[0].path == "gs://imgs/up/2026-11-10/a.jpg"
+
+
 # -- items 3 and 5: one Upload per entry of a day folder ---------------------------------------
 
 
@@ -176,6 +230,27 @@ def test_links_may_point_into_the_allowed_roots(tmp_path, photos):
     # a day folder that is itself a link out of the root leads nowhere
     (root / "2026-11-11").symlink_to(store)
     assert all("leaves the uploads root" in u.error for u in uploads.iter_folder_day(str(root), dt.date(2026, 11, 11)))
+
+
+def test_refused_uploads_become_error_rows_in_listing_order():
+    from sofar_assets.lib.inference import PREDICTION_COLUMNS
+
+    ups = [uploads.Upload("d/a", "/u/a", "/u/a"), uploads.Upload("d/b", "/u/b", None, "UploadRefused: /u/b: pipe"),
+           uploads.Upload("d/\\xff", "/u/\\xff", "/u/\udcff")]
+    scored = pd.DataFrame({"image_id": ["d/a", "d/\\xff"], "image_uri": ["/u/a", "/u/\udcff"],
+                           "top1_label": ["dirt", None], "top1_prob": [0.9, float("nan")], "is_ood": [False, False],
+                           "error": [None, "ImageDecodeError: /u/\udcff: empty file"]})
+    rows = uploads.with_refused(ups, scored)
+    assert rows["image_id"].tolist() == ["d/a", "d/b", "d/\\xff"]
+    assert rows["image_uri"].tolist() == ["/u/a", "/u/b", "/u/\\xff"]  # the stored form, never the real path
+    assert rows["error"].tolist()[1:] == ["UploadRefused: /u/b: pipe", "ImageDecodeError: /u/\\xff: empty file"]
+    assert rows["top1_label"].tolist()[0] == "dirt" and rows["is_ood"].tolist() == [False] * 3
+    # a day where nothing may be read: every entry still gets its row
+    only = uploads.with_refused(ups[1:2], pd.DataFrame(columns=list(PREDICTION_COLUMNS)))
+    assert only[["image_id", "error", "is_ood"]].to_dict("records") == [
+        {"image_id": "d/b", "error": "UploadRefused: /u/b: pipe", "is_ood": False}]
+    with pytest.raises(ValueError, match="1 scored rows for 2 readable uploads"):
+        uploads.with_refused(ups, scored.iloc[:1])
 
 
 # -- item 4: URIs from the uploads table must lie under the allowed roots ------------------------
@@ -307,6 +382,8 @@ def test_a_non_json_output_is_refused_naming_the_asset(tmp_path):
 def _predictions_defs(pipeline, tmp_path, uploads_cfg: dict):
     base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
     base["uploads"] = uploads_cfg
+    # the pipeline's champion model, but a warehouse of its own: other tests count the shared table's days
+    base["storage"]["warehouse"] = {"kind": "duckdb", "path": str(tmp_path / "hostile.duckdb")}
     path = tmp_path / "hostile.yaml"
     path.write_text(yaml.safe_dump(base))
     return build_definitions(load_config(path))
@@ -371,15 +448,14 @@ def test_hostile_uploads_table_reads_nothing_outside_the_roots(pipeline, tmp_pat
     day = dt.date(2026, 11, 14)
     uris = [str(root / "ok.jpg"), "/etc/passwd", "~/.bashrc", "/proc/self/environ", "../../x",
             "gs://other-bucket/a.jpg", str(root / "link-out.jpg"), f"{root}/../environ.jpg"]
-    wh = pipeline["defs"].resources["warehouse"].get()
-    wh.write_table("image_uploads", pd.DataFrame({
+    defs = _predictions_defs(pipeline, tmp_path, {"table": "image_uploads", "allowed_roots": [str(root)]})
+    defs.resources["warehouse"].get().write_table("image_uploads", pd.DataFrame({
         "image_id": [f"t{i}" for i in range(len(uris))], "image_uri": uris,
         "uploaded_at": [pd.Timestamp(day) + pd.Timedelta(minutes=i) for i in range(len(uris))],
     }))
     reads = []
     real_read = storage.read_bytes
     monkeypatch.setattr(storage, "read_bytes", lambda uri, **kw: reads.append(uri) or real_read(uri, **kw))
-    defs = _predictions_defs(pipeline, tmp_path, {"table": "image_uploads", "allowed_roots": [str(root)]})
 
     result = _materialize(pipeline, defs, day, day)
 
@@ -389,3 +465,110 @@ def test_hostile_uploads_table_reads_nothing_outside_the_roots(pipeline, tmp_pat
     assert rows["error"].iloc[1:].str.startswith("UploadRefused").all()
     assert not rows["error"].str.contains("root:x|SECRET|DAGSTER_", na=False).any()
     assert [os.path.basename(u) for u in reads] == ["ok.jpg"]
+
+
+# -- item 1: a killed run does not block the run queue ----------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+DAGSTER_BIN = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin"
+
+JOBS = '''
+import os, time
+import dagster as dg
+
+@dg.op
+def nap():
+    with open({pid_file!r} + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace({pid_file!r} + ".tmp", {pid_file!r})
+    time.sleep(600)
+
+@dg.op
+def hello():
+    return 1
+
+# dagster/max_runtime: the per-run form of run_monitoring.max_runtime_seconds (1 h), short for the test
+@dg.job(executor_def=dg.in_process_executor, tags={{"dagster/max_runtime": 20}})
+def nap_job():
+    nap()
+
+@dg.job(executor_def=dg.in_process_executor)
+def hello_job():
+    hello()
+
+# the daemon itself queues the second run, as the daily schedule would
+@dg.sensor(job=hello_job, minimum_interval_seconds=1, default_status=dg.DefaultSensorStatus.RUNNING)
+def after_the_kill():
+    if os.path.exists({go_file!r}):
+        yield dg.RunRequest(run_key="after-the-kill")
+
+defs = dg.Definitions(jobs=[nap_job, hello_job], sensors=[after_the_kill])
+'''
+
+
+def _wait(what: str, predicate, timeout_s: float, procs=()):
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for p in procs:
+            assert p.poll() is None, f"{p.args[:2]} exited with {p.returncode} while waiting for {what}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_failed_and_the_queued_run_still_runs(tmp_path):
+    """kill -9 a local run (started as `make pipeline` starts them: `dagster job execute`, in one
+    process) while it is STARTED and the daemon has queued a second run behind it
+    (max_concurrent_runs: 1). With our dagster.yaml's run monitoring the dead run is failed and
+    the queued one runs; without it the queue waits forever."""
+    import signal
+    import subprocess
+    import time
+
+    from dagster import DagsterRunStatus
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster_home" / "dagster.yaml", home / "dagster.yaml")  # our queue + monitoring settings
+    pid_file, go_file = tmp_path / "nap.pid", tmp_path / "go"
+    (tmp_path / "jobs.py").write_text(JOBS.format(pid_file=str(pid_file), go_file=str(go_file)))
+    env = {**os.environ, "DAGSTER_HOME": str(home), "PYTHONPATH": ""}
+    cli = dict(cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    instance = dg.DagsterInstance.from_config(str(home))
+    assert instance.run_monitoring_enabled, "run_monitoring is off in dagster_home/dagster.yaml"
+    started = time.monotonic()
+    daemon = subprocess.Popen([DAGSTER_BIN / "dagster-daemon", "run", "-f", "jobs.py"], **cli)
+    run1 = subprocess.Popen([DAGSTER_BIN / "dagster", "job", "execute", "-f", "jobs.py", "-j", "nap_job"], **cli)
+    try:
+        pid = int(_wait("the run to start", lambda: pid_file.exists() and pid_file.read_text(), 90, [daemon, run1]))
+        assert pid == run1.pid  # the op runs in the CLI's own process (in-process executor)
+        [killed] = instance.get_runs()
+        go_file.touch()  # the daemon queues the next run behind it
+        queued = _wait("the daemon to queue the second run", lambda: instance.get_runs(
+            dg.RunsFilter(job_name="hello_job", statuses=[DagsterRunStatus.QUEUED])), 60, [daemon])[0]
+        assert instance.get_run_by_id(killed.run_id).status == DagsterRunStatus.STARTED
+        os.kill(pid, signal.SIGKILL)  # the dead run keeps its slot: only run monitoring will notice
+        run1.wait(10)
+
+        def finished():
+            a, b = instance.get_run_by_id(killed.run_id), instance.get_run_by_id(queued.run_id)
+            return a.is_finished and b.is_finished and (a, b)
+
+        a, b = _wait("the killed run to fail and the queued run to finish", finished, 90, [daemon])
+        assert a.status == DagsterRunStatus.FAILURE
+        assert b.status == DagsterRunStatus.SUCCESS
+        print(f"killed run FAILURE, queued run SUCCESS: {time.monotonic() - started:.0f} s after the start")
+    finally:
+        for proc in (run1, daemon):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)

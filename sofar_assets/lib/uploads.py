@@ -204,18 +204,23 @@ def with_refused(uploads: Sequence[Upload], scored: pd.DataFrame) -> pd.DataFram
         raise ValueError(f"{len(scored)} scored rows for {len(readable)} readable uploads")
     refused = [k for k, u in enumerate(uploads) if u.path is None]
     scored = scored.set_axis(readable).assign(
-        image_uri=[uploads[k].image_uri for k in readable],
-        error=[None if e is None or e != e else safe_text(str(e)) for e in scored["error"]],
+        image_uri=pd.Series([uploads[k].image_uri for k in readable], index=readable, dtype=object),
+        error=pd.Series([None if pd.isna(e) else safe_text(str(e)) for e in scored["error"]], index=readable,
+                        dtype=object),
     )
     if not refused:
         return scored.reset_index(drop=True)
-    fill = {c: (False if scored[c].dtype == bool else np.nan if scored[c].dtype.kind == "f" else None)
-            for c in scored.columns}
-    errors = pd.DataFrame(
-        {**{c: [v] * len(refused) for c, v in fill.items()},
-         "image_id": [uploads[k].image_id for k in refused],
-         "image_uri": [uploads[k].image_uri for k in refused],
-         "error": [uploads[k].error for k in refused]},
-        index=refused, columns=scored.columns,
-    ).astype(scored.dtypes.to_dict())
-    return pd.concat([scored, errors] if len(scored) else [errors]).sort_index().reset_index(drop=True)
+    given = {"image_id": [uploads[k].image_id for k in refused], "image_uri": [uploads[k].image_uri for k in refused],
+             "error": [uploads[k].error for k in refused]}
+    columns = {}
+    for c in scored.columns:  # an error row: no labels, NaN numbers, not OOD (its error says why)
+        if c in given:
+            columns[c] = pd.Series(given[c], index=refused, dtype=object)
+        elif c == "is_ood" or scored[c].dtype == bool:
+            columns[c] = pd.Series(False, index=refused, dtype=bool)
+        elif scored[c].dtype.kind == "f":
+            columns[c] = pd.Series(np.nan, index=refused, dtype=scored[c].dtype)
+        else:
+            columns[c] = pd.Series(None, index=refused, dtype=object)
+    errors = pd.DataFrame(columns, columns=scored.columns)
+    return pd.concat([scored, errors] if readable else [errors]).sort_index().reset_index(drop=True)
