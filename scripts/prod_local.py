@@ -379,6 +379,8 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
         checks(False, str(exc))
     finally:
         leftovers = stack.close()
+        for pid, cmd in leftovers:
+            log(f"killed a process that outlived its server: {pid} {cmd[:150]}")
         if bq is not None:
             bq.stop()
         shutil.rmtree(cache_dir, ignore_errors=True)

@@ -33,8 +33,10 @@ ALLOWED_DIFFERENCES = {
     "storage.warehouse.api_endpoint": "endpoint: the BigQuery emulator instead of bigquery.googleapis.com",
     "storage.mlflow.tracking_uri": "endpoint: the MLflow server on loopback instead of the in-cluster service",
     "storage.cache": "endpoint: a folder on this machine instead of the ReadWriteMany volume mounted in pods",
-    # the ONE non-endpoint difference: k8s_job_executor needs a cluster (one pod per step)
-    "storage.executor": "k8s cannot run without a cluster; prod-local runs each step in a subprocess",
+    # the ONE non-endpoint difference: k8s_job_executor needs a cluster (one pod per step). Not
+    # `multiprocess`: its step processes are spawned, so their DataLoader workers are spawned too
+    # (8 torch imports per loader per epoch, minutes on 2 cores); in a pod, as in process, they fork.
+    "storage.executor": "k8s cannot run without a cluster; prod-local runs the steps in the run worker",
 }
 
 
