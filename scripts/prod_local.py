@@ -243,6 +243,14 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
     cache_dir = Path(cfg.cache_dir)
     if cache_dir.exists():
         raise StackError(f"{cache_dir} exists: a previous prod-local did not finish cleaning up; delete it")
+    local_dirs = [cache_dir]  # this machine's stand-ins for what pods mount or the image bakes; deleted at the end
+    weights = getattr(cfg, "weights_file", None)  # model.weights_file: baked into the image at build time
+    if weights and not Path(weights).exists():
+        import subprocess
+
+        log(f"exporting the backbone's ImageNet weights to {weights} (the image's build step)")
+        subprocess.run([sys.executable, "-m", "sofar_assets.cli", "export-weights", weights], check=True, cwd=REPO)
+        local_dirs.append(Path(weights).parent)
 
     import os
 
@@ -383,9 +391,10 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
             log(f"killed a process that outlived its server: {pid} {cmd[:150]}")
         if bq is not None:
             bq.stop()
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        if cache_dir.parent.name == "prod-local" and cache_dir.parent.exists() and not any(cache_dir.parent.iterdir()):
-            cache_dir.parent.rmdir()
+        for folder in local_dirs:
+            shutil.rmtree(folder, ignore_errors=True)
+            if folder.parent.name == "prod-local" and folder.parent.exists() and not any(folder.parent.iterdir()):
+                folder.parent.rmdir()
         checks(not leftovers, f"stack stopped: no process left ({len(leftovers)} killed), {stack.root} removed")
     wall = time.monotonic() - t_start
     print("\n=== make prod-local: production components, for real, on this machine ===")

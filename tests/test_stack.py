@@ -33,6 +33,8 @@ ALLOWED_DIFFERENCES = {
     "storage.warehouse.api_endpoint": "endpoint: the BigQuery emulator instead of bigquery.googleapis.com",
     "storage.mlflow.tracking_uri": "endpoint: the MLflow server on loopback instead of the in-cluster service",
     "storage.cache": "endpoint: a folder on this machine instead of the ReadWriteMany volume mounted in pods",
+    "model.weights_file": "where the image bakes the backbone's weights; prod-local exports the same file "
+                          "(python -m sofar_assets.cli export-weights) into ../.sofar/prod-local",
     # the ONE non-endpoint difference: k8s_job_executor needs a cluster (one pod per step). Not
     # `multiprocess`: its step processes are spawned, so their DataLoader workers are spawned too
     # (8 torch imports per loader per epoch, minutes on 2 cores); in a pod, as in process, they fork.
@@ -65,7 +67,7 @@ def test_prod_local_differs_from_prod_only_in_endpoints():
     unexpected = differing - set(ALLOWED_DIFFERENCES)
     assert not unexpected, {k: (prod.get(k, "<absent>"), local.get(k, "<absent>")) for k in sorted(unexpected)}
     assert local["storage.executor"] in ("multiprocess", "in_process") and prod["storage.executor"] == "k8s"
-    for key in differing - {"storage.executor", "storage.cache"}:  # endpoints: loopback here
+    for key in differing - {"storage.executor", "storage.cache", "model.weights_file"}:  # endpoints: loopback here
         assert "127.0.0.1" in str(local[key]), (key, local[key])
     # both load; neither holds a credential (they come from the environment)
     for name, keys in (("prod.yaml", prod), ("prod-local.yaml", local)):
