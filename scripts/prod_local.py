@@ -386,11 +386,11 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
     except StackError as exc:
         checks(False, str(exc))
     finally:
+        if bq is not None:
+            bq.stop()
         leftovers = stack.close()
         for pid, cmd in leftovers:
             log(f"killed a process that outlived its server: {pid} {cmd[:150]}")
-        if bq is not None:
-            bq.stop()
         for folder in local_dirs:
             shutil.rmtree(folder, ignore_errors=True)
             if folder.parent.name == "prod-local" and folder.parent.exists() and not any(folder.parent.iterdir()):
