@@ -9,7 +9,7 @@ export SOFAR_CONFIG ?= $(CURDIR)/config/demo.yaml
 DEMO_DAYS ?= 2026-11-01...2026-11-03
 RUN_LOGS := -c config/run_logging.yaml
 
-.PHONY: install run demo-data pipeline summary test bench ui lint clean bigquery-emulator
+.PHONY: install run demo-data pipeline summary test bench ui lint clean bigquery-emulator prod-local test-stack
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,16 @@ run: pipeline
 
 test: install .venv-bq/.installed
 	$(PY) -m pytest -q
+
+# Production for real on this machine: PostgreSQL, the MLflow server (basic auth), the GCS and
+# BigQuery emulators, the Dagster webserver + daemon; train, a fanned-out backfill and one
+# schedule tick submitted as the UI does; checked; everything stopped (scripts/prod_local.py).
+prod-local: install .venv-bq/.installed
+	$(PY) scripts/prod_local.py
+
+# Only the tests that start real servers (also part of `make test`).
+test-stack: install
+	$(PY) -m pytest -q -m stack tests/test_stack.py
 
 bench: install
 	$(PY) bench/run_all.py

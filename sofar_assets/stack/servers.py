@@ -300,7 +300,10 @@ class Dagster:
         render("dagster.yaml", self.home / "dagster.yaml")
         self.workspace = render("workspace.yaml", self.home / "workspace.yaml", repo=str(REPO))
         self.env = {"DAGSTER_HOME": str(self.home), "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(pg.port),
-                    "DAGSTER_PG_USER": PG_USER, "DAGSTER_PG_PASSWORD": pg.password, "DAGSTER_PG_DB": db, **(env or {})}
+                    "DAGSTER_PG_USER": PG_USER, "DAGSTER_PG_PASSWORD": pg.password, "DAGSTER_PG_DB": db,
+                    # this checkout's code in every Dagster process (code servers, run and step workers)
+                    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+                    **(env or {})}
         self.url: str | None = None
 
     def instance(self):
