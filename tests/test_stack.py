@@ -54,9 +54,7 @@ def _flatten(d, prefix=""):
 
 
 def _config_keys(name: str) -> dict:
-    data = yaml.safe_load((REPO / "config" / name).read_text())
-    data.pop("kubernetes", None)  # the deployment section (pods, volumes) has no meaning outside a cluster
-    return _flatten(data)
+    return _flatten(yaml.safe_load((REPO / "config" / name).read_text()))
 
 
 def test_prod_local_differs_from_prod_only_in_endpoints():
