@@ -201,6 +201,8 @@ def tradeoff_png(systems: Sequence[Mapping], tasks: Sequence[str], ood_sets: Seq
         if ylim:
             ax.set_ylim(*ylim)
         ax.grid(True, axis="y", alpha=0.3)
-    axes[0].legend(fontsize=7, loc="lower left")
     fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the panels, so no bar is hidden (bbox_inches="tight" keeps it in the PNG)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=max(len(systems), 1), fontsize=8)
     return _render(fig)
