@@ -16,6 +16,7 @@ from sofar_assets.defs.data import build_dataset_asset, build_raw_label_asset
 from sofar_assets.defs.model import build_model_assets
 from sofar_assets.defs.predictions import build_prediction_assets
 from sofar_assets.defs.resources import build_resources
+from sofar_assets.defs.tradeoff import build_tradeoff_assets
 from sofar_assets.settings import config_path
 
 TRAINING_SELECTION = dg.AssetSelection.groups("ingest", "training")
@@ -41,15 +42,16 @@ def build_definitions(cfg: SofarConfig) -> dg.Definitions:
     dataset = build_dataset_asset(cfg, [a.key for a in raw])
     model_assets, gate_checks = build_model_assets(cfg)
     predictions, predictions_job, schedule = build_prediction_assets(cfg)
+    tradeoff_report, tradeoff_job = build_tradeoff_assets(cfg)
     training_job = dg.define_asset_job(
         "train_and_promote",
         selection=TRAINING_SELECTION,
         description="Ingest every task, build the SOFAR dataset, train, calibrate, evaluate and promote.",
     )
     return dg.Definitions(
-        assets=[*raw, dataset, *model_assets, predictions],
+        assets=[*raw, dataset, *model_assets, predictions, tradeoff_report],
         asset_checks=gate_checks,
-        jobs=[training_job, predictions_job],
+        jobs=[training_job, predictions_job, tradeoff_job],
         schedules=[schedule],
         resources=build_resources(cfg),
         executor=_executor(cfg),

@@ -175,3 +175,34 @@ def training_curves_png(history: Sequence[Mapping[str, float]], keys: Sequence[s
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return _render(fig)
+
+
+def tradeoff_png(systems: Sequence[Mapping], tasks: Sequence[str], ood_sets: Sequence[str]) -> bytes:
+    """The trade-off report side by side: per-task accuracy, OOD AUROC per set, s / 1k images.
+
+    ``systems`` are the report's system entries (``tasks[t]["accuracy"]``, ``ood_auroc[set]``,
+    ``s_per_1k_images``); a missing value (None) draws no bar.
+    """
+    panels = [("accuracy per task", list(tasks), lambda s, k: s["tasks"][k]["accuracy"], (0, 1.05))]
+    if ood_sets:
+        panels.append(("OOD AUROC per set", list(ood_sets), lambda s, k: s["ood_auroc"][k], (0, 1.05)))
+    panels.append(("s / 1k images", ["prediction"], lambda s, k: s["s_per_1k_images"], None))
+    fig = Figure(figsize=(3.6 * len(panels), 3.2))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    width = 0.8 / max(len(systems), 1)
+    for ax, (title, keys, value, ylim) in zip(axes, panels, strict=True):
+        x = np.arange(len(keys))
+        for j, s in enumerate(systems):
+            vals = [value(s, k) for k in keys]
+            ys = [np.nan if v is None else float(v) for v in vals]
+            ax.bar(x + (j - (len(systems) - 1) / 2) * width, ys, width, label=s["system"])
+        ax.set_xticks(x, labels=keys, fontsize=8, rotation=20 if len(keys) > 3 else 0)
+        ax.set_title(title, fontsize=10)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    # below the panels, so no bar is hidden (bbox_inches="tight" keeps it in the PNG)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=max(len(systems), 1), fontsize=8)
+    return _render(fig)

@@ -1,0 +1,124 @@
+"""The paper's trade-off reproduced on our own data: the ``tradeoff_report`` asset and its job.
+
+Not part of ``train_and_promote`` (it trains T + 2 models): run it on demand with
+``dagster job execute -m sofar_assets.definitions -j tradeoff_report_job``. The math lives in
+``lib/tradeoff.py`` and ``lib/multitask.py``.
+"""
+
+import io
+import tempfile
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+from PIL import Image
+
+from sofar_assets.config import SofarConfig
+from sofar_assets.defs.k8s import step_tags
+from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
+from sofar_assets.lib import dataset as ds
+from sofar_assets.lib import plots, registry, storage, tradeoff
+from sofar_assets.lib.models import ModelSpec
+from sofar_assets.lib.multitask import save_multitask
+from sofar_assets.lib.training import TrainConfig
+from sofar_assets.settings import git_commit
+
+OWNERS = ["team:ml-platform"]
+REPORT_FILE = "tradeoff_report.json"
+
+
+def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object]:
+    classes = cfg.vocabulary()
+
+    @dg.asset(
+        deps=["sofar_dataset"],
+        group_name="reports",
+        kinds={"pytorch", "mlflow"},
+        owners=OWNERS,
+        code_version="1",
+        pool="gpu",
+        op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers),
+    )
+    def tradeoff_report(
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
+        image_store: ImageStoreResource,
+    ) -> dg.MaterializeResult:
+        """The paper's trade-off on our own data: task-centric vs multi-task vs efficiency-centric.
+
+        Trains, on the current ``sofar_dataset`` and its splits, one classifier per task, one
+        multi-task learner (shared backbone, one head per task) and one N-class classifier
+        with the champion's recipe; then, in this same process and on the same images, per-task
+        accuracy / F1 on the test split, OOD AUROC and FPR@95TPR per irrelevant set, the top-2
+        hit rate on two-label photos, models / passes / tables, seconds per 1k images and
+        training time. ``tradeoff_report.json`` (+ the multi-task model's weights) goes to an
+        MLflow run; the report lists its own caveats when its counts are small.
+        """
+        data = warehouse.get().read_table("sofar_dataset")
+        digest = ds.dataset_hash(data)
+        cache = image_store.cache(cfg.model.image_size)
+        ood_sets, unreadable = {}, {}
+        for name, oset in cfg.ood_sets.items():
+            rows, errors = tradeoff.readable_images(storage.list_files(cfg.resolve(oset.folder)), cache)
+            for err in errors:
+                context.log.warning(f"OOD set {name!r}: skipped {err}")
+            ood_sets[name], unreadable[name] = rows, len(errors)
+        spec = ModelSpec(num_classes=len(classes), arch=cfg.model.arch, backbone=cfg.model.backbone,
+                         image_size=cfg.model.image_size, pretrained=cfg.model.pretrained,
+                         pmg_feature_dim=cfg.model.pmg_feature_dim)
+        try:
+            result = tradeoff.compare_systems(
+                data, classes, tradeoff.task_spaces(cfg.tasks, classes), spec, TrainConfig(**cfg.train.model_dump()),
+                cache, ood_sets, batch_size=cfg.inference.batch_size, device=cfg.inference.device,
+                log=context.log.info,
+            )
+        except ValueError as exc:
+            raise dg.Failure(description=f"tradeoff_report: {exc}") from exc
+        report = result.report
+        report["dataset_hash"] = digest
+        for name, n in unreadable.items():
+            report["ood_sets"][name]["unreadable"] = n
+
+        client = mlflow_tracking.client()
+        champ = registry.champion_version(client, cfg.model.name)
+        champ_hash = client.get_model_version(cfg.model.name, champ).tags.get("dataset_hash") if champ else None
+        report["champion"] = {"version": champ, "dataset_hash": champ_hash}
+        if champ and champ_hash != digest:
+            report["caveats"].append(
+                f"the champion v{champ} was trained on dataset {str(champ_hash)[:12]}, this report on {digest[:12]}: "
+                "re-run train_and_promote first to compare on the champion's own data"
+            )
+        table = tradeoff.markdown_table(report)
+        png = plots.tradeoff_png(report["systems"], list(report["task_spaces"]), list(report["ood_sets"]))
+        with mlflow.start_run(
+            experiment_id=mlflow_tracking.setup(), run_name=f"tradeoff-report-{context.run_id[:8]}",
+            tags={"dagster_run_id": context.run_id, "dataset_hash": digest, "git_commit": git_commit(),
+                  "sofar_report": "tradeoff"},
+        ) as run:
+            mlflow.log_dict(report, REPORT_FILE)
+            mlflow.log_text(table, "tradeoff_report.md")
+            mlflow.log_image(Image.open(io.BytesIO(png)).convert("RGB"), "tradeoff.png")
+            mlflow.log_metrics({
+                f"{s['system']}_{k}_{n}": v for s in report["systems"] for k in ("ood_auroc", "ood_fpr_at_95tpr")
+                for n, v in s[k].items() if v is not None
+            } | {f"{s['system']}_{k}": s[k] for s in report["systems"] for k in ("s_per_1k_images", "train_s")})
+            with tempfile.TemporaryDirectory(prefix="sofar-multitask-") as tmp:
+                pkg = save_multitask(result.multitask, Path(tmp) / "multitask_model", list(report["task_spaces"]),
+                                     result.head_labels)
+                mlflow.log_artifacts(str(pkg), "multitask_model")
+        caveats = "\n".join(f"- {c}" for c in report["caveats"]) or "- none"
+        context.log.info(f"trade-off report in MLflow run {run.info.run_id}\n{table}")
+        return dg.MaterializeResult(metadata={
+            "report": dg.MetadataValue.md(f"{table}\n\n**Caveats**\n\n{caveats}"),
+            "plot": dg.MetadataValue.md(plots.png_to_markdown(png, "trade-off")),
+            "caveats": dg.MetadataValue.json(report["caveats"]),
+            "mlflow_run_id": run.info.run_id,
+            "dataset_hash": digest,
+            "device": report["device"],
+            **{f"ood_auroc_{s['system']}": dg.MetadataValue.json(s["ood_auroc"]) for s in report["systems"]},
+        })
+
+    job = dg.define_asset_job(
+        "tradeoff_report_job", selection=dg.AssetSelection.assets(tradeoff_report),
+        description="The paper's trade-off on the current sofar_dataset (trains T + 2 models; not part of make run).",
+    )
+    return tradeoff_report, job
