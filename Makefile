@@ -10,8 +10,10 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 export SOFAR_CONFIG ?= $(CURDIR)/config/demo.yaml
 DEMO_DAYS ?= 2026-11-01...2026-11-03
 RUN_LOGS := -c config/run_logging.yaml
-# MLflow's artifact download progress bars are noise in run logs (settings are env-only).
+# MLflow's artifact download progress bars and INFO lines (sqlite table creation, input-example
+# validation) are noise in run logs; its warnings still print. MLflow reads these from the env.
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export MLFLOW_LOGGING_LEVEL := WARNING
 
 .PHONY: install run demo-data pipeline summary test bench ui ui-check lint clean bigquery-emulator
 
