@@ -257,3 +257,26 @@ def test_logging_a_model_prints_no_third_party_warnings(tmp_path, caplog):
     noisy = [str(w.message) for w in caught if "mlflow" in w.filename or issubclass(w.category, UserWarning)]
     assert noisy == []
     assert [r.getMessage() for r in caplog.records if r.name.startswith("mlflow") and r.levelno >= logging.WARNING] == []
+
+
+def test_dagster_and_mlflow_link_each_other(pipeline):
+    """Dagster metadata links the MLflow run and version; MLflow carries the Dagster run URL, the
+    registry descriptions, and the classic-ML experiment kind."""
+    from sofar_assets.lib import links
+
+    cfg, result = pipeline["cfg"], pipeline["result"]
+    client = pipeline["defs"].resources["mlflow_tracking"].client()
+    mv = client.get_model_version(cfg.model.name, "1")
+    run = client.get_run(mv.run_id)
+    dagster_run = links.dagster_run_url(cfg.ui.dagster_url, result.run_id)
+    assert run.data.tags["dagster_run_url"] == dagster_run == dict(mv.tags)["dagster_run_url"]
+    assert dagster_run in mv.description and "val macro-F1" in mv.description
+    assert "@champion" in client.get_registered_model(cfg.model.name).description
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[links.EXPERIMENT_KIND_TAG] == links.CLASSIC_ML_KIND
+    version_url = links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, "1")
+    run_url = links.mlflow_run_url(cfg.ui.mlflow_url, run.info.experiment_id, mv.run_id)
+    for asset, expected in (("sofar_classifier", {version_url, run_url}), ("model_evaluation", {version_url, run_url}),
+                            ("champion_model", {version_url})):
+        md = result.asset_materializations_for_node(asset)[-1].metadata
+        assert {v.value for k, v in md.items() if k.startswith("mlflow_") and isinstance(v, dg.UrlMetadataValue)} == expected
