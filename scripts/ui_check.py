@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import html
+import json
 import os
 import re
 import shutil
@@ -68,6 +69,15 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
             pass
         time.sleep(1)
     sys.exit(f"{url} did not answer within {timeout:.0f} s")
+
+
+def dismiss_community_nux(base: str) -> None:
+    """What the modal's *Skip* does: on a localhost origin Dagster covers every page with a
+    "Join the Dagster community" dialog until the instance records that it was seen."""
+    req = urllib.request.Request(f"{base}/graphql", data=json.dumps({"query": "mutation { setNuxSeen }"}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        r.read()
 
 
 def browse(browser: str, url: str, png: Path, profile: str) -> str:
@@ -126,11 +136,22 @@ def main() -> int:
     failures: list[str] = []
     try:
         wait_for(f"{base}/server_info", args.timeout, server)
+        dismiss_community_nux(base)
         with tempfile.TemporaryDirectory(prefix="sofar-chromium-") as profile:
+            groups_png = args.out / "lineage-groups.png"
+            text = text_of(browse(browser, f"{base}/asset-groups", groups_png, profile))
+            groups = sorted({a.group_names_by_key[k] for a in defs.assets for k in a.keys})
+            print(f"{groups_png}: global asset lineage, groups {[g for g in groups if g in text]} of {groups}")
+            if any(g not in text for g in groups):
+                failures.append(f"global lineage: groups not shown: {[g for g in groups if g not in text]}")
+
+            # the whole graph, expanded: everything upstream of the prediction table
             lineage_png = args.out / "lineage.png"
-            text = text_of(browse(browser, f"{base}/asset-groups", lineage_png, profile))
+            url = f"{base}/assets/daily_predictions?view=lineage&lineageScope=upstream&lineageDepth=10"
+            text = text_of(browse(browser, url, lineage_png, profile))
             missing = [k for k in asset_keys if k.rsplit("/", 1)[-1] not in text]
-            print(f"{lineage_png}: global asset lineage, {len(asset_keys) - len(missing)}/{len(asset_keys)} assets shown")
+            print(f"{lineage_png}: lineage of daily_predictions, {len(asset_keys) - len(missing)}/{len(asset_keys)} "
+                  "assets shown")
             if missing:
                 failures.append(f"lineage: assets not shown: {missing}")
 
