@@ -4,12 +4,18 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 DAGSTER := $(VENV)/bin/dagster
+DG := $(VENV)/bin/dg
+SOFAR := $(VENV)/bin/sofar
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export SOFAR_CONFIG ?= $(CURDIR)/config/demo.yaml
 DEMO_DAYS ?= 2026-11-01...2026-11-03
 RUN_LOGS := -c config/run_logging.yaml
+# MLflow's artifact download progress bars and INFO lines (sqlite table creation, input-example
+# validation) are noise in run logs; its warnings still print. MLflow reads these from the env.
+export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
+export MLFLOW_LOGGING_LEVEL := WARNING
 
-.PHONY: install run demo-data pipeline summary test bench ui lint clean bigquery-emulator prod-local test-stack
+.PHONY: install run demo-data pipeline summary test bench ui ui-check lint clean bigquery-emulator prod-local test-stack
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,11 +30,15 @@ demo-data: install
 
 # The pipeline part of `make run` (what `make bench` times): train + promote, then the demo days.
 pipeline: demo-data
-	$(DAGSTER) job execute -m sofar_assets.definitions -j train_and_promote $(RUN_LOGS)
-	$(DAGSTER) asset materialize -m sofar_assets.definitions --select daily_predictions --partition-range $(DEMO_DAYS) $(RUN_LOGS)
+	$(DG) launch -m sofar_assets.definitions --job train_and_promote $(RUN_LOGS)
+	$(DG) launch -m sofar_assets.definitions --assets daily_predictions --partition-range $(DEMO_DAYS) $(RUN_LOGS)
 
 summary: install
-	$(PY) -m sofar_assets.cli summary
+	$(SOFAR) summary
+
+# Headless Chromium against `dagster dev` on a free port over the state `make run` left.
+ui-check: install
+	$(PY) scripts/ui_check.py
 
 run: pipeline
 	@$(MAKE) --no-print-directory summary

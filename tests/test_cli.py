@@ -16,6 +16,7 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -226,3 +227,56 @@ def test_demo_data_and_summary(sofar, tmp_path):
     code, out, _ = sofar("summary")
     assert code == 0 and "=== sofar_assets: summary ===" in out and DAYS[0].isoformat() in out
     assert "sofar show" in out
+
+
+def test_logging_a_model_prints_no_third_party_warnings(tmp_path, caplog):
+    """What made `make run` noisy when a version is registered: MLflow's type-hint and
+    input-example UserWarnings and its CloudPickle warning (fixed at source in lib/packaging.py)."""
+    import logging
+    import warnings
+
+    from sofar_assets.lib.models import ModelSpec, build_model
+    from sofar_assets.lib.packaging import load_registered, log_and_register
+
+    spec = ModelSpec(num_classes=3, arch="linear", backbone="efficientnet_lite0", image_size=32,
+                     pretrained=False, pmg_feature_dim=8)
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        exp = mlflow.create_experiment("quiet", artifact_location=(tmp_path / "art").as_uri())
+        caplog.set_level(logging.WARNING, logger="mlflow")
+        with warnings.catch_warnings(record=True) as caught, mlflow.start_run(experiment_id=exp):
+            warnings.simplefilter("always")
+            reg = log_and_register(build_model(spec), spec, ["a", "b", "c"], "quiet-model")
+        _, meta = load_registered(reg["model_uri"])
+        pyfunc = mlflow.pyfunc.load_model(reg["model_uri"])  # the logged code loads and predicts
+        assert pyfunc.predict(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 3)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert meta["classes"] == ["a", "b", "c"]
+    noisy = [str(w.message) for w in caught if "mlflow" in w.filename or issubclass(w.category, UserWarning)]
+    assert noisy == []
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("mlflow") and r.levelno >= logging.WARNING] == []
+
+
+def test_dagster_and_mlflow_link_each_other(pipeline):
+    """Dagster metadata links the MLflow run and version; MLflow carries the Dagster run URL, the
+    registry descriptions, and the classic-ML experiment kind."""
+    from sofar_assets.lib import links
+
+    cfg, result = pipeline["cfg"], pipeline["result"]
+    client = pipeline["defs"].resources["mlflow_tracking"].client()
+    mv = client.get_model_version(cfg.model.name, "1")
+    run = client.get_run(mv.run_id)
+    dagster_run = links.dagster_run_url(cfg.ui.dagster_url, result.run_id)
+    assert run.data.tags["dagster_run_url"] == dagster_run == dict(mv.tags)["dagster_run_url"]
+    assert dagster_run in mv.description and "val macro-F1" in mv.description
+    assert "@champion" in client.get_registered_model(cfg.model.name).description
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags[links.EXPERIMENT_KIND_TAG] == links.CLASSIC_ML_KIND
+    version_url = links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, "1")
+    run_url = links.mlflow_run_url(cfg.ui.mlflow_url, run.info.experiment_id, mv.run_id)
+    for asset, expected in (("sofar_classifier", {version_url, run_url}), ("model_evaluation", {version_url, run_url}),
+                            ("champion_model", {version_url})):
+        md = result.asset_materializations_for_node(asset)[-1].metadata
+        assert {v.value for k, v in md.items() if k.startswith("mlflow_") and isinstance(v, dg.UrlMetadataValue)} == expected

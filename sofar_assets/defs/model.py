@@ -16,7 +16,7 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import dataset as ds
-from sofar_assets.lib import metrics, ood, plots, registry, storage
+from sofar_assets.lib import links, metrics, ood, plots, registry, storage
 from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.gate import GATE_CHECKS, failed_checks, gate_results
 from sofar_assets.lib.images import ImageDataset
@@ -50,9 +50,26 @@ def _png_image(png: bytes) -> Image.Image:
     return Image.open(io.BytesIO(png)).convert("RGB")
 
 
+def _describe(client, name: str, version: str, text: str) -> None:
+    """Registry descriptions: the version's own, and the model's if it has none yet."""
+    client.update_model_version(name, version, description=text)
+    if not (client.get_registered_model(name).description or "").strip():
+        client.update_registered_model(name, (
+            "ONE N-class image classifier over every SOFAR inspection task (one label space), with a "
+            "max-logit OOD threshold tagged on each version. @champion serves the daily predictions; it is "
+            "moved by the champion_model asset after the promotion gate, or by `sofar promote` / `sofar rollback`."))
+
+
 def build_model_assets(cfg: SofarConfig) -> list:
     classes = cfg.vocabulary()
     index = {c: i for i, c in enumerate(classes)}
+
+    def _mlflow_links(experiment_id: str | None, run_id: str | None, version: str) -> dict:
+        """Clickable MLflow pages in the asset's metadata (base URL: ui.mlflow_url)."""
+        md = {"mlflow_model_version": dg.MetadataValue.url(links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, version))}
+        if run_id is not None:
+            md["mlflow_run"] = dg.MetadataValue.url(links.mlflow_run_url(cfg.ui.mlflow_url, experiment_id, run_id))
+        return md
 
     @dg.asset(
         deps=["sofar_dataset"],
@@ -99,7 +116,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
         with mlflow.start_run(
             experiment_id=experiment_id,
             run_name=f"{cfg.model.name}-{context.run_id[:8]}",
-            tags={"dagster_run_id": context.run_id, "dataset_hash": digest, "git_commit": git_commit()},
+            tags={"dagster_run_id": context.run_id, "dataset_hash": digest, "git_commit": git_commit(),
+                  "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id)},
         ) as run:
             mlflow.log_params(
                 {**{f"model.{k}": v for k, v in spec.to_dict().items()},
@@ -136,8 +154,14 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 cfg.model.name,
                 extra={"dataset_hash": digest, "git_commit": git_commit(), "best_epoch": result.best_epoch},
                 tags={"dataset_hash": digest, "git_commit": git_commit(), "dagster_run_id": context.run_id,
+                      "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id),
                       "val_macro_f1": f"{result.best_val_macro_f1:.4f}"},
             )
+            _describe(mlflow_tracking.client(), cfg.model.name, str(reg["version"]),
+                      f"{spec.arch} head on {spec.backbone} at {spec.image_size} px, {len(classes)} classes "
+                      f"({', '.join(classes)}); dataset {digest[:12]}, {len(train_rows)} train / {len(val_rows)} val "
+                      f"images; best epoch {result.best_epoch}, val macro-F1 {result.best_val_macro_f1:.3f}. "
+                      f"Trained by Dagster run {links.dagster_run_url(cfg.ui.dagster_url, context.run_id)}")
         ref = {
             "model_name": cfg.model.name,
             "version": str(reg["version"]),
@@ -153,6 +177,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "model_uri": ref["model_uri"],
                 "model_version": ref["version"],
                 "mlflow_run_id": ref["run_id"],
+                **_mlflow_links(experiment_id, ref["run_id"], ref["version"]),
                 "dataset_hash": digest,
                 "best_epoch": result.best_epoch,
                 "val_macro_f1": result.best_val_macro_f1,
@@ -360,6 +385,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "ood_auroc": dg.MetadataValue.json(ood_auc),
                 "champion_version": champ,
                 "champion_macro_f1_same_test": result["champion_macro_f1"],
+                **_mlflow_links(client.get_run(ref["run_id"]).info.experiment_id, ref["run_id"], ref["version"]),
                 "per_task": dg.MetadataValue.md(task_table.to_markdown()),
                 "confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(cm_png, "confusion matrix")),
                 "reliability": dg.MetadataValue.md(plots.png_to_markdown(rel_png, "reliability")),
@@ -398,6 +424,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         context.log.info(f"{name}@{registry.CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")
         return dg.Output({"model_name": name, "version": version, "previous": previous},
                          metadata={"champion": f"models:/{name}@{registry.CHAMPION} = v{version}",
-                                   "previous_version": previous})
+                                   "previous_version": previous,
+                                   **_mlflow_links(None, None, version)})
 
     return [sofar_classifier, ood_calibration, model_evaluation, champion_model], gate_checks

@@ -21,7 +21,7 @@ from pydantic import Field, PrivateAttr
 
 from sofar_assets.config import BigQueryTarget, SofarConfig
 from sofar_assets.defs.io import JsonIOManager
-from sofar_assets.lib import storage
+from sofar_assets.lib import links, storage
 from sofar_assets.lib.images import PreprocessCache
 from sofar_assets.lib.warehouse import BigQueryWarehouse, DuckDBWarehouse, Warehouse
 
@@ -162,12 +162,17 @@ class MlflowResource(dg.ConfigurableResource):
         self._point(create=True)
         exp = mlflow.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if links.EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag was set at creation
+                mlflow.MlflowClient().set_experiment_tag(exp.experiment_id, links.EXPERIMENT_KIND_TAG,
+                                                         links.CLASSIC_ML_KIND)
             return exp.experiment_id
         location = self.artifact_location
         if location is not None and not storage.is_gcs(location) and "://" not in location:
             Path(location).mkdir(parents=True, exist_ok=True)
             location = Path(location).resolve().as_uri()
-        return mlflow.create_experiment(self.experiment, artifact_location=location)
+        # tagged so that MLflow 3 opens it in the classic ML view, not the GenAI one
+        return mlflow.create_experiment(self.experiment, artifact_location=location,
+                                        tags={links.EXPERIMENT_KIND_TAG: links.CLASSIC_ML_KIND})
 
     def client(self):
         """A client on the existing tracking store and registry (read path: creates nothing)."""
