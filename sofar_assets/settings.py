@@ -25,18 +25,23 @@ def git_commit() -> str:
     env = os.environ.get("SOFAR_GIT_COMMIT")  # set by images built without .git
     if env:
         return env
-    head = REPO_ROOT / ".git" / "HEAD"
+    git = REPO_ROOT / ".git"
     try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            ref_path = REPO_ROOT / ".git" / ref[5:]
-            if ref_path.exists():
-                return ref_path.read_text().strip()
-            packed = REPO_ROOT / ".git" / "packed-refs"
-            for line in packed.read_text().splitlines() if packed.exists() else []:
-                if line.endswith(" " + ref[5:]):
-                    return line.split()[0]
-            return "unknown"
-        return ref
+        if git.is_file():  # a worktree or submodule: ".git" names the real git directory
+            git = (REPO_ROOT / git.read_text().strip().removeprefix("gitdir:").strip()).resolve()
+        ref = (git / "HEAD").read_text().strip()
+        if not ref.startswith("ref: "):
+            return ref
+        common = git
+        if (git / "commondir").is_file():  # refs of a worktree live in the main git directory
+            common = (git / (git / "commondir").read_text().strip()).resolve()
+        for base in (git, common):
+            if (base / ref[5:]).exists():
+                return (base / ref[5:]).read_text().strip()
+        packed = common / "packed-refs"
+        for line in packed.read_text().splitlines() if packed.exists() else []:
+            if line.endswith(" " + ref[5:]):
+                return line.split()[0]
+        return "unknown"
     except OSError:
         return "unknown"
