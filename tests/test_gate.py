@@ -20,7 +20,18 @@ def test_worse_model_fails_the_gate_and_the_champion_stays(tmp_path, demo_data):
     defs = build_definitions(cfg)
     instance = dg.DagsterInstance.ephemeral()
     run = dict(resources=defs.resources, instance=instance)
-    assert dg.materialize(_assets(defs), selection=TRAINING_SELECTION, **run).success
+    first = dg.materialize(_assets(defs), selection=TRAINING_SELECTION, **run)
+    assert first.success
+    # every OOD score side by side; the package carries what the feature scores need
+    from sofar_assets.lib import ood
+
+    cal = first.output_for_node("ood_calibration")
+    assert set(cal["ood_sets"]["documents"]["scores"]) == set(ood.METHODS)
+    assert set(cal["ood_scores_by_method"]["documents"]) == set(ood.METHODS)
+    ev = first.output_for_node("model_evaluation")
+    assert ev["champion_version"] is None and ev["probe"]["same_as_model"]  # frozen LP: the model is the probe
+    lo, hi = ev["macro_f1_ci"]
+    assert lo <= ev["macro_f1"] <= hi and set(ev["ood_auroc_ci"]) == {"documents"}
     client = defs.resources["mlflow_tracking"].client()
     assert str(client.get_model_version_by_alias(cfg.model.name, "champion").version) == "1"
 

@@ -83,7 +83,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         group_name="training",
         kinds={"pytorch", "mlflow"},
         owners=OWNERS,
-        code_version="1",
+        code_version="2",
         pool="gpu",
         op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers),
     )
@@ -92,10 +92,11 @@ def build_model_assets(cfg: SofarConfig) -> list:
     ) -> dg.Output[dict]:
         """ONE N-class classifier over the concatenated label space (the GPU step).
 
-        Trains the configured architecture (``linear`` or the paper's ``pmg``) on the train
-        split, validates every epoch on the val split, keeps the best epoch by val macro-F1,
-        and registers it in MLflow (safetensors + JSON config, tagged with the dataset hash and
-        the git commit).
+        Trains the configured architecture (``linear`` or the paper's ``pmg``) with the recipe
+        of ``lib/training.py`` (linear probe, then fine-tuning on augmented photos with
+        patience), keeps the epoch with the best val macro-F1 (ties: lower val loss), and
+        registers it in MLflow (safetensors + JSON config + the feature-score statistics of the
+        train split, tagged with the dataset hash and the git commit).
         """
         data = warehouse.get().read_table("sofar_dataset")
         digest = ds.dataset_hash(data)
