@@ -139,7 +139,8 @@ class TrainConfig(_Strict):
     freeze_backbone: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0)
-    linear_probe: bool = Field(True, description="LP-FT: fit the head on frozen features first")
+    linear_probe: bool | None = Field(
+        None, description="LP-FT: fit the head on frozen features first; null: only when fine-tuning")
     probe_c: float = Field(1.0, gt=0, description="inverse L2 strength of the linear probe")
     lp_epochs: int = Field(3, ge=0, description="pmg only: head-only epochs before fine-tuning")
     patience: int | None = Field(3, ge=1, description="stop after N epochs without a better val score")

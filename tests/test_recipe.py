@@ -43,7 +43,7 @@ def test_cross_validation_recipe_vs_probe_on_real_photos(samples):
     # frozen backbone: the recipe is its linear probe, fitted on the same train split as the
     # probe baseline, so both must agree exactly: a check of the whole fold machinery
     frozen = evaluation.cross_validate(arrays, labels, _irrelevant(), spec,
-                                       TrainConfig(freeze_backbone=True, device="cpu"), folds=2, log=lambda s: None)
+                                       TrainConfig(freeze_backbone=True, linear_probe=True, device="cpu"), folds=2, log=lambda s: None)
     rec, pr = frozen["models"]["recipe"], frozen["models"]["probe"]
     assert frozen["best_epochs"] == [0, 0] and frozen["images"] == 20
     assert rec["accuracy"] == pr["accuracy"] and rec["macro_f1"] == pr["macro_f1"]

@@ -309,7 +309,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 multi_label_sets=[{index[lab] for lab in labels.split("|")} for labels in multi["labels"]],
                 n_resamples=cfg.gate.bootstrap_resamples),
         }
-        if cfg.train.freeze_backbone and cfg.train.linear_probe and cfg.model.arch == "linear" and cfg.model.pretrained:
+        if cfg.train.freeze_backbone and cfg.train.linear_probe is True and cfg.model.arch == "linear" \
+                and cfg.model.pretrained:
             # the model IS the probe (LP on the frozen pretrained features, same split, same C)
             result["probe"] = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
                                "ood_auroc_by_score": result["ood_auroc_by_score"], "same_as_model": True}

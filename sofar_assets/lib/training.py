@@ -56,7 +56,7 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     max_train_batches: int | None = None
-    linear_probe: bool = True  # LP before FT
+    linear_probe: bool | None = None  # LP before FT; None: only when the backbone is fine-tuned
     probe_c: float = 1.0  # inverse L2 strength of the LP logistic regression
     lp_epochs: int = 3  # PMG only: head-only epochs before fine-tuning
     patience: int | None = 3  # None: run all `epochs`
@@ -305,7 +305,12 @@ def train_classifier(
 
     lp_features = lp_labels = None
     epoch = 0
-    if cfg.linear_probe and spec.arch == "linear":
+    # Auto (None): LP only ahead of fine-tuning. With a frozen backbone, early-stopped SGD on the
+    # head kept the max logit a better OOD score than the converged logistic regression (on the
+    # synthetic demo the LP head rejected 25 % of the documents at the 95 % TPR threshold, SGD
+    # epochs >= 75 %).
+    use_lp = (not cfg.freeze_backbone) if cfg.linear_probe is None else cfg.linear_probe
+    if use_lp and spec.arch == "linear":
         t0 = time.perf_counter()
         lp_features, lp_labels = _fit_linear_probe(model, train_ds, cfg, device, spec.num_classes)
         vm = _val_metrics(*_run_eval(model, val_loader, device), spec.num_classes)
@@ -319,7 +324,7 @@ def train_classifier(
             return _result(model, best_state, history, best_epoch, best_metrics, totals, lp_features, lp_labels,
                            train_ds, cfg, device)
     phases: list[tuple[str, int, bool]] = []
-    if cfg.linear_probe and spec.arch == "pmg" and not cfg.freeze_backbone and cfg.lp_epochs > 0:
+    if use_lp and spec.arch == "pmg" and not cfg.freeze_backbone and cfg.lp_epochs > 0:
         phases.append(("lp", cfg.lp_epochs, True))
     phases.append(("ft", cfg.epochs, cfg.freeze_backbone))
 
