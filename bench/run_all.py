@@ -17,6 +17,7 @@ BENCHES = [
     ("inference and efficiency (issue: daily table)", ["bench_inference.py"]),
     ("Dagster overhead on one day (issue: daily table)", ["bench_dagster_overhead.py"]),
     ("pipeline part of make run (issue: foundation)", ["bench_pipeline.py"]),
+    ("recipe vs frozen-feature probe, 5-fold CV on the real photos (issue: model quality)", ["bench_recipe.py"]),
 ]
 
 

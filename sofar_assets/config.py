@@ -193,27 +193,46 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(3, ge=1)
+    """The training recipe (lib/training.py): linear probe, then fine-tuning with patience."""
+
+    epochs: int = Field(20, ge=1, description="cap on fine-tuning epochs; patience usually stops earlier")
     batch_size: int = Field(16, ge=1)
     lr: float = Field(2e-3, gt=0)
-    backbone_lr_factor: float = Field(0.1, ge=0)
+    backbone_lr_factor: float = Field(0.5, ge=0)
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
     freeze_backbone: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(0, ge=0)
+    linear_probe: bool | None = Field(
+        None, description="LP-FT: fit the head on frozen features first; null: only when fine-tuning")
+    probe_c: float = Field(1.0, gt=0, description="inverse L2 strength of the linear probe")
+    lp_epochs: int = Field(3, ge=0, description="pmg only: head-only epochs before fine-tuning")
+    patience: int | None = Field(3, ge=1, description="stop after N epochs without a better val score")
+    augment: bool = Field(True, description="random-resized crop, flip, colour jitter on the train split")
 
 
 class OodConfig(_Strict):
-    score: Literal["max_logit", "energy", "max_softmax"] = "max_logit"
+    score: Literal["max_logit", "energy", "max_softmax", "mahalanobis", "knn"] = "max_logit"
     target_tpr: float = Field(0.95, gt=0, le=1)
+    knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
 
 
 class GateConfig(_Strict):
     max_macro_f1_drop: float = Field(0.02, ge=0)
     min_ood_auroc: float = Field(0.80, ge=0, le=1)
     max_ece: float = Field(0.20, ge=0, le=1)
+    first_model: Literal["promote_if_checks_pass", "require_manual"] = Field(
+        "promote_if_checks_pass", description="with no champion yet: promote on passing checks, or never "
+        "(move the alias by hand)")
+    min_test_images: int = Field(10, ge=1, description="fewer test images than this is insufficient evidence")
+    min_ood_images: int = Field(5, ge=1, description="fewer images in an OOD set is insufficient evidence")
+    insufficient_evidence: Literal["pass", "fail"] = Field(
+        "pass", description="a check without enough images passes (saying so) or fails")
+    require_beats_probe: bool = Field(
+        False, description="block unless test macro-F1 >= the frozen-feature probe's minus max_macro_f1_drop")
+    bootstrap_resamples: int = Field(1000, ge=100)
 
 
 class InferenceConfig(_Strict):

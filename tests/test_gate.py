@@ -20,7 +20,19 @@ def test_worse_model_fails_the_gate_and_the_champion_stays(tmp_path, demo_data):
     defs = build_definitions(cfg)
     instance = dg.DagsterInstance.ephemeral()
     run = dict(resources=defs.resources, instance=instance)
-    assert dg.materialize(_assets(defs), selection=TRAINING_SELECTION, **run).success
+    first = dg.materialize(_assets(defs), selection=TRAINING_SELECTION, **run)
+    assert first.success
+    # every OOD score side by side; the package carries what the feature scores need
+    from sofar_assets.lib import ood
+
+    cal = first.output_for_node("ood_calibration")
+    assert set(cal["ood_sets"]["documents"]["scores"]) == set(ood.METHODS)
+    assert set(cal["ood_scores_by_method"]["documents"]) == set(ood.METHODS)
+    ev = first.output_for_node("model_evaluation")
+    assert ev["champion_version"] is None and 0 <= ev["probe"]["macro_f1"] <= 1  # the probe baseline
+    assert set(ev["probe"]["ood_auroc_by_score"]["documents"]) == set(ood.METHODS)
+    lo, hi = ev["macro_f1_ci"]
+    assert lo <= ev["macro_f1"] <= hi and set(ev["ood_auroc_ci"]) == {"documents"}
     client = defs.resources["mlflow_tracking"].client()
     assert str(client.get_model_version_by_alias(cfg.model.name, "champion").version) == "1"
 
@@ -68,3 +80,70 @@ def test_worse_model_fails_the_gate_and_the_champion_stays(tmp_path, demo_data):
                          partition_key=day.isoformat(), **run)
     assert out.success
     assert set(wh.read_table("predictions")["model_version"]) == {"2"}
+
+
+# ---------------------------------------------------------------- the verdicts as pure functions
+
+def _evaluation(**over) -> dict:
+    ev = {"test_images": 40, "accuracy": 0.9, "macro_f1": 0.9, "macro_f1_ci": [0.8, 0.97], "ece": 0.05,
+          "ece_ci": [0.02, 0.1], "ood_auroc": {"documents": 0.95}, "ood_auroc_ci": {"documents": [0.9, 0.99]},
+          "ood_images": {"documents": 12}, "ood_auroc_min": 0.95, "champion_version": "1",
+          "champion_macro_f1": 0.9, "probe": {"accuracy": 0.85, "macro_f1": 0.85}}
+    return {**ev, **over}
+
+
+def test_gate_states_its_evidence_and_passes_a_good_model():
+    from sofar_assets.config import GateConfig
+    from sofar_assets.lib.gate import GATE_CHECKS, gate_results
+
+    res = gate_results(_evaluation(), GateConfig())
+    assert set(res) == set(GATE_CHECKS) and all(ok for ok, _ in res.values())
+    f1 = res["macro_f1_not_worse_than_champion"][1]
+    assert f1["evidence"] == "sufficient" and f1["new_macro_f1_ci"] == [0.8, 0.97] and f1["test_images"] == 40
+    assert res["ood_auroc_above_floor"][1]["per_set_ci"] == {"documents": [0.9, 0.99]}
+    assert res["ece_below_ceiling"][1]["ece_ci"] == [0.02, 0.1]
+
+
+def test_too_few_images_is_insufficient_evidence_not_a_comparison():
+    from sofar_assets.config import GateConfig
+    from sofar_assets.lib.gate import failed_checks, gate_results
+
+    # 3 test images and a much worse macro-F1: with 3 images that is noise, and the gate says so
+    ev = _evaluation(test_images=3, macro_f1=0.5, ece=0.4)
+    res = gate_results(ev, GateConfig(min_test_images=10, insufficient_evidence="pass"))
+    for name in ("macro_f1_not_worse_than_champion", "ece_below_ceiling", "ood_auroc_above_floor"):
+        ok, md = res[name]
+        assert ok and md["evidence"] == "insufficient" and md["test_images"] == 3 and md["min_test_images"] == 10
+    strict = failed_checks(ev, GateConfig(min_test_images=10, insufficient_evidence="fail"))
+    assert {"macro_f1_not_worse_than_champion", "ece_below_ceiling", "ood_auroc_above_floor"} <= set(strict)
+    # an OOD set of 2 images is insufficient on its own
+    ok, md = gate_results(_evaluation(ood_images={"documents": 2}), GateConfig(insufficient_evidence="fail"))[
+        "ood_auroc_above_floor"]
+    assert not ok and md["ood_sets_too_small"] == {"documents": 2}
+    # enough images: the same drop fails on the numbers
+    ok, md = gate_results(_evaluation(macro_f1=0.5), GateConfig())["macro_f1_not_worse_than_champion"]
+    assert not ok and md["evidence"] == "sufficient"
+
+
+def test_first_model_is_promoted_only_by_the_configured_rule():
+    from sofar_assets.config import GateConfig
+    from sofar_assets.lib.gate import gate_results
+
+    first = _evaluation(champion_version=None, champion_macro_f1=None)
+    ok, md = gate_results(first, GateConfig(first_model="promote_if_checks_pass"))["macro_f1_not_worse_than_champion"]
+    assert ok and "first_model=promote_if_checks_pass" in md["reason"]
+    ok, md = gate_results(first, GateConfig(first_model="require_manual"))["macro_f1_not_worse_than_champion"]
+    assert not ok and "require_manual" in md["reason"]
+
+
+def test_the_gate_can_require_beating_the_frozen_feature_probe():
+    from sofar_assets.config import GateConfig
+    from sofar_assets.lib.gate import gate_results
+
+    worse = _evaluation(macro_f1=0.7, probe={"accuracy": 0.85, "macro_f1": 0.85})
+    ok, md = gate_results(worse, GateConfig())["not_worse_than_probe"]
+    assert ok and "off" in md["reason"] and md["probe_macro_f1"] == 0.85  # reported, not enforced
+    ok, md = gate_results(worse, GateConfig(require_beats_probe=True))["not_worse_than_probe"]
+    assert not ok and md["evidence"] == "sufficient"
+    assert gate_results(_evaluation(), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
+    assert not gate_results(_evaluation(probe={}), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]

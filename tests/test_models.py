@@ -80,6 +80,21 @@ def test_linear_head_shapes_and_normalization_inside():
     assert "mean" not in model.state_dict() and "std" not in model.state_dict()
 
 
+@pytest.mark.parametrize("arch", ["linear", "pmg"])
+def test_forward_features_gives_the_logits_and_the_heads_input(arch):
+    spec = ModelSpec(num_classes=3, arch=arch, backbone="resnet10t", pretrained=False, image_size=64,
+                     pmg_feature_dim=8)
+    torch.manual_seed(0)
+    model = build_model(spec).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        logits, feats = model.forward_features(x)
+        assert torch.allclose(logits, model(x), atol=1e-6)
+        head = model.head if arch == "linear" else model.classifier_concat
+        assert torch.allclose(head(feats), logits, atol=1e-6)
+    assert feats.shape == (2, model.backbone.num_features if arch == "linear" else 3 * 8)
+
+
 @pytest.mark.parametrize("backbone", ["efficientnet_lite0", "resnet10t"])
 def test_pmg_four_heads_shapes_and_backward(backbone):
     spec = ModelSpec(num_classes=3, arch="pmg", backbone=backbone, pretrained=False, image_size=64,

@@ -4,13 +4,18 @@ import numpy as np
 import pytest
 
 from sofar_assets.lib.ood import (
+    all_scores,
     auroc,
+    fit_feature_stats,
     fit_temperature,
     fpr_at_tpr,
+    knn_score,
     log_softmax,
+    mahalanobis_score,
     nll,
     one_vs_rest_auroc,
     roc_curve,
+    score,
     scores,
     softmax,
     threshold_at_tpr,
@@ -173,3 +178,38 @@ def test_nll_by_hand():
     assert nll(LOGITS_2x3, [2, 0]) == pytest.approx(expected)
     with pytest.raises(ValueError, match="outside"):
         nll(LOGITS_2x3, [3, 0])
+
+
+# ---------------------------------------------------------------- feature scores (Mahalanobis, kNN)
+
+
+def test_knn_score_is_minus_the_kth_nearest_normalised_distance():
+    bank = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    f = np.array([[2.0, 0.0], [1.0, 1.0]])  # normalised: (1, 0) and (1, 1)/sqrt2
+    np.testing.assert_allclose(knn_score(f, bank, k=1), [0.0, -math.sqrt(2 - math.sqrt(2))])
+    # 2nd nearest of (1, 0): (0, 1) and (0, -1) both at distance sqrt(2)
+    np.testing.assert_allclose(knn_score(f[:1], bank, k=2), [-math.sqrt(2)])
+    assert knn_score(f[:1], bank, k=99)[0] == pytest.approx(-math.sqrt(2))  # k capped at the bank size
+
+
+def test_mahalanobis_score_by_hand_and_feature_stats():
+    means, precision = np.array([[0.0, 0.0], [4.0, 0.0]]), np.diag([1.0, 4.0])
+    f = np.array([[1.0, 1.0], [3.0, 0.0]])
+    # row 1: to mean 0: 1 + 4 = 5, to mean 1: 9 + 4 = 13 -> -5; row 2: to mean 1: 1 -> -1
+    np.testing.assert_allclose(mahalanobis_score(f, means, precision), [-5.0, -1.0])
+    rng = np.random.default_rng(0)
+    x = np.r_[rng.normal(size=(20, 5)), rng.normal(size=(20, 5)) + 5]
+    stats = fit_feature_stats(x, [0] * 20 + [1] * 20)
+    assert stats["knn_bank"].dtype == np.float32 and np.allclose(np.linalg.norm(stats["knn_bank"], axis=1), 1)
+    np.testing.assert_allclose(stats["maha_means"][1], x[20:].mean(0), rtol=1e-5)
+    far = rng.normal(size=(10, 5)) * 3 + np.array([20, -20, 0, 0, 0])
+    for method in ("mahalanobis", "knn"):
+        assert auroc(score(None, x, method, 1.0, stats), score(None, far, method, 1.0, stats)) > 0.95
+
+
+def test_feature_scores_need_features_and_stats():
+    with pytest.raises(ValueError, match="needs penultimate features"):
+        scores(LOGITS_2x3, "knn")
+    with pytest.raises(ValueError, match="knn_bank"):
+        score(LOGITS_2x3, np.zeros((2, 4)), "knn", 1.0, {})
+    assert set(all_scores(LOGITS_2x3, None)) == {"max_logit", "energy", "max_softmax"}

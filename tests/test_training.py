@@ -16,7 +16,14 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from sofar_assets.lib.models import ModelSpec, build_model
-from sofar_assets.lib.training import TrainConfig, predict_logits, resolve_device, train_classifier
+from sofar_assets.lib.training import (
+    Augmented,
+    TrainConfig,
+    better,
+    predict_logits,
+    resolve_device,
+    train_classifier,
+)
 
 SIZE = 64
 
@@ -51,6 +58,10 @@ class Stripes(Dataset):
         return self.images[i], self.labels[i]
 
 
+# the plain SGD loop without the recipe's LP step, augmentation and early stopping
+SGD_ONLY = {"linear_probe": False, "augment": False, "patience": None}
+
+
 def _spec(arch: str = "linear") -> ModelSpec:
     return ModelSpec(num_classes=2, arch=arch, pretrained=True, image_size=SIZE, pmg_feature_dim=32)
 
@@ -71,7 +82,7 @@ def test_resolve_device():
 def test_frozen_linear_probe_learns_and_keeps_backbone_untouched():
     train, val = Stripes(32, seed=0), Stripes(16, seed=1)
     lines, rows = [], []
-    cfg = TrainConfig(epochs=3, batch_size=8, freeze_backbone=True, device="cpu")
+    cfg = TrainConfig(epochs=3, batch_size=8, freeze_backbone=True, device="cpu", **SGD_ONLY)
     res = train_classifier(_spec(), train, val, cfg, log=lines.append, on_epoch=rows.append)
 
     assert [r["epoch"] for r in res.history] == [1, 2, 3] and rows == res.history
@@ -79,7 +90,7 @@ def test_frozen_linear_probe_learns_and_keeps_backbone_untouched():
     assert res.best_val_macro_f1 == pytest.approx(1.0)
     assert res.best_val_metrics["val_acc"] == pytest.approx(1.0)
     best = max(r["val_macro_f1"] for r in res.history)
-    assert res.best_epoch == next(r["epoch"] for r in res.history if r["val_macro_f1"] == best)
+    assert res.best_epoch == min((r for r in res.history if r["val_macro_f1"] == best), key=lambda r: r["val_loss"])["epoch"]
     assert res.images_per_s > 0 and 0.0 <= res.data_wait_share < 1.0
     # cosine schedule: epoch 2 starts at lr/2*(1+cos(pi/3)) = 0.75*lr
     assert res.history[1]["lr"] == pytest.approx(0.75 * cfg.lr)
@@ -98,7 +109,7 @@ def test_best_epoch_weights_are_restored_not_the_last():
     # worse its val macro-F1, so the best epoch is the first one and must be what comes back.
     train, val = Stripes(32, seed=0), Stripes(16, seed=1, flip_labels=True)
     res = train_classifier(_spec(), train, val, TrainConfig(epochs=3, batch_size=8, freeze_backbone=True,
-                                                            device="cpu"), log=lambda s: None)
+                                                            device="cpu", **SGD_ONLY), log=lambda s: None)
     f1s = [r["val_macro_f1"] for r in res.history]
     assert res.best_epoch == 1 and f1s[0] >= max(f1s)
     losses = [r["val_loss"] for r in res.history]
@@ -108,7 +119,7 @@ def test_best_epoch_weights_are_restored_not_the_last():
 
 def test_pmg_trains_one_epoch_with_backbone_updates():
     train, val = Stripes(16, seed=2), Stripes(8, seed=3)
-    res = train_classifier(_spec("pmg"), train, val, TrainConfig(epochs=1, batch_size=8, device="cpu"),
+    res = train_classifier(_spec("pmg"), train, val, TrainConfig(epochs=1, batch_size=8, device="cpu", **SGD_ONLY),
                            log=lambda s: None)
     (row,) = res.history
     assert all(math.isfinite(row[k]) for k in ("train_loss", "train_loss_total", "val_loss", "val_macro_f1"))
@@ -118,6 +129,74 @@ def test_pmg_trains_one_epoch_with_backbone_updates():
     w = "blocks.5.0.conv_pw.weight"
     assert not torch.equal(res.model.backbone.state_dict()[w], fresh.backbone.state_dict()[w])
     assert predict_logits(res.model, val, device="cpu").shape == (8, 2)
+
+
+def test_better_prefers_f1_then_lower_val_loss():
+    best = {"val_macro_f1": 1.0, "val_loss": 0.5}
+    assert better({"val_macro_f1": 1.0, "val_loss": 0.4}, best)
+    assert not better({"val_macro_f1": 1.0, "val_loss": 0.6}, best)
+    assert better({"val_macro_f1": 0.9 + 0.1, "val_loss": 0.49}, best)  # float noise still ties
+    assert not better({"val_macro_f1": 0.9, "val_loss": 0.01}, best)
+    assert not better({"val_macro_f1": math.nan, "val_loss": 0.01}, best)
+    assert better({"val_macro_f1": 0.1, "val_loss": 9.0}, {"val_macro_f1": math.nan, "val_loss": 0.1})
+    assert better({"val_macro_f1": 0.1, "val_loss": 9.0}, None)
+
+
+def test_val_macro_f1_ties_are_broken_by_val_loss():
+    # Both classes are learnt at once, so val macro-F1 is 1.0 at every epoch while val loss
+    # keeps falling: the kept epoch must be the lowest-loss one, not the first F1 = 1.0.
+    train, val = Stripes(32, seed=0), Stripes(16, seed=1)
+    res = train_classifier(_spec(), train, val, TrainConfig(epochs=4, batch_size=8, freeze_backbone=True,
+                                                            device="cpu", **SGD_ONLY), log=lambda s: None)
+    f1s = [r["val_macro_f1"] for r in res.history]
+    losses = [r["val_loss"] for r in res.history]
+    assert f1s == [1.0] * 4, f1s
+    assert res.best_epoch == 1 + int(np.argmin(losses)) > 1
+    assert _val_loss(res.model, val) == pytest.approx(min(losses), abs=1e-4)
+
+
+def test_lp_ft_starts_from_the_logistic_regression_probe_then_fine_tunes():
+    from sofar_assets.lib import probe
+
+    train, val = Stripes(24, seed=0), Stripes(8, seed=1)
+    rows = []
+    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu", patience=None)
+    res = train_classifier(_spec(), train, val, cfg, log=lambda s: None, on_epoch=rows.append)
+    assert [(r["epoch"], r["phase"]) for r in res.history] == [(0, "lp"), (1, "ft"), (2, "ft")]
+    assert res.history[0]["val_acc"] == 1.0  # the probe alone already separates the stripes
+    # epoch 0's head IS the sklearn probe on the pretrained features
+    fresh = build_model(_spec()).eval()
+    with torch.no_grad():
+        feats = fresh.backbone(fresh.normalize(train.images.float() / 255)).numpy()
+    lp = probe.fit_probe(feats, train.labels, 2, c=cfg.probe_c)
+    np.testing.assert_allclose(res.train_features if res.best_epoch == 0 else feats, feats, atol=1e-4)
+    want_loss = F.cross_entropy(torch.from_numpy(lp.logits(feats)), torch.tensor(train.labels)).item()
+    assert res.history[0]["train_loss"] == pytest.approx(want_loss, rel=1e-3)
+    # fine-tuning moved the backbone weights, but not its BatchNorm statistics
+    if res.best_epoch > 0:
+        sd, ref = res.model.backbone.state_dict(), fresh.backbone.state_dict()
+        assert not torch.equal(sd["blocks.5.0.conv_pw.weight"], ref["blocks.5.0.conv_pw.weight"])
+        assert torch.equal(sd["bn1.running_mean"], ref["bn1.running_mean"])
+    assert res.train_features.shape == (24, 1280) and list(res.train_labels) == train.labels
+
+
+def test_patience_stops_fine_tuning_when_val_stops_improving():
+    # flipped val labels: every fine-tuning epoch only gets worse on val
+    train, val = Stripes(16, seed=0), Stripes(8, seed=1, flip_labels=True)
+    res = train_classifier(_spec(), train, val, TrainConfig(epochs=10, batch_size=8, device="cpu", patience=2),
+                           log=lambda s: None)
+    assert [r["phase"] for r in res.history] == ["lp", "ft", "ft"]
+    assert res.best_epoch == 0
+
+
+def test_augmentation_is_random_but_reproducible_and_keeps_uint8():
+    ds = Augmented(Stripes(2, seed=0), SIZE)
+    torch.manual_seed(3)
+    a = ds[0][0]
+    torch.manual_seed(3)
+    b = ds[0][0]
+    assert a.dtype == torch.uint8 and a.shape == (3, SIZE, SIZE)
+    assert torch.equal(a, b) and not torch.equal(a, ds.ds[0][0])
 
 
 def test_predict_logits_keeps_dataset_order():
@@ -142,12 +221,31 @@ def test_package_round_trip(tmp_path):
     assert meta["format"] == "sofar-model/1" and meta["classes"] == ["normal", "defect", "dirt"]
     assert meta["spec"] == spec.to_dict() and meta["extra"] == {"val_macro_f1": 0.5}
     loaded, meta2 = load_package(tmp_path / "pkg")
-    assert meta2 == meta and not loaded.training
+    assert meta2 == {**meta, "ood_stats": {}} and not loaded.training
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     with pytest.raises(ValueError, match="3 class names|class names"):
         save_package(model, spec, ["a", "b"], tmp_path / "bad")
+
+
+def test_package_carries_the_feature_score_statistics(tmp_path):
+    from sofar_assets.lib import ood
+    from sofar_assets.lib.packaging import OOD_STATS_FILE, load_package, save_package
+
+    spec = ModelSpec(num_classes=2, backbone="resnet10t", pretrained=False, image_size=SIZE)
+    model = build_model(spec).eval()
+    rng = np.random.default_rng(0)
+    stats = ood.fit_feature_stats(rng.normal(size=(12, 8)), [0, 1] * 6)
+    save_package(model, spec, ["a", "b"], tmp_path / "pkg", extra={"ood_knn_k": 2}, ood_stats=stats)
+    assert (tmp_path / "pkg" / OOD_STATS_FILE).is_file()
+    _, meta = load_package(tmp_path / "pkg")
+    assert set(meta["ood_stats"]) == {"knn_bank", "maha_means", "maha_precision"}
+    for k, v in stats.items():
+        np.testing.assert_array_equal(meta["ood_stats"][k], v)
+    f = rng.normal(size=(3, 8))
+    np.testing.assert_allclose(ood.package_score(np.zeros((3, 2)), f, "knn", 1.0, meta),
+                               ood.knn_score(f, stats["knn_bank"], k=2))
 
 
 @pytest.fixture

@@ -15,25 +15,28 @@ from PIL import Image
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
+from sofar_assets.lib import calibration, evaluation, links, metrics, ood, plots, registry, storage
 from sofar_assets.lib import dataset as ds
-from sofar_assets.lib import links, metrics, ood, plots, registry, storage
 from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.gate import GATE_CHECKS, failed_checks, gate_results
 from sofar_assets.lib.images import ImageDataset
-from sofar_assets.lib.inference import predict_images
 from sofar_assets.lib.models import ModelSpec
 from sofar_assets.lib.packaging import load_registered, log_and_register
-from sofar_assets.lib.training import TrainConfig, predict_logits, train_classifier
+from sofar_assets.lib.training import (
+    TrainConfig,
+    predict_logits,
+    predict_logits_and_features,
+    train_classifier,
+)
 from sofar_assets.settings import git_commit
 
 OWNERS = ["team:ml-platform"]
-TEMPERATURE_MIN = 0.5
 
 def _split(data: pd.DataFrame, split: str) -> pd.DataFrame:
     return data[(data["split"] == split) & ~data["multi_label"]].reset_index(drop=True)
 
 
-def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, image_store, *, hflip=False):
+def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, image_store):
     index = {c: i for i, c in enumerate(classes)}
     return ImageDataset(
         list(rows["image_uri"]),
@@ -42,7 +45,6 @@ def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, ima
         cache=image_store.cache(cfg.model.image_size),
         sha256s=list(rows["sha256"]),
         read_bytes=storage.read_bytes,
-        hflip=hflip,
     )
 
 
@@ -58,6 +60,28 @@ def _describe(client, name: str, version: str, text: str) -> None:
             "ONE N-class image classifier over every SOFAR inspection task (one label space), with a "
             "max-logit OOD threshold tagged on each version. @champion serves the daily predictions; it is "
             "moved by the champion_model asset after the promotion gate, or by `sofar promote` / `sofar rollback`."))
+
+
+def _model_spec(cfg: SofarConfig, num_classes: int) -> ModelSpec:
+    return ModelSpec(num_classes=num_classes, arch=cfg.model.arch, backbone=cfg.model.backbone,
+                     image_size=cfg.model.image_size, pretrained=cfg.model.pretrained,
+                     weights_file=cfg.weights_file, pmg_feature_dim=cfg.model.pmg_feature_dim)
+
+
+def _ood_set_features(model, cfg: SofarConfig, image_store, context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(logits, features) of every readable image of every configured OOD set."""
+    out = {}
+    for name, oset in cfg.ood_sets.items():
+        arrays, errors = calibration.read_images(storage.list_files(cfg.resolve(oset.folder)), cfg.model.image_size,
+                                                 cache=image_store.cache(cfg.model.image_size))
+        for err in errors:
+            context.log.warning(f"OOD set {name!r}: image skipped: {err}")
+        if not arrays:
+            context.log.warning(f"OOD set {name!r} has no readable images; skipped")
+            continue
+        out[name] = predict_logits_and_features(model, evaluation.ArrayDataset(arrays, [0] * len(arrays)),
+                                                device=cfg.inference.device)
+    return out
 
 
 def build_model_assets(cfg: SofarConfig) -> list:
@@ -76,7 +100,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         group_name="training",
         kinds={"pytorch", "mlflow"},
         owners=OWNERS,
-        code_version="1",
+        code_version="2",
         pool="gpu",
         op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers, batch_size=cfg.train.batch_size,
                           device=cfg.train.device),
@@ -86,10 +110,11 @@ def build_model_assets(cfg: SofarConfig) -> list:
     ) -> dg.Output[dict]:
         """ONE N-class classifier over the concatenated label space (the GPU step).
 
-        Trains the configured architecture (``linear`` or the paper's ``pmg``) on the train
-        split, validates every epoch on the val split, keeps the best epoch by val macro-F1,
-        and registers it in MLflow (safetensors + JSON config, tagged with the dataset hash and
-        the git commit).
+        Trains the configured architecture (``linear`` or the paper's ``pmg``) with the recipe
+        of ``lib/training.py`` (linear probe, then fine-tuning on augmented photos with
+        patience), keeps the epoch with the best val macro-F1 (ties: lower val loss), and
+        registers it in MLflow (safetensors + JSON config + the feature-score statistics of the
+        train split, tagged with the dataset hash and the git commit).
         """
         data = warehouse.get().read_table("sofar_dataset")
         digest = ds.dataset_hash(data)
@@ -102,15 +127,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         missing = sorted(set(classes) - set(train_rows["label"]))
         if missing:
             context.log.warning(f"classes without training images: {missing}")
-        spec = ModelSpec(
-            num_classes=len(classes),
-            arch=cfg.model.arch,
-            backbone=cfg.model.backbone,
-            image_size=cfg.model.image_size,
-            pretrained=cfg.model.pretrained,
-            weights_file=cfg.weights_file,
-            pmg_feature_dim=cfg.model.pmg_feature_dim,
-        )
+        spec = _model_spec(cfg, len(classes))
         tcfg = TrainConfig(**cfg.train.model_dump())
         experiment_id = mlflow_tracking.setup()
         with mlflow.start_run(
@@ -128,7 +145,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             mlflow.log_dict({"classes": classes}, "classes.json")
             result = train_classifier(
                 spec,
-                _image_dataset(train_rows, classes, cfg, image_store, hflip=True),
+                _image_dataset(train_rows, classes, cfg, image_store),
                 _image_dataset(val_rows, classes, cfg, image_store),
                 tcfg,
                 log=context.log.info,
@@ -152,7 +169,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 spec,
                 classes,
                 cfg.model.name,
-                extra={"dataset_hash": digest, "git_commit": git_commit(), "best_epoch": result.best_epoch},
+                extra={"dataset_hash": digest, "git_commit": git_commit(), "best_epoch": result.best_epoch,
+                       "ood_knn_k": cfg.ood.knn_k},
+                ood_stats=ood.fit_feature_stats(result.train_features, result.train_labels),
                 tags={"dataset_hash": digest, "git_commit": git_commit(), "dagster_run_id": context.run_id,
                       "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id),
                       "val_macro_f1": f"{result.best_val_macro_f1:.4f}"},
@@ -189,101 +208,65 @@ def build_model_assets(cfg: SofarConfig) -> list:
             },
         )
 
-    def _load(ref: dict):
-        return load_registered(ref["model_uri"])
-
-    def _ood_scores(model, folder: str, threshold: float, temperature: float, context) -> tuple[np.ndarray, int]:
-        files = storage.list_files(folder)
-        frames = list(
-            predict_images(
-                model, [(f, f) for f in files], classes=classes, image_size=cfg.model.image_size,
-                threshold=threshold, score_method=cfg.ood.score, temperature=temperature,
-                batch_size=cfg.inference.batch_size, num_workers=0, device=cfg.inference.device,
-                max_bytes=cfg.inference.max_bytes,
-            )
-        )
-        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["ood_score", "error"])
-        bad = df[df["error"].notna()]
-        for err in bad["error"]:
-            context.log.warning(f"OOD set image skipped: {err}")
-        return df[df["error"].isna()]["ood_score"].to_numpy(dtype=float), len(bad)
-
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1",
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="2",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def ood_calibration(
         context: dg.AssetExecutionContext, sofar_classifier: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
         image_store: ImageStoreResource,
     ) -> dg.Output[dict]:
-        """Out-of-distribution threshold for the model version, from its own logits.
+        """Out-of-distribution threshold for the model version, and every OOD score side by side.
 
         Temperature scaling fitted on the val split (changes probabilities, not the top-2);
-        the OOD score (max logit by default, as in the paper) thresholded at the target
-        in-distribution TPR on the val split; AUROC and FPR@TPR on each configured irrelevant
-        image set, and one-class AUROC per task. Stored as tags on the MLflow model version.
+        the configured OOD score (``ood.score``, max logit by default as in the paper)
+        thresholded at the target in-distribution TPR on the val split. AUROC and FPR@TPR of
+        every score (max logit, energy, max softmax, Mahalanobis, kNN) on each configured
+        irrelevant image set, and one-class AUROC per task. Score method, temperature and
+        threshold are tags on the MLflow model version (lib/registry.py).
         """
         client = mlflow_tracking.client()
-        model, _meta = _load(sofar_classifier)
+        model, meta = load_registered(sofar_classifier["model_uri"])
         val_rows = _split(warehouse.get().read_table("sofar_dataset"), "val")
-        logits = predict_logits(model, _image_dataset(val_rows, classes, cfg, image_store), device=cfg.inference.device)
-        y = val_rows["label"].map(index).to_numpy()
-        # A perfectly separated val split (or a very underconfident model) drives the NLL-optimal
-        # temperature towards 0, where every probability is 1.0; the bound keeps them informative.
-        temperature = ood.fit_temperature(logits, y, t_min=TEMPERATURE_MIN)
-        if temperature <= TEMPERATURE_MIN * 1.01:
+        logits, feats = predict_logits_and_features(model, _image_dataset(val_rows, classes, cfg, image_store),
+                                                    device=cfg.inference.device)
+        report = calibration.calibrate(
+            logits, val_rows["label"].map(index).to_numpy(), feats, meta["ood_stats"],
+            _ood_set_features(model, cfg, image_store, context), score_method=cfg.ood.score,
+            target_tpr=cfg.ood.target_tpr, knn_k=cfg.ood.knn_k,
+            task_positives={t: index[task.positive_label] for t, task in cfg.tasks.items()})
+        if report["temperature_at_bound"]:
             context.log.warning(
-                f"temperature hit its lower bound {TEMPERATURE_MIN}: the val NLL keeps falling as it sharpens "
-                "(val split perfectly separated, or the model underconfident); probabilities use the bound"
-            )
-        nll_before, nll_after = ood.nll(logits, y, 1.0), ood.nll(logits, y, temperature)
-        id_scores = ood.scores(logits, cfg.ood.score, temperature)
-        threshold = ood.threshold_at_tpr(id_scores, cfg.ood.target_tpr)
-        report: dict = {
-            "score_method": cfg.ood.score, "temperature": temperature, "threshold": threshold,
-            "target_tpr": cfg.ood.target_tpr, "val_tpr": float((id_scores >= threshold).mean()),
-            "val_nll_before": nll_before, "val_nll_after": nll_after,
-            "val_score_min": float(id_scores.min()), "val_score_max": float(id_scores.max()),
-            "ood_sets": {}, "task_auroc": {},
-        }
-        curves, ood_scores = {}, {}
-        for name, oset in cfg.ood_sets.items():
-            scores_ood, skipped = _ood_scores(model, cfg.resolve(oset.folder), threshold, temperature, context)
-            if len(scores_ood) == 0:
-                context.log.warning(f"OOD set {name!r} has no readable images; skipped")
-                continue
-            ood_scores[name] = scores_ood.tolist()
-            auc = ood.auroc(id_scores, scores_ood)
-            fpr, tpr = ood.roc_curve(id_scores, scores_ood)
-            curves[name] = (fpr, tpr, auc)
-            report["ood_sets"][name] = {
-                "images": int(len(scores_ood)), "unreadable": skipped, "auroc": auc,
-                "fpr_at_tpr": ood.fpr_at_tpr(id_scores, scores_ood, cfg.ood.target_tpr),
-                "rejected_share": float((scores_ood < threshold).mean()),
-            }
-        for task_name, task in cfg.tasks.items():
-            pos = task.positive_label
-            if pos is not None and (y == index[pos]).any() and (y != index[pos]).any():
-                report["task_auroc"][task_name] = ood.one_vs_rest_auroc(logits, y, index[pos], temperature)
+                f"temperature hit its lower bound {calibration.TEMPERATURE_MIN}: the val NLL keeps falling as it "
+                "sharpens (val split perfectly separated, or the model underconfident); probabilities use the bound")
+        temperature, threshold = report["temperature"], report["threshold"]
         registry.write_calibration(
             client, sofar_classifier["model_name"], sofar_classifier["version"],
             registry.Calibration(cfg.ood.score, temperature, threshold), target_tpr=cfg.ood.target_tpr,
             extra={f"ood_auroc_{k}": f"{v['auroc']:.4f}" for k, v in report["ood_sets"].items()},
         )
+        curves = {name: (*ood.roc_curve(report["val_scores"], s), report["ood_sets"][name]["auroc"])
+                  for name, s in report["ood_scores"].items()}
+        side_by_side = {f"{name}/{m}": r for name, sets in report["ood_sets"].items() for m, r in sets["scores"].items()}
         with mlflow.start_run(run_id=sofar_classifier["run_id"]):
             mlflow.log_dict(report, "ood_calibration.json")
             mlflow.log_metrics({"ood_temperature": temperature, "ood_threshold": threshold,
                                 **{f"ood_auroc_{k}": v["auroc"] for k, v in report["ood_sets"].items()},
                                 **{f"ood_fpr_at_tpr_{k}": v["fpr_at_tpr"] for k, v in report["ood_sets"].items()},
+                                **{f"ood_auroc_{k.replace('/', '_')}": v["auroc"] for k, v in side_by_side.items()},
                                 **{f"task_auroc_{k}": v for k, v in report["task_auroc"].items()}})
             roc_png = plots.roc_png(curves) if curves else None
             if roc_png:
                 mlflow.log_image(_png_image(roc_png), "ood_roc.png")
         out = {**sofar_classifier, **{k: report[k] for k in ("score_method", "temperature", "threshold", "target_tpr")},
-               "ood_sets": report["ood_sets"], "ood_scores": ood_scores}
+               "ood_sets": report["ood_sets"], "ood_scores": report["ood_scores"],
+               "ood_scores_by_method": report["ood_scores_by_method"]}
         md = {
             "threshold": threshold, "temperature": temperature, "score_method": cfg.ood.score,
-            "val_tpr": report["val_tpr"], "val_nll_before": nll_before, "val_nll_after": nll_after,
+            "val_tpr": report["val_tpr"], "val_nll_before": report["val_nll_before"],
+            "val_nll_after": report["val_nll_after"],
             "val_score_range": dg.MetadataValue.json([report["val_score_min"], report["val_score_max"]]),
-            "ood_report": dg.MetadataValue.json(report["ood_sets"]),
+            "ood_report": dg.MetadataValue.json({k: {kk: vv for kk, vv in v.items() if kk != "scores"}
+                                                 for k, v in report["ood_sets"].items()}),
+            "ood_scores_side_by_side": dg.MetadataValue.md(calibration.scores_table(report["ood_sets"])),
             "task_auroc": dg.MetadataValue.json(report["task_auroc"]),
             "model_version": sofar_classifier["version"],
         }
@@ -294,7 +277,26 @@ def build_model_assets(cfg: SofarConfig) -> list:
             md["roc"] = dg.MetadataValue.md(plots.png_to_markdown(roc_png, "ROC"))
         return dg.Output(out, metadata=md)
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="1",
+    def _probe_figures(data: pd.DataFrame, test_ds, y, context, image_store) -> dict:
+        """The frozen-feature probe baseline on the same train/test split (and OOD sets)."""
+        train_rows = _split(data, "train")
+        frozen = evaluation.frozen_feature_model(_model_spec(cfg, len(classes)))
+        _, train_f = predict_logits_and_features(frozen, _image_dataset(train_rows, classes, cfg, image_store),
+                                                 device=cfg.inference.device)
+        _, test_f = predict_logits_and_features(frozen, test_ds, device=cfg.inference.device)
+        ood_f = {k: f for k, (_, f) in _ood_set_features(frozen, cfg, image_store, context).items()}
+        try:
+            pb = evaluation.probe_baseline(train_f, train_rows["label"].map(index).to_numpy(), test_f, ood_f,
+                                           len(classes), c=cfg.train.probe_c, knn_k=cfg.ood.knn_k)
+        except ValueError as exc:  # e.g. a train split with one class
+            context.log.warning(f"probe baseline skipped: {exc}")
+            return {"skipped": str(exc)}
+        pred = pb.test_logits.argmax(1)
+        return {"accuracy": metrics.accuracy(y, pred), "macro_f1": metrics.macro_f1(y, pred, len(classes)),
+                "ood_auroc_by_score": {name: {m: ood.auroc(pb.test_scores[m], v) for m, v in by.items()}
+                                       for name, by in pb.ood_scores.items()}}
+
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="2",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def model_evaluation(
         context: dg.AssetExecutionContext, ood_calibration: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
@@ -316,46 +318,43 @@ def build_model_assets(cfg: SofarConfig) -> list:
             raise dg.Failure(description="sofar_dataset has no single-label test images; raise dataset.test_fraction")
         test_ds = _image_dataset(test_rows, classes, cfg, image_store)
         y = test_rows["label"].map(index).to_numpy()
-        model, _ = load_registered(ref["model_uri"])
-        logits = predict_logits(model, test_ds, device=cfg.inference.device)
+        model, meta = load_registered(ref["model_uri"])
+        logits, feats = predict_logits_and_features(model, test_ds, device=cfg.inference.device)
         pred = logits.argmax(1)
-        probs = ood.softmax(logits, ref["temperature"])
-        result: dict = {
-            "model_name": ref["model_name"], "version": ref["version"], "test_images": int(len(y)),
-            "accuracy": metrics.accuracy(y, pred), "macro_f1": metrics.macro_f1(y, pred, len(classes)),
-            "ece": metrics.expected_calibration_error(probs, y), "tasks": {},
-        }
-        for task_name, task in cfg.tasks.items():
-            own = {index[lab] for lab in task.labels.values()}
-            result["tasks"][task_name] = metrics.binary_task_metrics(
-                y, pred, index[task.positive_label], task_classes=own
-            )
         multi = data[data["multi_label"]].reset_index(drop=True)
-        if not multi.empty:
-            multi_ds = _image_dataset(multi, classes, cfg, image_store)  # label = the first of its labels
-            mlogits = predict_logits(model, multi_ds, device=cfg.inference.device)
-            sets = [{index[lab] for lab in labels.split("|")} for labels in multi["labels"]]
-            two = [k for k, st in enumerate(sets) if len(st) == 2]  # three labels cannot fit a top-2
-            if two:
-                result["top2_joint_hit_rate"] = metrics.top2_joint_hit_rate(mlogits[two], [sets[k] for k in two])
-            result["multi_label_images"] = int(len(multi))
-            result["multi_label_images_over_two_labels"] = len(sets) - len(two)
-        id_scores = ood.scores(logits, ref["score_method"], ref["temperature"])
-        # the OOD sets were scored by this same version in ood_calibration: reuse those scores
-        ood_auc = {name: ood.auroc(id_scores, np.asarray(s_ood))
-                   for name, s_ood in ref.get("ood_scores", {}).items() if len(s_ood)}
-        result["ood_auroc"] = ood_auc
-        result["ood_auroc_min"] = min(ood_auc.values()) if ood_auc else None
+        multi_logits = (predict_logits(model, _image_dataset(multi, classes, cfg, image_store),  # label: the first
+                                       device=cfg.inference.device) if not multi.empty else None)
+        result = {
+            "model_name": ref["model_name"], "version": ref["version"],
+            **evaluation.evaluate_test(
+                y, logits, feats, num_classes=len(classes), temperature=ref["temperature"],
+                score_method=ref["score_method"], stats=meta["ood_stats"], knn_k=cfg.ood.knn_k,
+                ood_scores_by_method=ref.get("ood_scores_by_method")
+                or {k: {ref["score_method"]: v} for k, v in ref.get("ood_scores", {}).items()},
+                tasks={t: (index[task.positive_label], {index[lab] for lab in task.labels.values()})
+                       for t, task in cfg.tasks.items()},
+                multi_logits=multi_logits,
+                multi_label_sets=[{index[lab] for lab in labels.split("|")} for labels in multi["labels"]],
+                n_resamples=cfg.gate.bootstrap_resamples),
+        }
+        if cfg.train.freeze_backbone and cfg.train.linear_probe is True and cfg.model.arch == "linear" \
+                and cfg.model.pretrained:
+            # the model IS the probe (LP on the frozen pretrained features, same split, same C)
+            result["probe"] = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+                               "ood_auroc_by_score": result["ood_auroc_by_score"], "same_as_model": True}
+        else:
+            result["probe"] = _probe_figures(data, test_ds, y, context, image_store)
         champ = registry.champion_version(client, ref["model_name"])
         result["champion_version"] = champ
         result["champion_macro_f1"] = None
         if champ is not None and champ != ref["version"]:
-            champ_model, champ_meta = load_registered(f"models:/{ref['model_name']}/{champ}")
+            champ_model, champ_meta = load_registered(registry.model_uri(ref["model_name"], champ))
             if list(champ_meta["classes"]) == classes:
                 cl = predict_logits(champ_model, test_ds, device=cfg.inference.device)
                 result["champion_macro_f1"] = metrics.macro_f1(y, cl.argmax(1), len(classes))
             else:
                 context.log.warning(f"champion v{champ} has other classes {champ_meta['classes']}: not comparable")
+        probs = ood.softmax(logits, ref["temperature"])
         cm = metrics.confusion_matrix(y, pred, len(classes))
         bins = metrics.reliability_bins(probs, y)
         for k, v in {"test_macro_f1": result["macro_f1"], "test_accuracy": result["accuracy"],
@@ -367,7 +366,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 **{f"test_{t}_accuracy": m["accuracy"] for t, m in result["tasks"].items()},
                 **{f"test_{t}_f1": m["f1"] for t, m in result["tasks"].items()},
                 **({"top2_joint_hit_rate": result["top2_joint_hit_rate"]} if "top2_joint_hit_rate" in result else {}),
-                **{f"test_ood_auroc_{k}": v for k, v in ood_auc.items()},
+                **{f"test_ood_auroc_{k}": v for k, v in result["ood_auroc"].items()},
+                **({"probe_test_macro_f1": result["probe"]["macro_f1"], "probe_test_accuracy": result["probe"]["accuracy"]}
+                   if result["probe"].get("macro_f1") is not None else {}),
             })
             mlflow.log_dict(result, "evaluation.json")
             cm_png, rel_png = plots.confusion_matrix_png(cm, classes), plots.reliability_png(bins)
@@ -382,7 +383,12 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "test_accuracy": result["accuracy"],
                 "ece": result["ece"],
                 "top2_joint_hit_rate": result.get("top2_joint_hit_rate"),
-                "ood_auroc": dg.MetadataValue.json(ood_auc),
+                "macro_f1_ci": dg.MetadataValue.json(result["macro_f1_ci"]),
+                "ece_ci": dg.MetadataValue.json(result["ece_ci"]),
+                "ood_auroc": dg.MetadataValue.json(result["ood_auroc"]),
+                "ood_auroc_ci": dg.MetadataValue.json(result["ood_auroc_ci"]),
+                "ood_auroc_by_score": dg.MetadataValue.json(result["ood_auroc_by_score"]),
+                "probe_baseline": dg.MetadataValue.json(result["probe"]),
                 "champion_version": champ,
                 "champion_macro_f1_same_test": result["champion_macro_f1"],
                 **_mlflow_links(client.get_run(ref["run_id"]).info.experiment_id, ref["run_id"], ref["version"]),

@@ -1,4 +1,4 @@
-"""Classification metrics in plain numpy (no sklearn at run time).
+"""Classification metrics over sklearn.metrics, with the conventions below, and bootstrap CIs.
 
 Conventions shared by every function here:
 - labels are integer class indices in ``[0, num_classes)``;
@@ -8,9 +8,12 @@ Conventions shared by every function here:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+from scipy.stats import bootstrap
+from sklearn.metrics import confusion_matrix as _sk_confusion_matrix
+from sklearn.metrics import f1_score
 
 
 def _labels(y, name: str) -> np.ndarray:
@@ -48,21 +51,20 @@ def confusion_matrix(y_true, y_pred, num_classes: int) -> np.ndarray:
     for name, arr in (("y_true", t), ("y_pred", p)):
         if arr.size and (arr.min() < 0 or arr.max() >= num_classes):
             raise ValueError(f"{name} holds labels outside [0, {num_classes})")
-    cm = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(cm, (t, p), 1)
-    return cm
+    if t.size == 0:
+        return np.zeros((num_classes, num_classes), dtype=np.int64)
+    return _sk_confusion_matrix(t, p, labels=np.arange(num_classes)).astype(np.int64)
 
 
 def per_class_f1(y_true, y_pred, num_classes: int) -> np.ndarray:
     """F1 per class; ``nan`` for a class absent from both ``y_true`` and ``y_pred``."""
-    cm = confusion_matrix(y_true, y_pred, num_classes)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)  # true occurrences
-    predicted = cm.sum(axis=0)
-    denom = support + predicted  # 2TP + FP + FN
-    f1 = np.full(num_classes, np.nan)
-    seen = denom > 0
-    f1[seen] = 2.0 * tp[seen] / denom[seen]
+    t, p = _pair(y_true, y_pred)
+    confusion_matrix(t, p, num_classes)  # validates the label range
+    if t.size == 0:
+        return np.full(num_classes, np.nan)
+    f1 = f1_score(t, p, labels=np.arange(num_classes), average=None, zero_division=0.0).astype(np.float64)
+    seen = np.isin(np.arange(num_classes), np.r_[t, p])
+    f1[~seen] = np.nan  # 0/0: neither true nor predicted (sklearn would say 0)
     return f1
 
 
@@ -202,3 +204,23 @@ def top2_joint_hit_rate(logits, label_sets: Sequence[Iterable[int]]) -> float:
             raise ValueError(f"each label set must hold 1 or 2 labels, got {sorted(s)}")
         hits += s.issubset({int(c) for c in row})
     return hits / lg.shape[0]
+
+
+def bootstrap_ci(statistic: Callable[[np.ndarray], float], n: int | Sequence[int], *, confidence: float = 0.95,
+                 n_resamples: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``statistic`` over resampled row indices.
+
+    ``n`` is the sample size, or a sequence of sizes for independent samples (e.g. ID and OOD
+    scores for an AUROC): each is resampled on its own and ``statistic`` receives one index
+    array per sample. ``(nan, nan)`` when a sample has fewer than 2 rows. Uses ``scipy.stats.bootstrap``;
+    percentile intervals because BCa is undefined for the degenerate resamples small
+    evaluation splits produce (e.g. every resample's F1 = 1.0).
+    """
+    sizes = [int(n)] if isinstance(n, (int, np.integer)) else [int(k) for k in n]
+    if min(sizes) < 2:  # one observation has no spread to resample
+        return float("nan"), float("nan")
+    res = bootstrap(tuple(np.arange(k) for k in sizes), lambda *idx: statistic(*idx), vectorized=False,
+                    paired=False, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+                    rng=np.random.default_rng(seed))
+    lo, hi = res.confidence_interval
+    return float(lo), float(hi)

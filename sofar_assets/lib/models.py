@@ -283,6 +283,18 @@ class SofarNet(nn.Module):
             return self.head(self.backbone(self.normalize(x)))
         return self.classifier_concat(torch.cat(self._pmg_pooled(x), dim=1))
 
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits, penultimate features)`` in one pass, for feature-based OOD scores.
+
+        ``linear``: the pooled backbone features the head sees; ``pmg``: the three pooled
+        stage vectors concatenated (the concat head's input).
+        """
+        if self.spec.arch == "linear":
+            feats = self.backbone(self.normalize(x))
+            return self.head(feats), feats
+        feats = torch.cat(self._pmg_pooled(x), dim=1)
+        return self.classifier_concat(feats), feats
+
     def forward_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """PMG only: logits of the three stage heads and of the concat head."""
         if self.spec.arch != "pmg":

@@ -1,4 +1,4 @@
-"""Out-of-distribution scores, thresholds and ranking metrics in plain numpy.
+"""Out-of-distribution scores, thresholds and ranking metrics (numpy, scipy, sklearn).
 
 Everything follows one sign convention: a *higher* score means *more in-distribution*, the
 ID samples are the positives of every ROC quantity, and a sample is rejected as OOD when
@@ -10,10 +10,21 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax as _log_softmax
+from scipy.special import logsumexp
+from scipy.special import softmax as _softmax
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_curve as _sk_roc_curve
 
 from .metrics import _labels
 
-METHODS = ("max_logit", "energy", "max_softmax")
+LOGIT_METHODS = ("max_logit", "energy", "max_softmax")
+# Scores on the penultimate features; they need the statistics of the training features
+# (:func:`fit_feature_stats`), which travel in the model package as safetensors.
+FEATURE_METHODS = ("mahalanobis", "knn")
+METHODS = LOGIT_METHODS + FEATURE_METHODS
 
 
 def _logits2d(logits) -> np.ndarray:
@@ -32,42 +43,136 @@ def _check_temperature(temperature: float) -> float:
     return t
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    m = x.max(axis=1, keepdims=True)
-    return (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))[:, 0]
+def _check_method(method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown OOD score method {method!r}; valid: {', '.join(METHODS)}")
 
 
 def log_softmax(logits, temperature: float = 1.0) -> np.ndarray:
     """Row-wise ``log softmax(logits / T)``, stable for large logits."""
-    z = _logits2d(logits) / _check_temperature(temperature)
-    return z - _logsumexp(z)[:, None]
+    return _log_softmax(_logits2d(logits) / _check_temperature(temperature), axis=1)
 
 
 def softmax(logits, temperature: float = 1.0) -> np.ndarray:
     """Row-wise ``softmax(logits / T)``, stable for large logits."""
-    z = _logits2d(logits) / _check_temperature(temperature)
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    return _softmax(_logits2d(logits) / _check_temperature(temperature), axis=1)
 
 
 def scores(logits, method: str = "max_logit", temperature: float = 1.0) -> np.ndarray:
-    """Per-sample in-distribution score (higher = more in-distribution).
+    """Per-sample in-distribution score from logits alone (higher = more in-distribution).
 
     - ``max_logit``: ``max_c logits[c]`` on the raw logits. ``temperature`` is validated but
       not applied: dividing by a positive T does not change the ranking, and raw logits keep
       a threshold fitted before temperature scaling valid afterwards.
     - ``energy``: ``T * logsumexp(logits / T)`` (the negative free energy).
     - ``max_softmax``: ``max_c softmax(logits / T)[c]``.
+
+    The feature scores (``mahalanobis``, ``knn``) need features: use :func:`score`.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown OOD score method {method!r}; valid: {', '.join(METHODS)}")
+    _check_method(method)
+    if method in FEATURE_METHODS:
+        raise ValueError(f"OOD score {method!r} needs penultimate features and the package's feature "
+                         "statistics: call ood.score(logits, features, method, temperature, stats)")
     t = _check_temperature(temperature)
     lg = _logits2d(logits)
     if method == "max_logit":
         return lg.max(axis=1)
     if method == "energy":
-        return t * _logsumexp(lg / t)
+        return t * logsumexp(lg / t, axis=1)
     return softmax(lg, t).max(axis=1)
+
+
+# --------------------------------------------------------------------------- feature scores
+
+
+def _features2d(features, name: str = "features") -> np.ndarray:
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[1] == 0:
+        raise ValueError(f"{name} must be (N, D) with D > 0, got shape {f.shape}")
+    return f
+
+
+def _l2_normalize(f: np.ndarray) -> np.ndarray:
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def fit_feature_stats(features, labels) -> dict[str, np.ndarray]:
+    """What the feature scores need at prediction time, from the TRAINING split's features.
+
+    - ``knn_bank``: the L2-normalised training features (Sun et al., ICML 2022);
+    - ``maha_means`` / ``maha_precision``: per-class means of the classes present and the
+      precision of the shared, class-centred covariance (Lee et al., NeurIPS 2018), estimated
+      with Ledoit-Wolf shrinkage because there are usually fewer photos than dimensions.
+
+    float32 arrays, ready for safetensors.
+    """
+    f = _features2d(features, "training features")
+    y = _labels(labels, "labels")
+    if y.shape[0] != f.shape[0]:
+        raise ValueError(f"{f.shape[0]} feature rows but {y.shape[0]} labels")
+    if f.shape[0] < 2:
+        raise ValueError(f"need at least 2 training feature rows, got {f.shape[0]}")
+    classes = np.unique(y)
+    means = np.stack([f[y == c].mean(axis=0) for c in classes])
+    centred = f - means[np.searchsorted(classes, y)]
+    precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+    return {
+        "knn_bank": _l2_normalize(f).astype(np.float32),
+        "maha_means": means.astype(np.float32),
+        "maha_precision": precision.astype(np.float32),
+    }
+
+
+def knn_score(features, bank, k: int = 1) -> np.ndarray:
+    """Minus the distance to the ``k``-th nearest normalised training feature (higher = ID)."""
+    f = _l2_normalize(_features2d(features))
+    b = _features2d(bank, "knn_bank")
+    if f.shape[1] != b.shape[1]:
+        raise ValueError(f"features have {f.shape[1]} dimensions but the kNN bank has {b.shape[1]}")
+    k = max(1, min(int(k), b.shape[0]))
+    # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th largest similarity is the k-th nearest
+    sim = f @ b.T
+    kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
+    return -np.sqrt(np.clip(2.0 - 2.0 * kth, 0.0, None))
+
+
+def mahalanobis_score(features, means, precision) -> np.ndarray:
+    """Minus the smallest Mahalanobis distance (squared) to a class mean (higher = ID)."""
+    f = _features2d(features)
+    mu = _features2d(means, "maha_means")
+    p = np.asarray(precision, dtype=np.float64)
+    if mu.shape[1] != f.shape[1] or p.shape != (f.shape[1], f.shape[1]):
+        raise ValueError(f"features have {f.shape[1]} dimensions but the Mahalanobis statistics are "
+                         f"{mu.shape} / {p.shape}")
+    d = f[:, None, :] - mu[None, :, :]
+    return -np.einsum("ncd,de,nce->nc", d, p, d).min(axis=1)
+
+
+def score(logits, features, method: str = "max_logit", temperature: float = 1.0,
+          stats: dict | None = None, *, knn_k: int = 1) -> np.ndarray:
+    """Any OOD score of :data:`METHODS` for one batch (higher = more in-distribution).
+
+    Logit scores ignore ``features``/``stats``; ``knn`` and ``mahalanobis`` need the batch's
+    penultimate features (``SofarNet.forward_features``) and the package's feature statistics
+    (:func:`fit_feature_stats`).
+    """
+    _check_method(method)
+    if method in LOGIT_METHODS:
+        return scores(logits, method, temperature)
+    missing = {"knn": ["knn_bank"], "mahalanobis": ["maha_means", "maha_precision"]}[method]
+    if features is None or stats is None or any(k not in stats for k in missing):
+        raise ValueError(f"OOD score {method!r} needs features and the model package's {missing}; "
+                         "this package has none (trained before feature scores existed?)")
+    if method == "knn":
+        return knn_score(features, stats["knn_bank"], knn_k)
+    return mahalanobis_score(features, stats["maha_means"], stats["maha_precision"])
+
+
+def all_scores(logits, features, temperature: float = 1.0, stats: dict | None = None, *,
+               knn_k: int = 1) -> dict[str, np.ndarray]:
+    """Every score the inputs allow, by method (feature scores only with features + stats)."""
+    methods = METHODS if features is not None and stats else LOGIT_METHODS
+    return {m: score(logits, features, m, temperature, stats, knn_k=knn_k) for m in methods}
 
 
 def nll(logits, y, temperature: float = 1.0) -> float:
@@ -84,12 +189,13 @@ def nll(logits, y, temperature: float = 1.0) -> float:
     return float(-np.mean(logp[np.arange(yy.size), yy]))
 
 
-def fit_temperature(logits, y, t_min: float = 0.05, t_max: float = 20.0, iters: int = 80) -> float:
+def fit_temperature(logits, y, t_min: float = 0.05, t_max: float = 20.0) -> float:
     """Temperature ``T`` in ``[t_min, t_max]`` minimising validation NLL (temperature scaling).
 
-    Golden-section search on ``log T``: NLL is convex in ``1/T``, hence unimodal in ``log T``.
-    Returns 1.0 whenever the search result would not lower the NLL below the one at T = 1, so
-    fitting never makes the validation NLL worse. Argmax predictions are unchanged by any T.
+    Bounded scalar minimisation on ``log T`` (NLL is convex in ``1/T``, hence unimodal in
+    ``log T``), with both bounds checked too. Returns 1.0 whenever the result would not lower
+    the NLL below the one at T = 1, so fitting never makes the validation NLL worse. Argmax
+    predictions are unchanged by any T.
     """
     if not 0 < t_min < 1 < t_max:
         raise ValueError("need 0 < t_min < 1 < t_max")
@@ -97,21 +203,9 @@ def fit_temperature(logits, y, t_min: float = 0.05, t_max: float = 20.0, iters: 
     base = nll(lg, y, 1.0)
     if not math.isfinite(base):
         return 1.0
-    inv_phi = (math.sqrt(5.0) - 1.0) / 2.0
-    a, b = math.log(t_min), math.log(t_max)
-    c, d = b - inv_phi * (b - a), a + inv_phi * (b - a)
-    fc, fd = nll(lg, y, math.exp(c)), nll(lg, y, math.exp(d))
-    for _ in range(iters):
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - inv_phi * (b - a)
-            fc = nll(lg, y, math.exp(c))
-        else:
-            a, c, fc = c, d, fd
-            d = a + inv_phi * (b - a)
-            fd = nll(lg, y, math.exp(d))
-    best_u, best_f = (c, fc) if fc <= fd else (d, fd)
-    # the bracket ends are never evaluated by the interior probes; check them as well
+    res = minimize_scalar(lambda u: nll(lg, y, math.exp(u)), bounds=(math.log(t_min), math.log(t_max)),
+                          method="bounded", options={"xatol": 1e-6})
+    best_u, best_f = float(res.x), float(res.fun)
     for u in (math.log(t_min), math.log(t_max)):
         f = nll(lg, y, math.exp(u))
         if f < best_f:
@@ -148,17 +242,16 @@ def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:
     return float(s[s.size - k])
 
 
-def auroc(id_scores, ood_scores) -> float:
-    """P(random ID score > random OOD score), ties counting 1/2 (Mann-Whitney U / (n*m)).
-
-    O((n + m) log m) via binary search into the sorted OOD scores.
-    """
+def _id_vs_ood(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
     pos = _scores1d(id_scores, "id_scores")
-    neg = np.sort(_scores1d(ood_scores, "ood_scores"))
-    below = np.searchsorted(neg, pos, side="left")  # OOD strictly below each ID score
-    not_above = np.searchsorted(neg, pos, side="right")  # OOD <= each ID score
-    u = below.sum(dtype=np.float64) + 0.5 * (not_above - below).sum(dtype=np.float64)
-    return float(u / (pos.size * neg.size))
+    neg = _scores1d(ood_scores, "ood_scores")
+    return np.r_[np.ones(pos.size), np.zeros(neg.size)], np.r_[pos, neg]
+
+
+def auroc(id_scores, ood_scores) -> float:
+    """P(random ID score > random OOD score), ties counting 1/2 (sklearn's ROC AUC)."""
+    truth, s = _id_vs_ood(id_scores, ood_scores)
+    return float(roc_auc_score(truth, s))
 
 
 def fpr_at_tpr(id_scores, ood_scores, tpr: float = 0.95) -> float:
@@ -173,12 +266,9 @@ def roc_curve(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
 
     Point ``i`` accepts every sample with ``score >= thresholds[i]`` (thresholds descending).
     """
-    pos = np.sort(_scores1d(id_scores, "id_scores"))
-    neg = np.sort(_scores1d(ood_scores, "ood_scores"))
-    thresholds = np.unique(np.concatenate([pos, neg]))[::-1]
-    tpr = (pos.size - np.searchsorted(pos, thresholds, side="left")) / pos.size
-    fpr = (neg.size - np.searchsorted(neg, thresholds, side="left")) / neg.size
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
+    truth, s = _id_vs_ood(id_scores, ood_scores)
+    fpr, tpr, _ = _sk_roc_curve(truth, s, drop_intermediate=False)
+    return fpr, tpr
 
 
 def one_vs_rest_auroc(logits, y_true, positive_class: int, temperature: float = 1.0) -> float:
@@ -199,8 +289,15 @@ def one_vs_rest_auroc(logits, y_true, positive_class: int, temperature: float = 
         raise ValueError("one_vs_rest_auroc needs at least two classes")
     z = lg / _check_temperature(temperature)
     others = np.delete(z, positive_class, axis=1)
-    p = z[:, positive_class] - _logsumexp(others)
+    p = z[:, positive_class] - logsumexp(others, axis=1)
     is_pos = y == positive_class
     if is_pos.all() or not is_pos.any():
         return float("nan")
     return auroc(p[is_pos], p[~is_pos])
+
+
+def package_score(logits, features, method: str, temperature: float, meta: dict) -> np.ndarray:
+    """``score`` with what the model package carries: ``meta["ood_stats"]`` (the feature
+    statistics) and ``meta["extra"]["ood_knn_k"]`` (the k the kNN score was calibrated with)."""
+    k = int((meta.get("extra") or {}).get("ood_knn_k", 1))
+    return score(logits, features, method, temperature, meta.get("ood_stats"), knn_k=k)

@@ -1,7 +1,10 @@
 """Model packages (safetensors + JSON) and their MLflow registration.
 
-A package is a folder holding ``model.safetensors`` (the state dict) and ``sofar_model.json``
-(format tag, :class:`ModelSpec`, class names, free-form extras). Loading one needs no pickle:
+A package is a folder holding ``model.safetensors`` (the state dict), ``sofar_model.json``
+(format tag, :class:`ModelSpec`, class names, free-form extras) and, when given,
+``ood_stats.safetensors``: what the feature OOD scores need at prediction time (the kNN bank
+of normalised training features, the Mahalanobis class means and precision; see
+``ood.fit_feature_stats``), loaded back as ``meta["ood_stats"]`` (numpy arrays). Loading one needs no pickle:
 the network is rebuilt from the spec and the tensors are loaded into it.
 
 In MLflow the package travels as the ``package`` artifact of a pyfunc model
@@ -25,13 +28,15 @@ from sofar_assets.lib.models import ModelSpec, build_model
 
 PACKAGE_FORMAT = "sofar-model/1"
 WEIGHTS_FILE = "model.safetensors"
+OOD_STATS_FILE = "ood_stats.safetensors"
 META_FILE = "sofar_model.json"
 PYFUNC_ARTIFACT = "package"
 
 
 def save_package(model: nn.Module, spec: ModelSpec, classes: list[str], directory: str | Path,
-                 extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` + ``sofar_model.json`` into ``directory`` (created if needed)."""
+                 extra: dict | None = None, ood_stats: dict[str, np.ndarray] | None = None) -> Path:
+    """Write ``model.safetensors`` + ``sofar_model.json`` (+ ``ood_stats.safetensors``) into ``directory``."""
+    from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file
 
     if len(classes) != spec.num_classes:
@@ -41,13 +46,20 @@ def save_package(model: nn.Module, spec: ModelSpec, classes: list[str], director
     # channels_last weights are not contiguous in the default layout; safetensors wants them so.
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": PACKAGE_FORMAT})
+    if ood_stats:
+        save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ood_stats.items()},
+                   str(directory / OOD_STATS_FILE))
     meta = {"format": PACKAGE_FORMAT, "spec": spec.to_dict(), "classes": list(classes), "extra": dict(extra or {})}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     return directory
 
 
 def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the network from a package folder; returns (model in eval mode on CPU, meta)."""
+    """Rebuild the network from a package folder; returns (model in eval mode on CPU, meta).
+
+    ``meta["ood_stats"]`` holds the feature-score statistics (empty dict when the package has none).
+    """
+    from safetensors.numpy import load_file as load_numpy
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -63,6 +75,8 @@ def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
     model = build_model(ModelSpec.from_dict(spec_dict))
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)
     model.eval()
+    stats_path = directory / OOD_STATS_FILE
+    meta["ood_stats"] = load_numpy(str(stats_path)) if stats_path.is_file() else {}
     return model, meta
 
 
@@ -115,7 +129,8 @@ def _pip_requirements() -> list[str]:
 
 
 def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], registered_model_name: str, *,
-                     extra: dict | None = None, tags: dict | None = None) -> dict:
+                     extra: dict | None = None, tags: dict | None = None,
+                     ood_stats: dict[str, np.ndarray] | None = None) -> dict:
     """Log the model as a pyfunc in the active run, register it and tag the new version.
 
     Returns ``{"model_uri": "models:/<name>/<version>", "version": int, "run_id": str}``.
@@ -124,7 +139,7 @@ def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], regi
     if run is None:
         raise RuntimeError("log_and_register must be called inside an active mlflow run")
     with tempfile.TemporaryDirectory(prefix="sofar-pkg-") as tmp:
-        pkg = save_package(model, spec, classes, Path(tmp) / PYFUNC_ARTIFACT, extra)
+        pkg = save_package(model, spec, classes, Path(tmp) / PYFUNC_ARTIFACT, extra, ood_stats)
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle

@@ -1,0 +1,120 @@
+"""The default training recipe vs the frozen-feature probe on the real sample photos (CPU).
+
+    python bench/bench_recipe.py [--folds 5] [--samples DIR] [--synthetic-docs 10]
+
+Config: the DEFAULT one (only tasks, uploads, ood_sets and partitions set): the two sample
+tasks map to the classes normal / defect / dirt (20 photos). Stratified k-fold: each fold's
+held-out photos are the test split; the rest is split into train and val as the pipeline
+would. The recipe (LP-FT, lib/training.py) trains on train and selects its epoch on val;
+the probe (logistic regression on frozen efficientnet_lite0 features) fits the same train
+split (`probe`) and train + val (`probe_trainval`). Irrelevant images: scikit-image's page
+and text images (2) and synthetic documents (lib/synthetic.py). Accuracy / macro-F1 pool
+the held-out predictions; AUROC is per fold, averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
+    sys.path.insert(0, str(REPO))
+
+from sofar_assets.config import parse_config  # noqa: E402
+from sofar_assets.lib import storage, synthetic  # noqa: E402
+from sofar_assets.lib.evaluation import cross_validate  # noqa: E402
+from sofar_assets.lib.images import load_image_array, resize_center_crop  # noqa: E402
+from sofar_assets.lib.models import ModelSpec  # noqa: E402
+from sofar_assets.lib.training import TrainConfig  # noqa: E402
+
+# ../shared next to the checkout (a worktree sits one level deeper)
+DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in REPO.parents[:2]
+                        if (p / "shared/data/sofar-public-samples").is_dir()), REPO.parent / "shared/data/sofar-public-samples")
+TASKS = {"defect": ("CAR_DEFECT_RECOGNITION", {"0_NORMAL": "normal", "1_DEFECT": "defect"}),
+         "dirt": ("CAR_DIRT_RECOGNITION", {"0_NORMAL": "normal", "1_DIRT": "dirt"})}
+
+
+def default_config(samples: Path, tmp: Path):
+    """The config a user writes first: tasks, uploads, ood_sets, partitions — nothing else."""
+    return parse_config({
+        "tasks": {t: {"folder": str(samples / d), "labels": labels} for t, (d, labels) in TASKS.items()},
+        "uploads": {"folder": str(tmp)},
+        "ood_sets": {"documents": {"folder": str(tmp)}},
+        "partitions": {"start_date": "2026-11-01"},
+    }, base_dir=tmp)
+
+
+def sample_photos(cfg, size: int) -> tuple[list[np.ndarray], list[int]]:
+    classes = cfg.vocabulary()
+    arrays, labels = [], []
+    for task in cfg.tasks.values():
+        for folder, label in task.labels.items():
+            for f in storage.list_files(str(Path(cfg.resolve(task.folder)) / folder)):
+                arrays.append(load_image_array(storage.read_bytes(f), f, size))
+                labels.append(classes.index(label))
+    return arrays, labels
+
+
+def irrelevant_images(size: int, n_docs: int) -> dict[str, list[np.ndarray]]:
+    from PIL import Image
+    from skimage import data
+
+    page_text = [resize_center_crop(Image.fromarray(img).convert("RGB"), size) for img in (data.page(), data.text())]
+    docs = [resize_center_crop(synthetic.document(random.Random(1000 + i)), size) for i in range(n_docs)]
+    return {"skimage_page_text": page_text, "synthetic_documents": docs}
+
+
+def table(result: dict) -> str:
+    models = list(result["models"])
+    lines = [f"| metric | {' | '.join(models)} |", "|---|" + "---:|" * len(models)]
+    for key in ("accuracy", "macro_f1"):
+        lines.append(f"| {key} | " + " | ".join(f"{result['models'][m][key]:.3f}" for m in models) + " |")
+    sets = result["models"]["recipe"]["ood_auroc"]
+    for name, methods in sets.items():
+        for method in methods:
+            vals = [result["models"][m]["ood_auroc"].get(name, {}).get(method, float("nan")) for m in models]
+            lines.append(f"| AUROC {name} / {method} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES)
+    ap.add_argument("--synthetic-docs", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core box)")
+    args = ap.parse_args(argv)
+    if not (args.samples / "CAR_DEFECT_RECOGNITION").is_dir():
+        print(f"sample photos not found at {args.samples}; skipped")
+        return 0
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = default_config(args.samples, Path(tmp))
+    size = cfg.model.image_size
+    arrays, labels = sample_photos(cfg, size)
+    ood_arrays = irrelevant_images(size, args.synthetic_docs)
+    spec = ModelSpec(num_classes=len(cfg.vocabulary()), arch=cfg.model.arch, backbone=cfg.model.backbone,
+                     image_size=size, pretrained=cfg.model.pretrained, pmg_feature_dim=cfg.model.pmg_feature_dim)
+    tcfg = TrainConfig(**{**cfg.train.model_dump(), "device": "cpu"})
+    print(f"{len(arrays)} photos, classes {cfg.vocabulary()}, OOD sets "
+          f"{ {k: len(v) for k, v in ood_arrays.items()} }, default train config {cfg.train.model_dump()}")
+    result = cross_validate(arrays, labels, ood_arrays, spec, tcfg, folds=args.folds,
+                            val_fraction=cfg.dataset.val_fraction, knn_k=cfg.ood.knn_k)
+    print(f"\n{args.folds}-fold CV, default config, image size {size}; best epochs per fold {result['best_epochs']} "
+          f"(0 = the LP itself)\n")
+    print(table(result))
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s on {torch.get_num_threads()} threads")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""Evaluation math: test-split metrics, the frozen-feature probe baseline, cross-validation.
+
+Plain numpy/torch/sklearn (no Dagster): ``model_evaluation`` and ``bench/bench_recipe.py``
+call these, and the tests call them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from torch.utils.data import Dataset
+
+from . import metrics, ood, probe
+from .models import ModelSpec, build_model
+from .training import TrainConfig, predict_logits_and_features, train_classifier
+
+
+class ArrayDataset(Dataset):
+    """``(uint8 CHW tensor, label)`` from preprocessed uint8 HWC arrays kept in memory."""
+
+    def __init__(self, arrays: Sequence[np.ndarray], labels: Sequence[int]):
+        if len(arrays) != len(labels):
+            raise ValueError(f"{len(arrays)} images but {len(labels)} labels")
+        self.arrays, self.labels = list(arrays), [int(y) for y in labels]
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(np.ascontiguousarray(self.arrays[i])).permute(2, 0, 1).contiguous(), self.labels[i]
+
+
+def frozen_feature_model(spec: ModelSpec):
+    """The pretrained backbone the probe baseline reads features from (its head is unused)."""
+    return build_model(dataclasses.replace(spec, arch="linear", pretrained=True)).eval()
+
+
+def ood_report(id_scores: dict[str, np.ndarray], ood_scores: dict[str, dict[str, np.ndarray]],
+               target_tpr: float = 0.95) -> dict[str, dict[str, dict]]:
+    """``{ood set: {score method: {auroc, fpr_at_tpr, images}}}`` for every score given."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, by_method in ood_scores.items():
+        out[name] = {}
+        for method, s_ood in by_method.items():
+            s_id = id_scores[method]
+            if len(s_ood) == 0 or len(s_id) == 0:
+                continue
+            out[name][method] = {"auroc": ood.auroc(s_id, s_ood), "fpr_at_tpr": ood.fpr_at_tpr(s_id, s_ood, target_tpr),
+                                 "images": int(len(s_ood))}
+    return out
+
+
+def classification_summary(y: np.ndarray, logits: np.ndarray, num_classes: int, temperature: float = 1.0, *,
+                           n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Accuracy, macro-F1 and ECE with bootstrap CIs (percentile, 95 %) on one split."""
+    y = np.asarray(y, dtype=np.int64)
+    pred = logits.argmax(1) if len(y) else np.zeros(0, np.int64)
+    probs = ood.softmax(logits, temperature) if len(y) else np.zeros((0, num_classes))
+
+    def f1(i):
+        return metrics.macro_f1(y[i], pred[i], num_classes)
+
+    def ece(i):
+        return metrics.expected_calibration_error(probs[i], y[i])
+
+    return {
+        "images": int(len(y)),
+        "accuracy": metrics.accuracy(y, pred),
+        "macro_f1": metrics.macro_f1(y, pred, num_classes),
+        "macro_f1_ci": list(metrics.bootstrap_ci(f1, len(y), n_resamples=n_resamples, seed=seed)),
+        "ece": metrics.expected_calibration_error(probs, y),
+        "ece_ci": list(metrics.bootstrap_ci(ece, len(y), n_resamples=n_resamples, seed=seed)),
+    }
+
+
+@dataclasses.dataclass
+class ProbeBaseline:
+    """The frozen-feature probe fitted on a train split, scored on a test split and OOD sets."""
+
+    test_logits: np.ndarray
+    test_scores: dict[str, np.ndarray]
+    ood_scores: dict[str, dict[str, np.ndarray]]
+
+
+def probe_baseline(train_features, train_labels, test_features, ood_features: dict[str, np.ndarray],
+                   num_classes: int, *, c: float = 1.0, knn_k: int = 1) -> ProbeBaseline:
+    """Logistic regression on frozen features; every OOD score on its logits and features."""
+    lp = probe.fit_probe(train_features, train_labels, num_classes, c=c)
+    stats = ood.fit_feature_stats(train_features, train_labels)
+    test_logits = lp.logits(test_features)
+    return ProbeBaseline(
+        test_logits=test_logits,
+        test_scores=ood.all_scores(test_logits, test_features, 1.0, stats, knn_k=knn_k),
+        ood_scores={name: ood.all_scores(lp.logits(f), f, 1.0, stats, knn_k=knn_k)
+                    for name, f in ood_features.items() if len(f)},
+    )
+
+
+def _mean(values: list[float]) -> float:
+    v = [x for x in values if np.isfinite(x)]
+    return float(np.mean(v)) if v else float("nan")
+
+
+def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arrays: dict[str, list[np.ndarray]],
+                   spec: ModelSpec, train_cfg: TrainConfig, *, folds: int = 5, val_fraction: float = 0.15,
+                   seed: int = 0, knn_k: int = 1, log: Callable[[str], object] = print) -> dict:
+    """Stratified k-fold comparison of the training recipe with the frozen-feature probe.
+
+    Per fold: the held-out fold is the test split; the rest is split (stratified) into train
+    and val as the pipeline would (``val_fraction``); the recipe trains on train and selects
+    on val; the probe fits on the same train split (``probe``) and, as a stricter reference,
+    on train + val (``probe_trainval``). Accuracy and macro-F1 pool the held-out predictions
+    of all folds; OOD AUROC / FPR@TPR are computed per fold (one model's scores) and averaged.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    n_classes = spec.num_classes
+    skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    frozen = frozen_feature_model(spec)
+    all_ds = ArrayDataset(arrays, y)
+    _, feats = predict_logits_and_features(frozen, all_ds, device="cpu")
+    ood_feats = {k: predict_logits_and_features(frozen, ArrayDataset(v, [0] * len(v)), device="cpu")[1]
+                 for k, v in ood_arrays.items()}
+    models = ("recipe", "probe", "probe_trainval")
+    pred = {m: np.zeros(len(y), np.int64) for m in models}
+    per_fold: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in models}
+    epochs = []
+    for k, (rest, test) in enumerate(skf.split(np.zeros(len(y)), y)):
+        n_val = max(len(np.unique(y[rest])), int(round(val_fraction * len(rest))))
+        train, val = train_test_split(rest, test_size=n_val, stratify=y[rest], random_state=seed + k)
+        res = train_classifier(spec, ArrayDataset([arrays[i] for i in train], y[train]),
+                               ArrayDataset([arrays[i] for i in val], y[val]), train_cfg,
+                               log=lambda s, k=k: log(f"  fold {k + 1}: {s}"))
+        epochs.append(res.best_epoch)
+        stats = ood.fit_feature_stats(res.train_features, res.train_labels)
+        lg, f = predict_logits_and_features(res.model, ArrayDataset([arrays[i] for i in test], y[test]), device="cpu")
+        scores = {"recipe": (lg, ood.all_scores(lg, f, 1.0, stats, knn_k=knn_k), {
+            name: ood.all_scores(*predict_logits_and_features(res.model, ArrayDataset(v, [0] * len(v)), device="cpu"),
+                                 1.0, stats, knn_k=knn_k) for name, v in ood_arrays.items()})}
+        for m, fit_idx in (("probe", train), ("probe_trainval", rest)):
+            pb = probe_baseline(feats[fit_idx], y[fit_idx], feats[test], ood_feats, n_classes, c=train_cfg.probe_c,
+                                knn_k=knn_k)
+            scores[m] = (pb.test_logits, pb.test_scores, pb.ood_scores)
+        for m, (logits, id_s, ood_s) in scores.items():
+            pred[m][test] = logits.argmax(1)
+            for name, sets in ood_report(id_s, ood_s).items():
+                for method, r in sets.items():
+                    per_fold[m].setdefault(name, {}).setdefault(method, []).append(r["auroc"])
+        log(f"fold {k + 1}/{folds}: best epoch {res.best_epoch}, test acc recipe "
+            f"{metrics.accuracy(y[test], pred['recipe'][test]):.2f} probe {metrics.accuracy(y[test], pred['probe'][test]):.2f}")
+    return {
+        "folds": folds, "images": int(len(y)), "best_epochs": epochs,
+        "models": {m: {"accuracy": metrics.accuracy(y, pred[m]), "macro_f1": metrics.macro_f1(y, pred[m], n_classes),
+                       "ood_auroc": {name: {method: _mean(v) for method, v in sets.items()}
+                                     for name, sets in per_fold[m].items()}}
+                   for m in models},
+    }
+
+
+def evaluate_test(y: np.ndarray, logits: np.ndarray, features: np.ndarray | None, *, num_classes: int,
+                  temperature: float, score_method: str, stats: dict | None, knn_k: int = 1,
+                  ood_scores_by_method: dict[str, dict[str, list]] | None = None,
+                  tasks: dict[str, tuple[int, set[int]]] | None = None,
+                  multi_logits: np.ndarray | None = None, multi_label_sets: list[set[int]] | None = None,
+                  n_resamples: int = 1000, seed: int = 0) -> dict:
+    """Everything ``model_evaluation`` reports about one model on the test split.
+
+    ``tasks[name] = (positive class, the task's own classes)`` for the paper's per-task binary
+    metrics; ``ood_scores_by_method`` are the OOD sets' scores from the calibration (same
+    version). ``ood_auroc`` is the configured score's AUROC per set (test images as ID), with
+    a bootstrap CI; ``ood_auroc_by_score`` has every score's.
+    """
+    result = classification_summary(y, logits, num_classes, temperature, n_resamples=n_resamples, seed=seed)
+    result["test_images"] = result.pop("images")
+    pred = logits.argmax(1)
+    result["tasks"] = {name: metrics.binary_task_metrics(y, pred, pos, task_classes=own)
+                       for name, (pos, own) in (tasks or {}).items()}
+    if multi_logits is not None and multi_label_sets:
+        two = [k for k, st in enumerate(multi_label_sets) if len(st) == 2]  # three labels cannot fit a top-2
+        if two:
+            result["top2_joint_hit_rate"] = metrics.top2_joint_hit_rate(multi_logits[two],
+                                                                        [multi_label_sets[k] for k in two])
+        result["multi_label_images"] = len(multi_label_sets)
+        result["multi_label_images_over_two_labels"] = len(multi_label_sets) - len(two)
+    id_all = ood.all_scores(logits, features, temperature, stats, knn_k=knn_k) if len(y) else {}
+    result["ood_auroc"], result["ood_auroc_ci"], result["ood_images"], result["ood_auroc_by_score"] = {}, {}, {}, {}
+    for name, by_method in (ood_scores_by_method or {}).items():
+        s_ood = np.asarray(by_method.get(score_method, []), dtype=float)
+        if not len(s_ood) or not len(y):
+            continue
+        s_id = id_all[score_method]
+        result["ood_auroc"][name] = ood.auroc(s_id, s_ood)
+        result["ood_auroc_ci"][name] = list(metrics.bootstrap_ci(
+            lambda i, j, a=s_id, b=s_ood: ood.auroc(a[i], b[j]), [len(s_id), len(s_ood)],
+            n_resamples=n_resamples, seed=seed))
+        result["ood_images"][name] = int(len(s_ood))
+        result["ood_auroc_by_score"][name] = {m: ood.auroc(id_all[m], np.asarray(v, float))
+                                              for m, v in by_method.items() if m in id_all and len(v)}
+    result["ood_auroc_min"] = min(result["ood_auroc"].values()) if result["ood_auroc"] else None
+    return result

@@ -1,0 +1,112 @@
+"""The recipe against the frozen-feature probe (cross-validation), and the calibration math."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import numpy as np
+import pytest
+
+from sofar_assets.lib import calibration, evaluation, ood, synthetic
+from sofar_assets.lib.images import load_image_array, resize_center_crop
+from sofar_assets.lib.models import ModelSpec
+from sofar_assets.lib.training import TrainConfig
+
+SIZE = 64
+CLASSES = {"0_NORMAL": 0, "1_DEFECT": 1, "1_DIRT": 2}
+
+
+def _photos(samples):
+    arrays, labels = [], []
+    for task in ("CAR_DEFECT_RECOGNITION", "CAR_DIRT_RECOGNITION"):
+        for folder in sorted((samples / task).iterdir()):
+            for f in sorted(folder.glob("*.jpg")):
+                arrays.append(load_image_array(f.read_bytes(), str(f), SIZE))
+                labels.append(CLASSES[folder.name])
+    return arrays, labels
+
+
+def _irrelevant():
+    from PIL import Image
+    from skimage import data
+
+    return {"page_text": [resize_center_crop(Image.fromarray(i).convert("RGB"), SIZE) for i in (data.page(), data.text())],
+            "documents": [resize_center_crop(synthetic.document(random.Random(i)), SIZE) for i in range(4)]}
+
+
+@pytest.mark.slow
+def test_cross_validation_recipe_vs_probe_on_real_photos(samples):
+    arrays, labels = _photos(samples)
+    assert len(arrays) == 20
+    spec = ModelSpec(num_classes=3, image_size=SIZE)
+    # frozen backbone: the recipe is its linear probe, fitted on the same train split as the
+    # probe baseline, so both must agree exactly: a check of the whole fold machinery
+    frozen = evaluation.cross_validate(arrays, labels, _irrelevant(), spec,
+                                       TrainConfig(freeze_backbone=True, linear_probe=True, device="cpu"), folds=2, log=lambda s: None)
+    rec, pr = frozen["models"]["recipe"], frozen["models"]["probe"]
+    assert frozen["best_epochs"] == [0, 0] and frozen["images"] == 20
+    assert rec["accuracy"] == pr["accuracy"] and rec["macro_f1"] == pr["macro_f1"]
+    assert set(rec["ood_auroc"]) == {"page_text", "documents"}
+    for name, by_score in rec["ood_auroc"].items():
+        assert set(by_score) == set(ood.METHODS)
+        for method, auc in by_score.items():
+            assert auc == pytest.approx(pr["ood_auroc"][name][method], abs=1e-6), (name, method)
+    # and the fine-tuning path runs end to end (one augmented epoch per fold)
+    ft = evaluation.cross_validate(arrays, labels, _irrelevant(), spec,
+                                   TrainConfig(epochs=1, patience=None, device="cpu"), folds=2, log=lambda s: None)
+    assert all(0 <= e <= 1 for e in ft["best_epochs"])
+    assert 0.0 <= ft["models"]["recipe"]["accuracy"] <= 1.0
+
+
+def test_calibrate_reports_every_score_and_thresholds_the_configured_one():
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    feats = rng.normal(size=(40, 6)) + y[:, None] * 3
+    logits = np.c_[-feats[:, 0], feats[:, 0]]
+    stats = ood.fit_feature_stats(feats, y)
+    far = rng.normal(size=(8, 6)) + 15
+    rep = calibration.calibrate(logits, y, feats, stats, {"far": (np.c_[-far[:, 0], far[:, 0]] * 0, far)},
+                                score_method="knn", target_tpr=0.9, task_positives={"t": 1})
+    assert rep["score_method"] == "knn" and rep["val_images"] == 40
+    knn_val = ood.score(logits, feats, "knn", 1.0, stats)
+    assert rep["threshold"] == ood.threshold_at_tpr(knn_val, 0.9) and rep["val_tpr"] >= 0.9
+    far_r = rep["ood_sets"]["far"]
+    assert set(far_r["scores"]) == set(ood.METHODS) and far_r["images"] == 8
+    assert far_r["auroc"] == far_r["scores"]["knn"]["auroc"] == 1.0 and far_r["rejected_share"] == 1.0
+    assert rep["ood_scores"]["far"] == rep["ood_scores_by_method"]["far"]["knn"]
+    assert 0 <= rep["task_auroc"]["t"] <= 1
+    assert "| far | 8 |" in calibration.scores_table(rep["ood_sets"])
+
+
+def test_evaluate_test_has_bootstrap_intervals_around_the_point_estimates():
+    rng = np.random.default_rng(1)
+    y = np.arange(30) % 3
+    logits = np.eye(3)[y] * 3 + rng.normal(size=(30, 3))
+    res = evaluation.evaluate_test(y, logits, None, num_classes=3, temperature=1.0, score_method="max_logit",
+                                   stats=None, ood_scores_by_method={"docs": {"max_logit": [0.0, 0.5, 1.0, 0.2]}},
+                                   tasks={"defect": (1, {0, 1})}, n_resamples=200)
+    lo, hi = res["macro_f1_ci"]
+    assert lo <= res["macro_f1"] <= hi and hi - lo > 0
+    lo, hi = res["ece_ci"]
+    assert lo <= res["ece"] <= hi
+    lo, hi = res["ood_auroc_ci"]["docs"]
+    assert lo <= res["ood_auroc"]["docs"] <= hi and res["ood_images"] == {"docs": 4}
+    assert res["ood_auroc_min"] == res["ood_auroc"]["docs"] and res["test_images"] == 30
+    assert res["tasks"]["defect"]["n"] == 20
+
+
+def test_probe_baseline_fits_the_same_split_and_scores_ood():
+    rng = np.random.default_rng(2)
+    y = np.arange(24) % 3
+    f = rng.normal(size=(24, 5)) + np.eye(3, 5)[y] * 4
+    pb = evaluation.probe_baseline(f[:18], y[:18], f[18:], {"far": rng.normal(size=(5, 5)) + 30}, 3)
+    assert (pb.test_logits.argmax(1) == y[18:]).mean() == 1.0
+    assert set(pb.test_scores) == set(ood.METHODS) and set(pb.ood_scores["far"]) == set(ood.METHODS)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        evaluation.probe_baseline(f[:3], [1, 1, 1], f[3:], {}, 3)
+
+
+def test_spec_replace_keeps_the_probe_on_pretrained_features():
+    model = evaluation.frozen_feature_model(dataclasses.replace(ModelSpec(num_classes=2, arch="pmg"), pretrained=False))
+    assert model.spec.arch == "linear" and model.spec.pretrained
