@@ -97,7 +97,7 @@ def test_batches_stream_in_order_and_log_progress(items):
     frames = list(
         predict_images(
             MeanColour(), items, classes=CLASSES, image_size=16, threshold=3.0,
-            batch_size=4, num_workers=0, log=lines.append, log_every=1,
+            batch_size=4, num_workers=0, log=lines.append, log_every=4, total=6,
         )
     )  # fmt: skip
     assert [len(f) for f in frames] == [4, 2]
