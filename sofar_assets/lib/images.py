@@ -73,6 +73,14 @@ def _open_unchecked(data: bytes) -> Image.Image | None:
     return None
 
 
+_BYTES_REPR_RE = re.compile(r"b'(?:[^'\\]|\\.)*'|b\"(?:[^\"\\]|\\.)*\"")
+
+
+def _no_bytes(exc: BaseException) -> str:
+    """A decoder's message without quoted file bytes (Pillow quotes e.g. a PNG chunk id)."""
+    return _BYTES_REPR_RE.sub("<bytes>", str(exc))
+
+
 def _open(data: bytes, source: str) -> Image.Image:
     try:
         return Image.open(io.BytesIO(data))
@@ -82,11 +90,10 @@ def _open(data: bytes, source: str) -> Image.Image:
             raise ImageDecodeError(source, "decompression bomb: refused by Pillow's pixel limit") from None
         return img
     except UnidentifiedImageError:
-        raise ImageDecodeError(
-            source, f"not a recognised image format, or its header is corrupt (starts with {data[:8]!r})"
-        ) from None
+        # the reason never quotes the bytes: a refused file may be a secret (an env dump, a key)
+        raise ImageDecodeError(source, "not a recognised image format, or its header is corrupt") from None
     except Exception as exc:  # corrupt headers surface as SyntaxError, struct.error, OSError...
-        raise ImageDecodeError(source, f"unreadable image header: {type(exc).__name__}: {exc}") from exc
+        raise ImageDecodeError(source, f"unreadable image header: {type(exc).__name__}: {_no_bytes(exc)}") from exc
 
 
 def _high_depth_to_uint8(img: Image.Image) -> np.ndarray:
@@ -156,7 +163,7 @@ def decode_image(
         img.load()
     except Exception as exc:  # truncated streams raise OSError; broken ones also SyntaxError etc.
         raise ImageDecodeError(
-            source, f"truncated or corrupt {img.format or 'image'} data: {type(exc).__name__}: {exc}"
+            source, f"truncated or corrupt {img.format or 'image'} data: {type(exc).__name__}: {_no_bytes(exc)}"
         ) from exc
     try:
         ImageOps.exif_transpose(img, in_place=True)

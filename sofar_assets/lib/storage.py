@@ -1,20 +1,27 @@
 """Image store access: local paths locally, ``gs://`` URIs in production.
 
 Every image is addressed by a URI string. Local files are plain paths; ``gs://bucket/key``
-goes through google-cloud-storage (installed with dagster-gcp). Only these two functions
-touch the store, so the rest of the code never cares where bytes live.
+goes through google-cloud-storage (installed with dagster-gcp). Only the functions here touch
+the store, so the rest of the code never cares where bytes live.
+
+Reads are bounded: only regular files are read (a pipe, a device such as ``/dev/zero`` or a
+link to one is refused before a byte is read), never more than ``max_bytes + 1`` bytes, and
+``gs://`` downloads carry a timeout and a bounded retry.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
 
 
 class ImageReadError(OSError):
-    """The bytes of an image could not be read (missing file, permission, network)."""
+    """The bytes of an image could not be read (missing file, permission, network, not a file)."""
 
     def __init__(self, uri: str, reason: str):
         super().__init__(f"{uri}: {reason}")
@@ -38,42 +45,145 @@ def _split_gcs(uri: str) -> tuple[str, str]:
     return bucket, key
 
 
-def read_bytes(uri: str) -> bytes:
-    """Return the raw bytes at ``uri``; raise :class:`ImageReadError` naming the URI."""
+def file_kind(mode: int) -> str:
+    """What a ``st_mode`` is, in words, for error messages."""
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def _too_large(size: int | None, max_bytes: int) -> str:
+    if size is None:
+        return f"too large: more than {max_bytes} bytes (max_bytes={max_bytes})"
+    return f"too large: {size} bytes > max_bytes={max_bytes}"
+
+
+def _read_local(uri: str, max_bytes: int | None) -> bytes:
+    # stat first (it follows links): a device or a pipe is refused without being opened, since
+    # opening some devices has side effects and opening a pipe blocks until a writer appears.
+    st = os.stat(uri)
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageReadError(uri, f"is {file_kind(st.st_mode)}, not a regular file; refused without reading")
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise ImageReadError(uri, _too_large(st.st_size, max_bytes))
+    # O_NONBLOCK: if the path was swapped for a pipe since the stat, open() still returns at once
+    fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb", buffering=0) as f:
+        st = os.fstat(f.fileno())  # what was actually opened
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageReadError(uri, f"is {file_kind(st.st_mode)}, not a regular file; refused without reading")
+        if max_bytes is None:
+            return f.read()
+        chunks, total = [], 0
+        while total <= max_bytes:  # a file that grows while it is read still stops at max_bytes + 1
+            chunk = f.read(max_bytes + 1 - total)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > max_bytes:
+            raise ImageReadError(uri, _too_large(None, max_bytes))
+        return b"".join(chunks)
+
+
+def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int) -> bytes:
+    from google.cloud.storage.retry import DEFAULT_RETRY
+
+    bucket, key = _split_gcs(uri)
+    if not bucket or not key or key.endswith("/"):
+        raise ImageReadError(uri, "not a gs://bucket/object URI")
+    # Each HTTP attempt times out after timeout_s; the library's retry (transient errors only:
+    # 429, 5xx, connection resets) gives up once about `retries` attempts' time has passed.
+    retry = DEFAULT_RETRY.with_timeout(timeout_s * max(retries, 1)) if retries > 0 else None
+    blob = _gcs_client().bucket(bucket).blob(key)
+    if max_bytes is None:
+        return blob.download_as_bytes(timeout=timeout_s, retry=retry)
+    # A ranged download of max_bytes + 1 bytes (end is inclusive): a larger object is refused
+    # without downloading it whole, and a 0-byte object comes back empty.
+    data = blob.download_as_bytes(start=0, end=max_bytes, timeout=timeout_s, retry=retry)
+    if len(data) > max_bytes:
+        raise ImageReadError(uri, _too_large(blob.size, max_bytes))
+    return data
+
+
+def read_bytes(uri: str, *, max_bytes: int | None = None, timeout_s: float = 30.0, retries: int = 3) -> bytes:
+    """Return the raw bytes at ``uri``; raise :class:`ImageReadError` naming the URI and the reason.
+
+    Local paths: only regular files (links are followed, then the target must be a regular
+    file); a directory, pipe, device or socket is refused without reading. ``max_bytes``
+    refuses anything larger ("too large: ..."), reading at most ``max_bytes + 1`` bytes.
+    ``gs://``: one ranged download with a ``timeout_s`` per attempt and bounded retries.
+    The error text never contains file bytes.
+    """
     try:
         if is_gcs(uri):
-            bucket, key = _split_gcs(uri)
-            return _gcs_client().bucket(bucket).blob(key).download_as_bytes()
-        return Path(uri).read_bytes()
+            return _read_gcs(uri, max_bytes, timeout_s, retries)
+        return _read_local(uri, max_bytes)
+    except ImageReadError:
+        raise
     except FileNotFoundError:
-        raise ImageReadError(uri, "file not found") from None
+        reason = "file not found"
+        if not is_gcs(uri) and os.path.islink(uri):
+            reason = "broken symbolic link (its target does not exist)"
+        raise ImageReadError(uri, reason) from None
     except IsADirectoryError:
         raise ImageReadError(uri, "is a directory, not an image file") from None
     except PermissionError:
         raise ImageReadError(uri, "permission denied") from None
-    except Exception as exc:  # network and client errors from GCS
-        if isinstance(exc, ImageReadError):
-            raise
+    except Exception as exc:  # OSError (ELOOP, ENAMETOOLONG...), network and client errors from GCS
+        if type(exc).__name__ == "NotFound":
+            raise ImageReadError(uri, "file not found") from None
+        if type(exc).__name__ == "Forbidden":
+            raise ImageReadError(uri, "permission denied") from None
         raise ImageReadError(uri, f"{type(exc).__name__}: {exc}") from exc
 
 
-def list_files(folder_uri: str, *, recursive: bool = False) -> list[str]:
-    """List the files directly in ``folder_uri`` (or below it when ``recursive``), sorted.
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
 
-    Hidden files (``.DS_Store``, ``._x.jpg``) are skipped; every other file is returned,
+
+def iter_files(folder_uri: str, *, recursive: bool = False) -> Iterator[str]:
+    """The files directly in ``folder_uri`` (or below it when ``recursive``), streamed.
+
+    Never materializes the listing: local folders are read with ``os.scandir``, ``gs://``
+    prefixes page by page. The order is the store's (lexicographic on GCS, directory order
+    locally). Hidden files (``.DS_Store``, ``._x.jpg``) are skipped; every other file is given,
     image suffix or not, so that a mislabeled file still reaches the decoder and gets a named
     error instead of silently disappearing.
     """
     if is_gcs(folder_uri):
         bucket, prefix = _split_gcs(folder_uri.rstrip("/") + "/")
         blobs = _gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/")
-        names = [b.name for b in blobs if not b.name.endswith("/")]
-        return sorted(f"gs://{bucket}/{n}" for n in names if not Path(n).name.startswith("."))
-    root = Path(folder_uri)
-    if not root.is_dir():
+        for blob in blobs:
+            if not blob.name.endswith("/") and not _hidden(blob.name.rsplit("/", 1)[-1]):
+                yield f"gs://{bucket}/{blob.name}"
+        return
+    if not os.path.isdir(folder_uri):
         raise FileNotFoundError(f"{folder_uri}: folder does not exist")
-    it = root.rglob("*") if recursive else root.iterdir()
-    return sorted(str(p) for p in it if p.is_file() and not p.name.startswith("."))
+    stack = [folder_uri]
+    while stack:
+        with os.scandir(stack.pop()) as entries:
+            for entry in entries:
+                if _hidden(entry.name):
+                    continue
+                if entry.is_file():
+                    yield entry.path
+                elif recursive and entry.is_dir(follow_symlinks=False):
+                    stack.append(entry.path)
+
+
+def list_files(folder_uri: str, *, recursive: bool = False) -> list[str]:
+    """:func:`iter_files`, sorted (for small folders whose order matters: task folders, OOD sets)."""
+    return sorted(iter_files(folder_uri, recursive=recursive))
 
 
 def list_subfolders(folder_uri: str) -> list[str]:

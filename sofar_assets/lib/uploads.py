@@ -1,0 +1,191 @@
+"""A day's uploads as :class:`Upload` records: one per entry, each readable or an error.
+
+Two sources, one rule: every entry of a day yields exactly one :class:`Upload`, and nothing
+outside the allowed roots is ever read.
+
+- A folder ``PATH/<YYYY-MM-DD>/``: a regular file (or a link to one inside the roots) is
+  readable; a link leaving the roots, a broken link, a named pipe, a device, a socket or a
+  sub-folder is an error record. Hidden files (``.DS_Store``, half-written ``.part`` files) are
+  not uploads and are skipped.
+- The ``image_uploads`` table: a URI is readable only when it lies under one of the configured
+  roots after normalisation (``..`` and symlinks resolved for local paths; bucket + prefix for
+  ``gs://``). ``~``, relative paths and other schemes are refused.
+
+Names are stored safely: a file name that is not valid UTF-8 keeps its real path in
+``Upload.path`` (to read it) and is stored backslash-escaped in ``image_id``/``image_uri``.
+No error text here contains file bytes.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import stat
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from sofar_assets.lib import storage
+
+REFUSED = "UploadRefused"
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One upload: what to store (``image_id``, ``image_uri``) and what to read (``path``)."""
+
+    image_id: str  # valid UTF-8 always
+    image_uri: str  # valid UTF-8 always; the real path is in `path`
+    path: str | None  # what to read; None when the entry must not be read
+    error: str | None = None  # set: an error row, never read
+
+
+def safe_text(text: str) -> str:
+    """``text`` as valid UTF-8: undecodable bytes of a file name (surrogate-escaped by Python)
+    are written as ``\\xNN``; everything else is unchanged."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # lone surrogates that did not come from a file name
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _refused(uri: str, reason: str) -> str:
+    return f"{REFUSED}: {safe_text(uri)}: {reason}"
+
+
+def _within(real: str, root_real: str) -> bool:
+    return real == root_real or real.startswith(root_real.rstrip("/") + "/")
+
+
+def _gcs_root(root: str) -> tuple[str, str]:
+    """(bucket, prefix ending with '/' or empty) of a gs:// root."""
+    bucket, _, prefix = root[len("gs://") :].partition("/")
+    prefix = prefix.strip("/")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def _local_roots(roots: Sequence[str]) -> list[str]:
+    return [os.path.realpath(r) for r in roots if not storage.is_gcs(r)]
+
+
+def refusal(uri: str, roots: Sequence[str]) -> str | None:
+    """Why ``uri`` may not be read under ``roots`` (None: it may).
+
+    Local: an absolute path whose real path (``..`` and links resolved) lies under the real path
+    of a local root. ``gs://``: same bucket, key under the root's prefix, no ``.``/``..`` segments.
+    """
+    if not roots:
+        return "no allowed roots are configured (uploads.allowed_roots), so nothing may be read"
+    if not uri:
+        return "empty URI"
+    if "\x00" in uri:
+        return "contains a NUL character"
+    if storage.is_gcs(uri):
+        bucket, _, key = uri[len("gs://") :].partition("/")
+        if not bucket or not key or key.endswith("/"):
+            return "not a gs://bucket/object URI"
+        if any(seg in (".", "..") for seg in key.split("/")):
+            return "has '.' or '..' path segments"
+        for root in roots:
+            if storage.is_gcs(root):
+                rbucket, rprefix = _gcs_root(root)
+                if bucket == rbucket and key.startswith(rprefix):
+                    return None
+        return f"outside the allowed roots ({', '.join(roots)})"
+    if "://" in uri or uri.startswith("file:"):
+        return "unsupported scheme: only absolute local paths and gs:// URIs are read"
+    if uri.startswith("~"):
+        return "starts with '~': home folders are never expanded"
+    if not os.path.isabs(uri):
+        return "a relative path: the uploads table must hold absolute paths or gs:// URIs"
+    real = os.path.realpath(uri)
+    if any(_within(real, r) for r in _local_roots(roots)):
+        return None
+    where = "" if real == os.path.normpath(uri) else f" (it resolves to {safe_text(real)})"
+    return f"outside the allowed roots ({', '.join(roots)}){where}"
+
+
+def is_allowed(uri: str, roots: Sequence[str]) -> bool:
+    """Whether ``uri`` lies under one of ``roots`` (see :func:`refusal`)."""
+    return refusal(uri, roots) is None
+
+
+def iter_table_uploads(rows: Iterable[tuple[object, object]], allowed_roots: Sequence[str]) -> Iterator[Upload]:
+    """One :class:`Upload` per ``(image_id, image_uri)`` row of the uploads table.
+
+    A URI outside ``allowed_roots`` (or empty, relative, ``~``, another scheme) becomes an error
+    record and is never read. A local URI is read at its resolved real path, the one checked.
+    """
+    for image_id, image_uri in rows:
+        uid = safe_text(str(image_id))
+        if not isinstance(image_uri, str) or not image_uri:
+            yield Upload(uid, "", None, f"{REFUSED}: image {uid}: the image_uri is empty")
+            continue
+        reason = refusal(image_uri, allowed_roots)
+        if reason is not None:
+            yield Upload(uid, safe_text(image_uri), None, _refused(image_uri, reason))
+        else:
+            path = image_uri if storage.is_gcs(image_uri) else os.path.realpath(image_uri)
+            yield Upload(uid, safe_text(image_uri), path)
+
+
+def _entry(day: dt.date, folder: str, entry: os.DirEntry, root_reals: list[str], roots: Sequence[str]) -> Upload:
+    image_id = f"{day.isoformat()}/{safe_text(entry.name)}"
+    uri = safe_text(entry.path)
+    is_link = entry.is_symlink()
+    try:
+        st = os.stat(entry.path)  # follows links
+    except FileNotFoundError:
+        if is_link:
+            return Upload(image_id, uri, None, _refused(entry.path, "broken symbolic link (its target does not exist)"))
+        return Upload(image_id, uri, None, _refused(entry.path, "vanished while the folder was listed"))
+    except OSError as exc:  # a link loop, a name too long...
+        return Upload(image_id, uri, None, _refused(entry.path, f"cannot stat: {exc.strerror}"))
+    # the real path decides (a linked day folder could lead out too), and it is what gets read
+    path = os.path.realpath(entry.path)
+    if not any(_within(path, r) for r in root_reals):
+        what = "symbolic link to" if is_link else "resolves to"
+        return Upload(image_id, uri, None, _refused(
+            entry.path, f"{what} {safe_text(path)}, which leaves the uploads root ({', '.join(roots)})"))
+    if stat.S_ISDIR(st.st_mode):
+        return Upload(image_id, uri, None, _refused(
+            entry.path, f"is a sub-folder; a day's uploads are the files directly in {safe_text(folder)}"))
+    if not stat.S_ISREG(st.st_mode):
+        return Upload(image_id, uri, None, _refused(entry.path, f"is {storage.file_kind(st.st_mode)}, not an image file"))
+    return Upload(image_id, uri, path)
+
+
+def iter_folder_day(folder_uri: str, day: dt.date, *, allowed_roots: Sequence[str] | None = None) -> Iterator[Upload]:
+    """One :class:`Upload` per entry of ``folder_uri/<YYYY-MM-DD>/``, streamed (nothing if the day
+    has no folder). Links may point anywhere under ``allowed_roots`` (default: ``folder_uri``)."""
+    folder = f"{folder_uri.rstrip('/')}/{day.isoformat()}"
+    if storage.is_gcs(folder):
+        yield from _gcs_day(folder, day)
+        return
+    if not os.path.isdir(folder):
+        return  # nothing was uploaded that day
+    roots = list(allowed_roots) if allowed_roots else [folder_uri]
+    root_reals = _local_roots(roots)
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if not entry.name.startswith("."):
+                yield _entry(day, folder, entry, root_reals, roots)
+
+
+def _gcs_day(folder: str, day: dt.date) -> Iterator[Upload]:
+    bucket, prefix = _gcs_root(folder)
+    pages = storage._gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/").pages
+    for page in pages:
+        for blob in page:
+            name = blob.name[len(prefix) :]
+            if name and not name.startswith("."):  # "" is the folder's own placeholder object
+                uri = f"gs://{bucket}/{blob.name}"
+                yield Upload(f"{day.isoformat()}/{name}", uri, uri)
+        for sub in page.prefixes:
+            uri = f"gs://{bucket}/{sub}"
+            yield Upload(f"{day.isoformat()}/{sub[len(prefix):].rstrip('/')}", uri, None,
+                         _refused(uri, f"is a sub-folder; a day's uploads are the objects directly in {folder}/"))
