@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sofar_assets.lib import storage
+from sofar_assets.lib.warehouse.names import check_dataset, check_identifier, check_project
 
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _TASK_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -41,6 +42,11 @@ class TaskSource(_Strict):
     positive: str | None = Field(
         None, description="the task's positive label (its binary question); default: the last label mapped"
     )
+
+    @field_validator("table")
+    @classmethod
+    def _table_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_identifier(v, "table name")
 
     @model_validator(mode="after")
     def _one_source(self) -> TaskSource:
@@ -70,6 +76,11 @@ class UploadsSource(_Strict):
     folder: str | None = Field(None, description="PATH/<YYYY-MM-DD>/<image files>")
     table: str | None = Field(None, description="warehouse table image_uploads(image_id, image_uri, uploaded_at)")
 
+    @field_validator("table")
+    @classmethod
+    def _table_name(cls, v: str | None) -> str | None:
+        return v if v is None else check_identifier(v, "table name")
+
     @model_validator(mode="after")
     def _one_source(self) -> UploadsSource:
         if (self.folder is None) == (self.table is None):
@@ -86,12 +97,31 @@ class DuckDBTarget(_Strict):
     path: str = "warehouse.duckdb"
     schema_: str = Field("sofar", alias="schema")
 
+    @field_validator("schema_")
+    @classmethod
+    def _schema_name(cls, v: str) -> str:
+        return check_identifier(v, "DuckDB schema")
+
 
 class BigQueryTarget(_Strict):
     kind: Literal["bigquery"]
     project: str
     dataset: str
     location: str | None = None
+    api_endpoint: str | None = Field(
+        None, description="a BigQuery EMULATOR's URL (local stack, tests); days are then written with a "
+        "staged DML transaction instead of partition loads, which emulators reject"
+    )
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, v: str) -> str:
+        return check_project(v)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        return check_dataset(v)
 
 
 class MlflowTarget(_Strict):
@@ -256,7 +286,10 @@ class SofarConfig(_Strict):
 def _format_validation_error(err: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid config"]
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if x not in ("DuckDBTarget", "BigQueryTarget"))
+        parts = [str(x) for x in e["loc"]]
+        if parts[:3] in (["storage", "warehouse", "duckdb"], ["storage", "warehouse", "bigquery"]):
+            del parts[2]  # the union's tag (kind) is not a key of the file
+        loc = ".".join(parts)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check its spelling against README.md 'Config')"

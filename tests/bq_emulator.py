@@ -16,6 +16,8 @@ from pathlib import Path
 
 import requests
 
+from sofar_assets.lib.warehouse.bigquery import EmulatorHttp, emulator_client
+
 REPO = Path(__file__).resolve().parents[1]
 VENV = Path(os.environ.get("SOFAR_BQEMU_VENV", REPO / ".venv-bq"))  # override: another checkout's venv
 SETUP_COMMAND = "bash scripts/bqemulator.sh"
@@ -25,29 +27,15 @@ class EmulatorUnavailable(RuntimeError):
     """The emulator is not set up or did not start; the message says why and how to fix it."""
 
 
-class EmulatorSession(requests.Session):
-    """The HTTP session google-cloud-bigquery uses against the emulator.
+class EmulatorSession(EmulatorHttp):
+    """The HTTP session google-cloud-bigquery uses against the emulator in tests.
 
-    Two adjustments, both only for the emulator:
-
-    - Load-job uploads declare their media part as ``*/*`` (the client's generic content
-      type); the emulator only accepts concrete media types, so the multipart body's media
-      header and the resumable ``X-Upload-Content-Type`` become ``application/octet-stream``.
-    - A refused connection (emulator gone) raises a non-retryable error at once, instead of the
-      client's default retry loop waiting ten minutes.
+    The emulator's media-type fix comes from :class:`EmulatorHttp` (what the production
+    resource uses with ``api_endpoint``); on top, a refused connection (emulator gone) raises a
+    non-retryable error at once, instead of the client's default retry loop waiting ten minutes.
     """
 
-    _GENERIC = b"\r\ncontent-type: */*\r\n"
-    _OCTET = b"\r\ncontent-type: application/octet-stream\r\n"
-
     def request(self, method, url, data=None, headers=None, **kwargs):
-        if "/upload/" in url:
-            # The JSON part comes first and json.dumps never emits a raw CRLF, so the first
-            # match is the media part's header.
-            if isinstance(data, bytes):
-                data = data.replace(self._GENERIC, self._OCTET, 1)
-            if headers and headers.get("x-upload-content-type") == "*/*":
-                headers = {**headers, "x-upload-content-type": "application/octet-stream"}
         try:
             return super().request(method, url, data=data, headers=headers, **kwargs)
         except requests.ConnectionError as exc:
@@ -137,16 +125,7 @@ class Emulator:
         return self
 
     def client(self):
-        from google.api_core.client_options import ClientOptions
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import bigquery
-
-        return bigquery.Client(
-            project=self.project,
-            credentials=AnonymousCredentials(),
-            client_options=ClientOptions(api_endpoint=self.url),
-            _http=EmulatorSession(),
-        )
+        return emulator_client(self.project, self.url, http=EmulatorSession())
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

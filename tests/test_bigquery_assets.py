@@ -23,7 +23,9 @@ def test_daily_predictions_land_in_bigquery_and_reruns_replace_the_day(pipeline,
             return contextlib.nullcontext(emulator.client())
 
     dataset = f"sofar_{uuid.uuid4().hex[:8]}"
-    warehouse = EmulatorWarehouse(project=emulator.project, dataset=dataset)
+    # api_endpoint: the emulator-only write path (no partition decorators)
+    warehouse = EmulatorWarehouse(project=emulator.project, dataset=dataset, api_endpoint=emulator.url)
+    warehouse.get().ensure_dataset()  # runs never create the dataset
     defs = pipeline["defs"]
     resources = {**defs.resources, "warehouse": warehouse}
 
@@ -34,7 +36,7 @@ def test_daily_predictions_land_in_bigquery_and_reruns_replace_the_day(pipeline,
                               resources=resources, instance=pipeline["instance"], tags=tags)
 
     assert run(DAYS[0], DAYS[1]).success
-    bq = EmulatorWarehouse(project=emulator.project, dataset=dataset).get()
+    bq = EmulatorWarehouse(project=emulator.project, dataset=dataset, api_endpoint=emulator.url).get()
     first = bq.read_table("predictions")
     uploads = {d: len(list((demo_data / "uploads" / d.isoformat()).iterdir())) for d in DAYS}
     assert first.groupby("prediction_date").size().to_dict() == uploads

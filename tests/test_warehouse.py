@@ -187,9 +187,12 @@ def test_read_query_and_names(wh):
         wh.write_table("labels; DROP TABLE x", pd.DataFrame({"a": [1]}))
     with pytest.raises(ValueError, match="column 'mixed' mixes value types"):
         wh.write_table("bad", pd.DataFrame({"mixed": ["a", 1]}))
-    # write_table replaces the whole table, schema included
-    wh.write_table("labels", pd.DataFrame({"uri": ["/z.jpg"]}))
-    assert wh.read_table("labels")["uri"].tolist() == ["/z.jpg"]
+    # write_table replaces the whole table's rows; schema changes are additive only
+    with pytest.raises(ValueError, match="table 'labels': column 'label' \\(INT64\\) is in the warehouse but not in"):
+        wh.write_table("labels", pd.DataFrame({"uri": ["/z.jpg"]}))
+    assert wh.read_table("labels")["uri"].tolist() == ["/x.jpg", "/y.jpg"]  # untouched
+    wh.write_table("labels", pd.DataFrame({"uri": ["/z.jpg"], "label": [2], "note": ["new"]}))
+    assert wh.read_table("labels").to_dict("records") == [{"uri": "/z.jpg", "label": 2, "note": "new"}]
 
 
 def test_frame_types():

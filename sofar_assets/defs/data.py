@@ -14,13 +14,14 @@ from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import storage
 from sofar_assets.lib.images import sha256_hex
 from sofar_assets.lib.plots import contact_sheet_png, png_to_markdown
+from sofar_assets.lib.warehouse import SOFAR_DATASET, raw_labels_schema, raw_labels_table
 
 OWNERS = ["team:ml-platform"]
 DECODE_THREADS = 2
 
 
 def raw_table_name(task: str) -> str:
-    return f"raw_labels_{task}"
+    return raw_labels_table(task)
 
 
 def _task_items(cfg: SofarConfig, task: TaskSource, warehouse) -> list[tuple[str, str]]:
@@ -85,7 +86,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
                 if i % 100 == 0:
                     context.log.info(f"{task_name}: {i}/{len(items)} files scanned")
         raw = ds.raw_frame(rows)
-        wh.write_table(raw_table_name(task_name), raw)
+        wh.write_table(raw_table_name(task_name), raw, schema=raw_labels_schema(task_name))
         errors = raw[raw["error"].notna()]
         for err in errors["error"]:
             context.log.warning(f"unreadable: {err}")
@@ -140,7 +141,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
             raw, vocabulary, val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction
         )
         previous = wh.read_table("sofar_dataset") if wh.table_exists("sofar_dataset") else None
-        wh.write_table("sofar_dataset", data)
+        wh.write_table(SOFAR_DATASET.name, data, schema=SOFAR_DATASET)
         counts = ds.counts_by(data, vocabulary)
         digest = ds.dataset_hash(data)
         errors = raw[raw["error"].notna()]

@@ -54,10 +54,20 @@ class BigQueryWarehouseResource(WarehouseResource):
     dataset: str
     location: str | None = None
     gcp_credentials: str | None = Field(None, description="base64 service-account key; default: ADC")
+    api_endpoint: str | None = Field(
+        None, description="a BigQuery emulator's URL (local stack, tests): anonymous client, and days "
+        "written by the emulator-only staged transaction instead of partition loads"
+    )
     _client: object = PrivateAttr(default=None)
     _stack: ExitStack = PrivateAttr(default_factory=ExitStack)
 
     def client_context(self):
+        if self.api_endpoint is not None:
+            from contextlib import nullcontext
+
+            from sofar_assets.lib.warehouse.bigquery import emulator_client
+
+            return nullcontext(emulator_client(self.project, self.api_endpoint, self.location))
         from dagster_gcp import BigQueryResource
 
         return BigQueryResource(
@@ -74,7 +84,8 @@ class BigQueryWarehouseResource(WarehouseResource):
     def get(self) -> Warehouse:
         if self._client is None:  # used outside a run (CLI summary): open it for the process
             self._client = self._stack.enter_context(self.client_context())
-        return BigQueryWarehouse(self.project, self.dataset, location=self.location, client=self._client)
+        return BigQueryWarehouse(self.project, self.dataset, location=self.location, client=self._client,
+                                 partition_decorator=self.api_endpoint is None)
 
 
 class MlflowResource(dg.ConfigurableResource):
@@ -124,7 +135,9 @@ def build_resources(cfg: SofarConfig) -> dict[str, object]:
     """The resource targets for ``cfg`` — the one seam where the environment is chosen."""
     wh = cfg.storage.warehouse
     if isinstance(wh, BigQueryTarget):
-        warehouse: object = BigQueryWarehouseResource(project=wh.project, dataset=wh.dataset, location=wh.location)
+        warehouse: object = BigQueryWarehouseResource(
+            project=wh.project, dataset=wh.dataset, location=wh.location, api_endpoint=wh.api_endpoint
+        )
     else:
         warehouse = DuckDBWarehouseResource(path=cfg.duckdb_path, schema_name=wh.schema_)
     base = cfg.io_manager_base
