@@ -44,20 +44,22 @@ PREDICTION_COLUMNS = (
 
 
 class Item(NamedTuple):
-    """One image to score; ``error`` set means "do not read it, write this error row"."""
+    """One image to score: what to store (``image_id``, ``image_uri``), what to read (``path``,
+    default the URI) and, when set, the ``error`` that becomes its row without any read."""
 
     image_id: str
     image_uri: str
     error: str | None = None
+    path: str | None = None
 
 
 def as_item(x) -> Item:
     """An :class:`Item` from an ``(image_id, image_uri[, error])`` tuple or an object with those
-    attributes (``uploads.Upload``)."""
+    attributes (``uploads.Upload``, whose ``path`` is what is read)."""
     if isinstance(x, Item):
         return x
     if hasattr(x, "image_uri"):
-        return Item(str(x.image_id), str(x.image_uri), getattr(x, "error", None))
+        return Item(str(x.image_id), str(x.image_uri), getattr(x, "error", None), getattr(x, "path", None))
     return Item(str(x[0]), str(x[1]), x[2] if len(x) > 2 else None)
 
 
@@ -98,29 +100,19 @@ class _Reads(torch.utils.data.Dataset):
     def __getstate__(self):  # the pool is per process: a forked or forkserver worker makes its own
         return {k: v for k, v in self.__dict__.items() if k != "_pool"} | {"_pool": None, "_pool_pid": -1}
 
-    def _too_large(self, n: int | str) -> str:
-        return f"too large: {n} bytes > max_bytes={self.max_bytes}"
-
     def _load(self, item: Item) -> tuple[np.ndarray | None, str | None]:
         if item.error is not None:
             return None, item.error  # refused upstream: never read
-        uri = item.image_uri
+        uri = item.path or item.image_uri
         try:
-            if self._bounded:
+            if self._bounded:  # storage.read_bytes: stops at max_bytes + 1 bytes, regular files only
                 kwargs = {"max_bytes": self.max_bytes} | (
                     self.read_kwargs if self.read_bytes is storage.read_bytes else {})
                 data = self.read_bytes(uri, **kwargs)
             else:
-                if self.read_bytes is storage.read_bytes and not storage.is_gcs(uri):
-                    try:  # refuse a huge local file before reading it into memory
-                        n = os.path.getsize(uri)
-                    except OSError:
-                        n = 0  # let read_bytes report the precise reason
-                    if n > self.max_bytes:
-                        return None, self._too_large(n)
                 data = self.read_bytes(uri)
-            if len(data) > self.max_bytes:
-                return None, self._too_large(len(data) if not self._bounded else f"more than {self.max_bytes}")
+            if len(data) > self.max_bytes:  # a reader that does not bound itself is checked after
+                return None, f"ImageReadError: {uri}: too large: {len(data)} bytes > max_bytes={self.max_bytes}"
             return load_image_array(data, uri, self.size), None
         except (storage.ImageReadError, ImageDecodeError) as exc:
             return None, f"{type(exc).__name__}: {exc}"
@@ -231,8 +223,8 @@ def predict_images(
     ``error`` becomes its error row without a read. Columns are :data:`PREDICTION_COLUMNS`.
     Probabilities are ``softmax(logits / temperature)``; ``ood_score = ood.scores(logits,
     score_method, temperature)`` and ``is_ood = ood_score < threshold``. A row whose image could
-    not be read or decoded has ``error`` set ("ImageReadError: ...", "ImageDecodeError: ...",
-    "too large: ...") with empty labels, NaN numbers and ``is_ood=False``.
+    not be read or decoded has ``error`` set ("ImageReadError: <uri>: <reason>" (a reason is
+    e.g. "file not found" or "too large: ..."), "ImageDecodeError: ...") with empty labels, NaN numbers and ``is_ood=False``.
 
     Each DataLoader worker reads up to ``reads_in_flight`` images of its batch at once with
     ``read_bytes(uri)`` (``storage.read_bytes`` also gets ``max_bytes`` and ``read_kwargs``, its
