@@ -32,6 +32,7 @@ from sofar_assets.lib import daily, drift, registry, storage, uploads
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
 
+PREDICTIONS_TABLE = PREDICTIONS.name
 PARTITION_COLUMN = PREDICTIONS.partition_column
 CHECKS = {
     "rows_match_uploads": "One row per uploaded photo for every day in the run (error rows included), "
@@ -130,33 +131,20 @@ def build_prediction_assets(cfg: SofarConfig):
         """Commit each day once all its shards are in; read back; checks; per-partition metadata."""
         wh = warehouse.get()
         days = run_days(context)
-        per_day, rows_ok, failures, staged = {}, [], [], []
+        per_day, failures = {}, []
         for day in days:
-            parts = [r["days"][day.isoformat()] for r in shard_results]
-            tally = daily.DayTally.merged(parts)
-            files = [p["file"] for p in parts if p["file"]]
-            written = wh.replace_day(PREDICTIONS, day, files)  # ONE atomic replace of the day
-            stored = wh.count_range(PREDICTIONS.name, PARTITION_COLUMN, day, day + dt.timedelta(days=1))
-            staged += files
-            same_listing = len({p["listed"] for p in parts}) == 1  # every shard saw the same day
-            rows_ok.append(same_listing and tally.listed == tally.uploads == tally.rows == written == stored)
-            scored = tally.rows - tally.errors
-            facts = {"uploads": tally.listed, "rows": stored, "error_rows": tally.errors, "ood_rows": tally.ood,
-                     "ood_rate": round(tally.ood / scored, 4) if scored else 0.0}
-            per_day[day.isoformat()] = facts | {"staged": tally.staged_rows, "written": written}
-            context.add_asset_metadata({"dagster/row_count": stored, **facts}, partition_key=day.isoformat())
-            context.log.info(f"{day}: {stored} rows committed from {len(files)} shard file(s), "
-                             f"{tally.errors} errors, {tally.ood} OOD")
-            if tally.listed and tally.errors == tally.listed:
+            facts = daily.commit_day(wh, PREDICTIONS, day, [r["days"][day.isoformat()] for r in shard_results])
+            per_day[day.isoformat()] = facts
+            context.add_asset_metadata(  # THIS partition's own numbers, not the run's totals
+                {"dagster/row_count": facts["rows"]} | {k: facts[k] for k in
+                                                        ("uploads", "rows", "error_rows", "ood_rows", "ood_rate")},
+                partition_key=day.isoformat())
+            context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s), "
+                             f"{facts['error_rows']} errors, {facts['ood_rows']} OOD")
+            if facts["uploads"] and facts["error_rows"] == facts["uploads"]:
                 failures.append(day)
-        daily.remove_staged(staged)
-
-        # drift, from GROUP BY counts over the run's days and their trailing weeks (no rows pulled)
-        start, end = drift.trailing_window(days[0])[0], days[-1] + dt.timedelta(days=1)
-        ood = drift.ood_vs_trailing(wh.count_by(PREDICTIONS.name, PARTITION_COLUMN, start, end,
-                                                [PARTITION_COLUMN, "is_ood"], where_null=("error",)), days)
-        mix = drift.label_mix_vs_trailing(wh.count_by(PREDICTIONS.name, PARTITION_COLUMN, start, end,
-                                                      [PARTITION_COLUMN, "top1_label"], where_null=("error",)), days)
+        daily.remove_staged(f for facts in per_day.values() for f in facts.pop("files"))
+        ood, mix = drift.checks_in_warehouse(wh, PREDICTIONS_TABLE, PARTITION_COLUMN, days)
         yield dg.Output(None, "result", metadata={
             "days": len(days),
             "run_rows": sum(d["rows"] for d in per_day.values()),
@@ -165,7 +153,7 @@ def build_prediction_assets(cfg: SofarConfig):
             "shards_per_day": shards,
             "model_version": shard_results[0]["model_version"] if shard_results else None,
         })
-        yield dg.AssetCheckResult(check_name="rows_match_uploads", passed=all(rows_ok),
+        yield dg.AssetCheckResult(check_name="rows_match_uploads", passed=all(f["ok"] for f in per_day.values()),
                                   metadata={"per_day": dg.MetadataValue.json(per_day)})
         yield dg.AssetCheckResult(
             check_name="ood_rate_vs_trailing_7_days", severity=dg.AssetCheckSeverity.WARN,
@@ -194,7 +182,7 @@ def build_prediction_assets(cfg: SofarConfig):
         kinds={cfg.storage.warehouse.kind, "pytorch"},
         owners=OWNERS,
         code_version="2",
-        metadata={"table": PREDICTIONS.name, "partition_expr": PARTITION_COLUMN},
+        metadata={"table": PREDICTIONS_TABLE, "partition_expr": PARTITION_COLUMN},
         check_specs=[dg.AssetCheckSpec(c, asset="daily_predictions", description=d) for c, d in CHECKS.items()],
     )
     def daily_predictions(champion_model):

@@ -155,6 +155,25 @@ def score_days(
     return tallies
 
 
+def commit_day(wh, schema, day: dt.date, parts: list[dict]) -> dict:
+    """Replace ``day`` of ``schema``'s table with ONE ``replace_day`` from the staged files of all
+    its shards (``parts``: each shard's :meth:`DayTally.as_dict` plus its ``file``), then read
+    the day's ``COUNT`` back. Returns the day's facts; ``ok`` is the rows check: every shard saw
+    the same listing, and listed == sent to the model == scored == loaded == stored."""
+    tally = DayTally.merged(parts)
+    files = [p["file"] for p in parts if p.get("file")]
+    written = wh.replace_day(schema, day, files)
+    stored = wh.count_range(schema.name, schema.partition_column, day, day + dt.timedelta(days=1))
+    same_listing = len({p["listed"] for p in parts}) <= 1
+    scored = tally.rows - tally.errors
+    return {
+        "uploads": tally.listed, "rows": stored, "error_rows": tally.errors, "ood_rows": tally.ood,
+        "ood_rate": round(tally.ood / scored, 4) if scored else 0.0, "staged": tally.staged_rows,
+        "written": written, "files": files,
+        "ok": same_listing and tally.listed == tally.uploads == tally.rows == tally.staged_rows == written == stored,
+    }
+
+
 def staging_uri(root: str, day: dt.date, run_id: str, shard: int, shards: int) -> str:
     """Where a shard's rows of one day are staged until the day is committed."""
     name = f"staging/predictions/{day.isoformat()}/{run_id}/shard-{shard}-of-{shards}.parquet"

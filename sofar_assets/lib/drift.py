@@ -88,6 +88,15 @@ def ood_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date], date_column: 
     return out
 
 
+def checks_in_warehouse(wh, table: str, date_column: str, days: list[dt.date]) -> tuple[dict, dict]:
+    """:func:`ood_vs_trailing` and :func:`label_mix_vs_trailing` for ``days`` from two ``GROUP BY``
+    queries over the days and their trailing weeks (scored rows only); no row leaves the warehouse."""
+    start, end = trailing_window(min(days))[0], max(days) + dt.timedelta(days=1)
+    ood = wh.count_by(table, date_column, start, end, [date_column, "is_ood"], where_null=("error",))
+    mix = wh.count_by(table, date_column, start, end, [date_column, "top1_label"], where_null=("error",))
+    return ood_vs_trailing(ood, days, date_column), label_mix_vs_trailing(mix, days, date_column)
+
+
 def label_mix_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date], date_column: str = "prediction_date") -> dict:
     """Per day of ``days``: the total variation distance between its top-1 label mix and the
     trailing week's, and the drift verdict. ``counts`` has columns ``[date_column, "top1_label",
