@@ -316,14 +316,15 @@ def test_score_days_splits_batches_across_days_and_counts(tmp_path):
     _jpeg(dark, DARK)
     days = [(D1, iter(red)), (D2, iter([])), (D3, iter([("d0", str(dark)), ("missing", str(tmp_path / "no.jpg"))]))]
     tallies = daily.score_days(MeanColour(), days, open_spool=_ListSpool, columns={"model_version": "7"},
-                               classes=CLASSES, image_size=8, threshold=THRESHOLD, batch_size=4, num_workers=0,
-                               device="cpu")
+                               rows_per_group=4, classes=CLASSES, image_size=8, threshold=THRESHOLD, batch_size=4,
+                               num_workers=0, device="cpu")
     assert list(tallies) == [D1, D2, D3]
     t1, t2, t3 = (tallies[d].as_dict() for d in (D1, D2, D3))
     assert t1 == {"listed": 5, "uploads": 5, "rows": 5, "errors": 0, "ood": 0, "labels": {"red": 5}, "staged_rows": 5}
     assert t2["rows"] == 0 and D2 not in _ListSpool.opened  # an empty day opens no spool
     assert t3 == {"listed": 2, "uploads": 2, "rows": 2, "errors": 1, "ood": 1, "labels": {"red": 1}, "staged_rows": 2}
-    # the second batch held D1's last row and D3's two: it was split at the day boundary
+    # the second batch held D1's last row and D3's two: it was split at the day boundary; rows go
+    # out in groups of rows_per_group, and a day's last group when the day ends
     assert [len(f) for f in _ListSpool.opened[D1]] == [4, 1] and [len(f) for f in _ListSpool.opened[D3]] == [2]
     rows = pd.concat(_ListSpool.opened[D3])
     assert (rows["prediction_date"] == D3).all() and (rows["model_version"] == "7").all()
