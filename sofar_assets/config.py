@@ -11,9 +11,18 @@ import datetime as dt
 import re
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from sofar_assets.lib import storage
 from sofar_assets.lib.warehouse.names import check_dataset, check_identifier, check_project
@@ -75,6 +84,11 @@ class UploadsSource(_Strict):
 
     folder: str | None = Field(None, description="PATH/<YYYY-MM-DD>/<image files>")
     table: str | None = Field(None, description="warehouse table image_uploads(image_id, image_uri, uploaded_at)")
+    allowed_roots: list[str] | None = Field(
+        None, validate_default=True,
+        description="folders / gs:// prefixes an upload may be read from; required with 'table' "
+        "(with 'folder': extra roots its links may point into, besides the folder itself)",
+    )
 
     @field_validator("table")
     @classmethod
@@ -86,6 +100,19 @@ class UploadsSource(_Strict):
         if (self.folder is None) == (self.table is None):
             raise ValueError("give exactly one of 'folder' or 'table'")
         return self
+
+    @field_validator("allowed_roots")
+    @classmethod
+    def _roots(cls, roots: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if info.data.get("table") is not None and not roots:
+            raise ValueError(
+                "required with a 'table' source: list the image-store folders or gs:// prefixes that the "
+                "table's image_uri values may point into (anything else becomes an error row, unread)"
+            )
+        for root in roots or []:
+            if root.strip().rstrip("/") in ("", "gs:", "~"):
+                raise ValueError(f"{root!r} would allow every file: name a folder or a bucket")
+        return roots
 
 
 class OodSet(_Strict):
@@ -199,7 +226,16 @@ class PartitionsConfig(_Strict):
     backfill_days_per_run: int | None = Field(
         None, ge=1, description="None: a backfill range is one run; N: runs of up to N days each (fan-out)"
     )
-    timezone: str = "UTC"
+    timezone: str = Field("UTC", description="IANA time zone of the daily partitions, e.g. Asia/Seoul")
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, tz: str) -> str:
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {tz!r}: use an IANA name such as 'UTC' or 'Asia/Seoul'") from None
+        return tz
 
 
 class SofarConfig(_Strict):
@@ -262,6 +298,14 @@ class SofarConfig(_Strict):
     def mlflow_artifact_location(self) -> str:
         loc = self.storage.mlflow.artifact_location
         return self.resolve(loc) if loc else self.under_root("mlartifacts")
+
+    @property
+    def upload_roots(self) -> list[str]:
+        """Where uploads may be read from: ``uploads.allowed_roots`` (resolved) plus the uploads folder."""
+        roots = [self.resolve(r) for r in self.uploads.allowed_roots or []]
+        if self.uploads.folder is not None:
+            roots.insert(0, self.resolve(self.uploads.folder))
+        return roots
 
     @property
     def io_manager_base(self) -> str:

@@ -300,7 +300,7 @@ def test_tasks_and_uploads_from_warehouse_tables(pipeline, demo_data, tmp_path):
     })
     wh.write_table("image_uploads", uploads)
     base["tasks"]["wash"] = {"table": "labels_wash", "labels": {"bubble": "bubble_wash", "machine": "wash_machine"}}
-    base["uploads"] = {"table": "image_uploads"}
+    base["uploads"] = {"table": "image_uploads", "allowed_roots": [str(demo_data / "uploads")]}
     (tmp_path / "tables.yaml").write_text(yaml.safe_dump(base))
     defs = build_definitions(load_config(tmp_path / "tables.yaml"))
     ingest = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets(["raw_labels", "wash"]),

@@ -13,7 +13,7 @@ from sofar_assets.lib.warehouse import DuckDBWarehouse
 def test_uploads_from_table_are_cut_at_local_midnight(tmp_path):
     cfg = parse_config({
         "tasks": {"defect": {"folder": "t", "labels": {"0": "normal", "1": "defect"}}},
-        "uploads": {"table": "image_uploads"},
+        "uploads": {"table": "image_uploads", "allowed_roots": [str(tmp_path)]},
         "partitions": {"start_date": "2026-11-01", "timezone": "Asia/Seoul"},
     }, base_dir=Path(tmp_path))
     start, end = day_window(cfg, dt.date(2026, 11, 2))
@@ -22,9 +22,9 @@ def test_uploads_from_table_are_cut_at_local_midnight(tmp_path):
     wh = DuckDBWarehouse(tmp_path / "w.duckdb")
     wh.write_table("image_uploads", pd.DataFrame({
         "image_id": ["late-on-1st-kst", "early-on-2nd-kst", "late-on-2nd-kst", "3rd-kst"],
-        "image_uri": ["a.jpg", "b.jpg", "c.jpg", "d.jpg"],
+        "image_uri": [str(tmp_path / f) for f in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")],
         # stored as naive UTC, as the warehouse keeps timestamps
         "uploaded_at": pd.to_datetime(["2026-11-01 14:59", "2026-11-01 15:00", "2026-11-02 14:59", "2026-11-02 15:00"]),
     }))
-    ids = [i for i, _ in day_uploads(cfg, dt.date(2026, 11, 2), wh)]
+    ids = [u.image_id for u in day_uploads(cfg, dt.date(2026, 11, 2), wh)]
     assert ids == ["early-on-2nd-kst", "late-on-2nd-kst"]

@@ -28,8 +28,9 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
-from sofar_assets.lib import daily, drift, registry, storage, uploads
+from sofar_assets.lib import daily, drift, registry, storage
 from sofar_assets.lib.packaging import load_registered
+from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
 
 PREDICTIONS_TABLE = PREDICTIONS.name
@@ -51,12 +52,14 @@ def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime
     return start, dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tzinfo=tz)
 
 
-def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> Iterator:
-    """Every photo uploaded on ``day`` (in the partitions' timezone), as a stream of uploads."""
+def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> Iterator[Upload]:
+    """One :class:`Upload` per photo uploaded on ``day`` (in the partitions' timezone), streamed:
+    readable, or an error record (bad link, pipe, URI outside ``uploads.allowed_roots``) that
+    becomes an error row without being read."""
     if cfg.uploads.folder is not None:
-        return uploads.iter_folder_day(cfg.resolve(cfg.uploads.folder), day)
+        return iter_folder_day(cfg.resolve(cfg.uploads.folder), day, allowed_roots=cfg.upload_roots)
     df = uploads_from_table(warehouse, cfg.uploads.table, *day_window(cfg, day))
-    return ((str(i), cfg.resolve(str(u))) for i, u in zip(df["image_id"], df["image_uri"], strict=True))
+    return iter_table_uploads(zip(df["image_id"], df["image_uri"], strict=True), cfg.upload_roots)
 
 
 def run_days(context) -> list[dt.date]:

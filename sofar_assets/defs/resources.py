@@ -6,7 +6,7 @@ resource           local (config/demo.yaml)          production (config/prod.yam
 warehouse          DuckDB file                       BigQuery dataset (dagster-gcp client)
 mlflow             sqlite registry + local folder    MLflow tracking server
 image_store        local folders + local cache       gs:// buckets + node-local cache
-io_manager         pickles small pointers to disk    GCS pickles (dagster-gcp)
+io_manager         small JSON files on disk          small JSON objects on gs://
 =================  ===============================  ==================================
 """
 
@@ -19,6 +19,7 @@ import dagster as dg
 from pydantic import Field, PrivateAttr
 
 from sofar_assets.config import BigQueryTarget, SofarConfig
+from sofar_assets.defs.io import JsonIOManager
 from sofar_assets.lib import storage
 from sofar_assets.lib.images import PreprocessCache
 from sofar_assets.lib.warehouse import BigQueryWarehouse, DuckDBWarehouse, Warehouse
@@ -140,14 +141,7 @@ def build_resources(cfg: SofarConfig) -> dict[str, object]:
         )
     else:
         warehouse = DuckDBWarehouseResource(path=cfg.duckdb_path, schema_name=wh.schema_)
-    base = cfg.io_manager_base
-    if storage.is_gcs(base):
-        from dagster_gcp.gcs import GCSPickleIOManager, GCSResource
-
-        bucket, _, prefix = base[len("gs://") :].partition("/")
-        io_manager: object = GCSPickleIOManager(gcs=GCSResource(), gcs_bucket=bucket, gcs_prefix=prefix or "dagster")
-    else:
-        io_manager = dg.FilesystemIOManager(base_dir=base)
+    io_manager = JsonIOManager(base_dir=cfg.io_manager_base)  # a local folder or gs://: JSON, never pickles
     return {
         "warehouse": warehouse,
         "mlflow_tracking": MlflowResource(

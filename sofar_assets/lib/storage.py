@@ -11,9 +11,11 @@ link to one is refused before a byte is read), never more than ``max_bytes + 1``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -145,6 +147,32 @@ def read_bytes(uri: str, *, max_bytes: int | None = None, timeout_s: float = 30.
         if type(exc).__name__ == "Forbidden":
             raise ImageReadError(uri, "permission denied") from None
         raise ImageReadError(uri, f"{type(exc).__name__}: {exc}") from exc
+
+
+def write_bytes(uri: str, data: bytes, *, content_type: str = "application/octet-stream",
+                timeout_s: float = 60.0, retries: int = 3) -> None:
+    """Write ``data`` at ``uri`` whole or not at all: a local file is written beside its target
+    and renamed over it; a ``gs://`` object is one upload (with a timeout and bounded retries)."""
+    if is_gcs(uri):
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        bucket, key = _split_gcs(uri)
+        retry = DEFAULT_RETRY.with_timeout(timeout_s * max(retries, 1)) if retries > 0 else None
+        _gcs_client().bucket(bucket).blob(key).upload_from_string(
+            data, content_type=content_type, timeout=timeout_s, retry=retry
+        )
+        return
+    folder = os.path.dirname(uri) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(uri)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, uri)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _hidden(name: str) -> bool:

@@ -24,6 +24,9 @@ import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import pandas as pd
+
 from sofar_assets.lib import storage
 
 REFUSED = "UploadRefused"
@@ -189,3 +192,35 @@ def _gcs_day(folder: str, day: dt.date) -> Iterator[Upload]:
             uri = f"gs://{bucket}/{sub}"
             yield Upload(f"{day.isoformat()}/{sub[len(prefix):].rstrip('/')}", uri, None,
                          _refused(uri, f"is a sub-folder; a day's uploads are the objects directly in {folder}/"))
+
+
+def with_refused(uploads: Sequence[Upload], scored: pd.DataFrame) -> pd.DataFrame:
+    """One row per upload, in ``uploads`` order: ``scored`` holds the rows of the readable ones
+    (those with a ``path``, in order, as scored from ``(image_id, path)``); each refused upload
+    becomes an error row. ``image_uri`` is the stored (safe) form, never the real path, and
+    error texts are made valid UTF-8 (a read error names the real path)."""
+    readable = [k for k, u in enumerate(uploads) if u.path is not None]
+    if len(readable) != len(scored):
+        raise ValueError(f"{len(scored)} scored rows for {len(readable)} readable uploads")
+    refused = [k for k, u in enumerate(uploads) if u.path is None]
+    scored = scored.set_axis(readable).assign(
+        image_uri=pd.Series([uploads[k].image_uri for k in readable], index=readable, dtype=object),
+        error=pd.Series([None if pd.isna(e) else safe_text(str(e)) for e in scored["error"]], index=readable,
+                        dtype=object),
+    )
+    if not refused:
+        return scored.reset_index(drop=True)
+    given = {"image_id": [uploads[k].image_id for k in refused], "image_uri": [uploads[k].image_uri for k in refused],
+             "error": [uploads[k].error for k in refused]}
+    columns = {}
+    for c in scored.columns:  # an error row: no labels, NaN numbers, not OOD (its error says why)
+        if c in given:
+            columns[c] = pd.Series(given[c], index=refused, dtype=object)
+        elif c == "is_ood" or scored[c].dtype == bool:
+            columns[c] = pd.Series(False, index=refused, dtype=bool)
+        elif scored[c].dtype.kind == "f":
+            columns[c] = pd.Series(np.nan, index=refused, dtype=scored[c].dtype)
+        else:
+            columns[c] = pd.Series(None, index=refused, dtype=object)
+    errors = pd.DataFrame(columns, columns=scored.columns)
+    return pd.concat([scored, errors] if readable else [errors]).sort_index().reset_index(drop=True)
