@@ -210,7 +210,7 @@ def predict_images(
     device: str | torch.device = "auto",
     read_bytes: Callable[..., bytes] = storage.read_bytes,
     max_bytes: int = 50_000_000,
-    reads_in_flight: int = 16,
+    reads_in_flight: int = 32,
     read_kwargs: dict | None = None,
     total: int | None = None,
     log: Callable[[str], None] | None = None,
