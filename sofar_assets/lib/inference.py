@@ -29,6 +29,7 @@ import torch
 from sofar_assets.lib import ood, storage
 from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.images import ImageDecodeError, load_image_array
+from sofar_assets.lib.uploads import safe_text
 
 PREDICTION_COLUMNS = (
     "image_id",
@@ -77,9 +78,10 @@ def _batches(items: Iterable, batch_size: int) -> Iterator[list[Item]]:
 
 def _accepts_max_bytes(read_bytes: Callable) -> bool:
     try:
-        return "max_bytes" in inspect.signature(read_bytes).parameters
+        params = inspect.signature(read_bytes).parameters
     except (TypeError, ValueError):
         return False
+    return "max_bytes" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 class _Reads(torch.utils.data.Dataset):
@@ -103,21 +105,23 @@ class _Reads(torch.utils.data.Dataset):
     def _load(self, item: Item) -> tuple[np.ndarray | None, str | None]:
         if item.error is not None:
             return None, item.error  # refused upstream: never read
-        uri = item.path or item.image_uri
+        path, name = item.path or item.image_uri, item.image_uri  # read the real path, name the stored URI
         try:
             if self._bounded:  # storage.read_bytes: stops at max_bytes + 1 bytes, regular files only
                 kwargs = {"max_bytes": self.max_bytes} | (
                     self.read_kwargs if self.read_bytes is storage.read_bytes else {})
-                data = self.read_bytes(uri, **kwargs)
+                data = self.read_bytes(path, **kwargs)
             else:
-                data = self.read_bytes(uri)
+                data = self.read_bytes(path)
             if len(data) > self.max_bytes:  # a reader that does not bound itself is checked after
-                return None, f"ImageReadError: {uri}: too large: {len(data)} bytes > max_bytes={self.max_bytes}"
-            return load_image_array(data, uri, self.size), None
-        except (storage.ImageReadError, ImageDecodeError) as exc:
-            return None, f"{type(exc).__name__}: {exc}"
+                return None, f"ImageReadError: {name}: too large: {len(data)} bytes > max_bytes={self.max_bytes}"
+            return load_image_array(data, name, self.size), None
+        except storage.ImageReadError as exc:
+            return None, safe_text(f"ImageReadError: {name}: {exc.reason}")
+        except ImageDecodeError as exc:
+            return None, safe_text(f"ImageDecodeError: {exc}")
         except Exception as exc:  # an unexpected reader or decoder failure is still one bad image
-            return None, f"{type(exc).__name__}: {uri}: {exc}"
+            return None, safe_text(f"{type(exc).__name__}: {name}: {exc}")
 
     def __getitem__(self, item: Item):
         return self._load(item)
