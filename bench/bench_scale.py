@@ -221,8 +221,8 @@ def main() -> int:
                   f"DuckDB commit +{r['commit_rss_mib']:.1f} MiB (process {r['baseline_mib']:.0f} MiB, "
                   f"workers peak {r['workers_peak_mib']:.0f} MiB)")
         time_ratio = (runs[n2]["seconds"] / n2) / (runs[n1]["seconds"] / n1)
-        rss_ratio = runs[n2]["score_rss_mib"] / max(runs[n1]["score_rss_mib"], 1e-9)
-        commit_ratio = runs[n2]["commit_rss_mib"] / max(runs[n1]["commit_rss_mib"], 1e-9)
+        rss_ratio = max(runs[n2]["score_rss_mib"], 1.0) / max(runs[n1]["score_rss_mib"], 1.0)  # floor: 1 MiB
+        commit_ratio = max(runs[n2]["commit_rss_mib"], 1.0) / max(runs[n1]["commit_rss_mib"], 1.0)
         print(f"    time per image (whole path) {n2}/{n1}: {time_ratio:.3f} (target <= 1.1); peak RSS above "
               f"baseline of the stream {n2}/{n1}: {rss_ratio:.3f} (target <= 1.2); of the local DuckDB "
               f"commit: {commit_ratio:.3f} (DuckDB's insert buffer, not the stream's; BigQuery loads server-side)")
