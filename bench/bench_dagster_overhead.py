@@ -5,8 +5,8 @@
 Both sides do identical work on the same day of real-size photos (the sample photos under
 distinct names): load the champion from the MLflow registry, decode + predict every photo, and
 replace the day's rows in DuckDB. A = `dagster.materialize(daily_predictions, partition)`,
-B = the plain functions (`load_registered`, `day_uploads`, `predict_images`,
-`replace_partition`). Rounds alternate A, B, A, B …; the ratio A/B of the medians is printed
+B = the plain functions the asset's steps call (`load_registered`, `day_uploads`,
+`daily.score_days`, `daily.commit_day`, `drift.checks_in_warehouse`). Rounds alternate A, B, A, B …; the ratio A/B of the medians is printed
 (target <= 1.10).
 
 Whole processes, for an outside timer (each prepares STATE once, then does one side once):
@@ -36,11 +36,11 @@ import yaml  # noqa: E402
 
 from sofar_assets.config import load_config  # noqa: E402
 from sofar_assets.definitions import build_definitions  # noqa: E402
-from sofar_assets.defs.predictions import day_uploads, table_rows  # noqa: E402
-from sofar_assets.lib.inference import predict_images  # noqa: E402
+from sofar_assets.defs.predictions import day_uploads  # noqa: E402
+from sofar_assets.lib import daily, drift  # noqa: E402
 from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
 from sofar_assets.lib.packaging import load_registered, log_and_register  # noqa: E402
-from sofar_assets.lib.uploads import with_refused  # noqa: E402
+from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool  # noqa: E402
 
 SAMPLES = REPO.parent / "shared/data/sofar-public-samples"
 DAY = dt.date(2026, 11, 1)
@@ -98,13 +98,20 @@ def run_plain(cfg, defs) -> float:
     wh = defs.resources["warehouse"].get()
     defs.resources["mlflow_tracking"].setup()  # point mlflow at the registry, as the asset does
     model, meta = load_registered(f"models:/{cfg.model.name}@champion")
-    ups = list(day_uploads(cfg, DAY, wh))
-    items = [(u.image_id, u.path) for u in ups if u.path is not None]
-    frames = list(predict_images(model, items, classes=list(meta["classes"]), image_size=cfg.model.image_size,
-                                 threshold=0.0, batch_size=cfg.inference.batch_size,
-                                 num_workers=cfg.inference.num_workers, device="cpu"))
-    df = table_rows(with_refused(ups, pd.concat(frames, ignore_index=True)), DAY, cfg.model.name, "1")
-    wh.replace_partition("predictions", df, "prediction_date", DAY, DAY + dt.timedelta(days=1))
+    inf = cfg.inference
+    staging = daily.staging_uri(cfg.root, DAY, "plain", 0, 1)
+    tallies = daily.score_days(
+        model, [(DAY, day_uploads(cfg, DAY, wh))],
+        open_spool=lambda day: ParquetSpool(PREDICTIONS, daily.local_spool_path(staging)),
+        columns={"model_name": cfg.model.name, "model_version": "1",
+                 "predicted_at": pd.Timestamp.now(tz="UTC").tz_localize(None)},
+        classes=list(meta["classes"]), image_size=cfg.model.image_size, threshold=0.0,
+        batch_size=inf.batch_size, num_workers=inf.num_workers, device="cpu", max_bytes=inf.max_bytes,
+        reads_in_flight=inf.reads_in_flight,
+    )
+    daily.commit_day(wh, PREDICTIONS, DAY, [tallies[DAY].as_dict() | {"file": staging}])
+    drift.checks_in_warehouse(wh, PREDICTIONS.name, PREDICTIONS.partition_column, [DAY])
+    daily.remove_staged([staging])
     return time.perf_counter() - t0
 
 

@@ -16,6 +16,7 @@ BENCHES = [
     ("training throughput (issue: classifier)", ["bench_train.py"]),
     ("inference and efficiency (issue: daily table)", ["bench_inference.py"]),
     ("Dagster overhead on one day (issue: daily table)", ["bench_dagster_overhead.py"]),
+    ("a day of many photos: time, memory, reads in flight (issue: scale)", ["bench_scale.py"]),
     ("pipeline part of make run (issue: foundation)", ["bench_pipeline.py"]),
     ("recipe vs frozen-feature probe, 5-fold CV on the real photos (issue: model quality)", ["bench_recipe.py"]),
 ]

@@ -240,6 +240,11 @@ class InferenceConfig(_Strict):
     num_workers: int = Field(2, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_bytes: int = Field(50_000_000, ge=1)
+    reads_in_flight: int = Field(32, ge=1, description="concurrent image reads per DataLoader worker (32: a default batch in one wave)")
+    read_timeout_s: float = Field(30.0, gt=0, description="per read of a gs:// object")
+    read_retries: int = Field(3, ge=0, description="retries of a failed gs:// read")
+    shards_per_day: int = Field(1, ge=1, description="a day's uploads split into this many steps (pods)")
+    log_every: int = Field(10_000, ge=1, description="a progress line every N images")
 
 
 class KubernetesConfig(_Strict):

@@ -97,7 +97,7 @@ def test_batches_stream_in_order_and_log_progress(items):
     frames = list(
         predict_images(
             MeanColour(), items, classes=CLASSES, image_size=16, threshold=3.0,
-            batch_size=4, num_workers=0, log=lines.append, log_every=1,
+            batch_size=4, num_workers=0, log=lines.append, log_every=4, total=6,
         )
     )  # fmt: skip
     assert [len(f) for f in frames] == [4, 2]
@@ -108,10 +108,11 @@ def test_batches_stream_in_order_and_log_progress(items):
 def test_too_large_all_bad_batch_and_empty(items, tmp_path):
     df = run(items[:1], max_bytes=10)
     size = len(open(items[0][1], "rb").read())
-    assert df["error"].tolist() == [f"too large: {size} bytes > max_bytes=10"]
-    # a custom reader (e.g. GCS) is checked after reading
+    too_large = f"ImageReadError: {items[0][1]}: too large: {size} bytes > max_bytes=10"
+    assert df["error"].tolist() == [too_large]
+    # a custom reader that does not bound itself is checked after reading
     df = run(items[:1], max_bytes=10, read_bytes=lambda uri: open(uri, "rb").read())
-    assert df["error"].tolist() == [f"too large: {size} bytes > max_bytes=10"]
+    assert df["error"].tolist() == [too_large]
     assert run([items[1], items[4]])["error"].notna().all()
     empty = run([])
     assert empty.empty and empty.columns.tolist() == list(PREDICTION_COLUMNS)

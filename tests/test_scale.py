@@ -1,0 +1,357 @@
+"""A day of many photos: streaming, reads in flight, shards committed once, crash safety,
+per-partition metadata and the warehouse-computed checks.
+
+The Dagster tests run the real ``daily_predictions`` graph (plan_shards -> score_shard ->
+commit_days) on a DuckDB file and a real MLflow registry; only the network is a stand-in: a
+"mean colour" model (logits = 5 * mean RGB) loaded in place of the registered weights, so that
+every label and OOD verdict is known from the photo's colour.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+import time
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from sofar_assets.config import load_config
+from sofar_assets.definitions import build_definitions
+from sofar_assets.lib import daily, drift, registry
+from sofar_assets.lib.inference import Item, predict_frame, predict_images
+
+from conftest import _assets
+
+CLASSES = ["red", "green", "blue"]
+BRIGHT = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+DARK = (40, 40, 40)  # every logit 5 * 40/255 = 0.78 < threshold 2.0: out of distribution
+THRESHOLD = 2.0
+
+
+class MeanColour(torch.nn.Module):
+    def forward(self, x):
+        return 5.0 * x.mean(dim=(2, 3))
+
+
+def _jpeg(path, rgb):
+    Image.new("RGB", (24, 24), rgb).save(path, quality=95)
+
+
+def _write_day(uploads, day: dt.date, colours: list) -> list[str]:
+    folder = uploads / day.isoformat()
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, rgb in enumerate(colours):
+        _jpeg(folder / f"{i:04d}.jpg", rgb)
+    return [f"{day.isoformat()}/{i:04d}.jpg" for i in range(len(colours))]
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    """A config over a tmp uploads folder, a registered + calibrated champion, the stand-in net."""
+    import sofar_assets.defs.predictions as predictions
+
+    def build(**inference):
+        path = tmp_path / "sofar.yaml"
+        path.write_text(yaml.safe_dump({
+            "tasks": {"defect": {"folder": str(tmp_path / "task"), "labels": {"0": "normal", "1": "defect"}}},
+            "uploads": {"folder": str(tmp_path / "uploads")},
+            "partitions": {"start_date": "2026-11-01"},
+            "storage": {"root": str(tmp_path / "state")},
+            "inference": {"num_workers": 0, "batch_size": 4, "device": "cpu", **inference},
+        }))
+        cfg = load_config(path)
+        return cfg, build_definitions(cfg)
+
+    for sub in ("task/0", "task/1", "uploads"):
+        (tmp_path / sub).mkdir(parents=True)
+    cfg, defs = build()
+    res = defs.resources["mlflow_tracking"]
+    res.setup()
+    client = res.client()
+    client.create_registered_model(cfg.model.name)
+    mv = client.create_model_version(cfg.model.name, source=str(tmp_path / "weights"))
+    registry.write_calibration(client, cfg.model.name, mv.version,
+                               registry.Calibration("max_logit", 1.0, THRESHOLD))
+    registry.set_champion(client, cfg.model.name, mv.version)
+    loads = []
+
+    def load(uri):
+        loads.append(uri)
+        return MeanColour(), {"classes": CLASSES, "spec": {"image_size": 8}}
+
+    monkeypatch.setattr(predictions, "load_registered", load)
+    return {"build": build, "uploads": tmp_path / "uploads", "instance": dg.DagsterInstance.ephemeral(),
+            "loads": loads, "root": tmp_path / "state", "tmp": tmp_path}
+
+
+def _run(env, defs, first: dt.date, last: dt.date, raise_on_error=True):
+    return dg.materialize(
+        _assets(defs), selection=dg.AssetSelection.assets("daily_predictions"),
+        tags={"dagster/asset_partition_range_start": first.isoformat(),
+              "dagster/asset_partition_range_end": last.isoformat()} if first != last else None,
+        partition_key=first.isoformat() if first == last else None,
+        resources=defs.resources, instance=env["instance"], raise_on_error=raise_on_error,
+    )
+
+
+def _day_rows(defs, day):
+    wh = defs.resources["warehouse"].get()
+    return wh.read_range("predictions", "prediction_date", day, day + dt.timedelta(days=1))
+
+
+D1, D2, D3, D4 = (dt.date(2026, 11, d) for d in (1, 2, 3, 4))
+
+
+def test_range_run_records_each_days_own_numbers_on_its_partition(env):
+    colours = {D1: [BRIGHT["red"]] * 3 + [DARK], D2: [BRIGHT["green"]] * 6, D3: [BRIGHT["blue"], DARK] * 2 + [DARK]}
+    for day, c in colours.items():
+        _write_day(env["uploads"], day, c)
+    cfg, defs = env["build"]()
+    result = _run(env, defs, D1, D3)
+    assert result.success
+    mats = {m.partition: m.metadata for m in result.asset_materializations_for_node("daily_predictions")}
+    assert sorted(mats) == [d.isoformat() for d in (D1, D2, D3)]
+    wh = defs.resources["warehouse"].get()
+    for day, c in colours.items():
+        md = mats[day.isoformat()]
+        stored = wh.count_range("predictions", "prediction_date", day, day + dt.timedelta(days=1))
+        assert stored == len(c)
+        assert md["dagster/row_count"].value == md["rows"].value == md["uploads"].value == stored
+        assert md["ood_rows"].value == sum(x == DARK for x in c) and md["error_rows"].value == 0
+        assert md["days"].value == 3  # run-level facts ride along on every partition
+    assert env["loads"] == [f"models:/{cfg.model.name}/1"]  # one shard: the model loads once per run
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["rows_match_uploads"].passed
+    assert not list((env["root"] / "staging" / "predictions").rglob("*.parquet"))  # committed, cleaned up
+
+
+def test_shards_of_a_day_commit_once(env, monkeypatch):
+    from sofar_assets.lib.warehouse import DuckDBWarehouse
+
+    ids = {D1: _write_day(env["uploads"], D1, [BRIGHT["red"]] * 11 + [DARK] * 3),
+           D2: _write_day(env["uploads"], D2, [BRIGHT["blue"]] * 9)}
+    cfg, defs = env["build"](shards_per_day=3)
+    commits = []
+    real = DuckDBWarehouse.replace_day
+
+    def counting(self, schema, day, files):
+        commits.append((day, sorted(files)))
+        return real(self, schema, day, files)
+
+    monkeypatch.setattr(DuckDBWarehouse, "replace_day", counting)
+    result = _run(env, defs, D1, D2)
+    assert result.success
+    assert [d for d, _ in commits] == [D1, D2]  # ONE replace per day, after all shards are in
+    for _day, files in commits:
+        assert 2 <= len(files) <= 3 and all("shard-" in f and "-of-3.parquet" in f for f in files)
+    steps = {e.step_key for e in result.all_events if e.step_key and "score_shard" in e.step_key}
+    assert len(steps) == 3 and len(env["loads"]) == 3  # three steps (pods), each loads the model once
+    for day, expected in ids.items():
+        rows = _day_rows(defs, day)
+        assert sorted(rows["image_id"]) == sorted(expected)  # every photo once, none lost or doubled
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["rows_match_uploads"].passed
+    # the split is deterministic: the same shard for an id in every process and every re-run
+    assert [daily.in_shard(i, k, 3) for i in ids[D1] for k in range(3)].count(True) == len(ids[D1])
+
+
+def test_crash_mid_day_keeps_the_old_day(env, monkeypatch):
+    import sofar_assets.defs.predictions as predictions
+
+    _write_day(env["uploads"], D1, [BRIGHT["red"]] * 10)
+    cfg, defs = env["build"]()
+    assert _run(env, defs, D1, D1).success
+    before = _day_rows(defs, D1).sort_values("image_id").reset_index(drop=True)
+    assert len(before) == 10
+
+    class DiesOnThirdBatch(MeanColour):  # e.g. a CUDA OOM or a killed pod, after 8 rows were staged
+        calls = 0
+
+        def forward(self, x):
+            DiesOnThirdBatch.calls += 1
+            if DiesOnThirdBatch.calls == 3:
+                raise RuntimeError("simulated crash in the middle of the day")
+            return 5.0 * x.mean(dim=(2, 3))
+
+    for p in (env["uploads"] / D1.isoformat()).iterdir():  # the re-run would predict green everywhere
+        _jpeg(p, BRIGHT["green"])
+    monkeypatch.setattr(predictions, "load_registered",
+                        lambda uri: (DiesOnThirdBatch(), {"classes": CLASSES, "spec": {"image_size": 8}}))
+    result = _run(env, defs, D1, D1, raise_on_error=False)
+    assert not result.success and DiesOnThirdBatch.calls == 3
+    after = _day_rows(defs, D1).sort_values("image_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(after, before)  # the old day, whole: not a mix of old and new
+
+
+def test_checks_fail_when_they_should(env, monkeypatch):
+    import sofar_assets.defs.predictions as predictions
+    from sofar_assets.lib.warehouse import ParquetSpool
+
+    for day in (D1, D2, D3):  # the trailing week: red and green, 10% OOD (dark photos score as red)
+        _write_day(env["uploads"], day, [BRIGHT["red"]] * 5 + [BRIGHT["green"]] * 4 + [DARK])
+    _write_day(env["uploads"], D4, [DARK] * 3 + [BRIGHT["blue"]] * 7)  # OOD x3 and a new label mix
+    cfg, defs = env["build"]()
+    assert _run(env, defs, D1, D3).success
+    result = _run(env, defs, D4, D4)
+    assert result.success  # warnings, not failures
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    spike = checks["ood_rate_vs_trailing_7_days"]
+    assert not spike.passed and spike.severity == dg.AssetCheckSeverity.WARN
+    assert spike.metadata["days"].value[D4.isoformat()] == {"ood_rate": 0.3, "trailing": 0.1, "spike": True}
+    mix = checks["label_mix_vs_trailing_7_days"]  # (red .6, green .4) -> (red .3, blue .7): TV 0.7
+    assert not mix.passed and mix.metadata["total_variation"].value[D4.isoformat()] == pytest.approx(0.7)
+    assert checks["rows_match_uploads"].passed
+
+    class LosesARow(ParquetSpool):  # a sink that silently drops a row must fail the rows check
+        def append(self, rows):
+            super().append(rows.slice(1) if hasattr(rows, "slice") else rows.iloc[1:])
+
+    monkeypatch.setattr(predictions, "ParquetSpool", LosesARow)
+    result = _run(env, defs, D1, D1)
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert not checks["rows_match_uploads"].passed
+    facts = checks["rows_match_uploads"].metadata["per_day"].value[D1.isoformat()]
+    assert facts["uploads"] == 10 and facts["rows"] < 10
+
+
+def test_an_ordinary_day_passes_the_drift_checks(env):
+    for day in (D1, D2, D3, D4):
+        _write_day(env["uploads"], day, [BRIGHT["red"], BRIGHT["green"], BRIGHT["blue"]] * 3 + [DARK])
+    cfg, defs = env["build"]()
+    result = _run(env, defs, D1, D4)
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert all(c.passed for c in checks.values())
+    assert checks["ood_rate_vs_trailing_7_days"].metadata["compared_days"].value == 3  # D1 has no past
+
+
+# ---- library level: streaming, reads in flight, shards, drift math ------------------------------
+
+
+def _items(tmp_path, n, rgb=(255, 0, 0)):
+    path = tmp_path / "red.jpg"
+    _jpeg(path, rgb)
+    return [(f"img{i}", str(path)) for i in range(n)]
+
+
+def test_items_are_consumed_lazily_not_listed(tmp_path):
+    items = _items(tmp_path, 200)
+    pulled = []
+
+    def stream():
+        for x in items:
+            pulled.append(x)
+            yield x
+
+    frames = predict_images(MeanColour(), stream(), classes=CLASSES, image_size=8, threshold=THRESHOLD,
+                            batch_size=10, num_workers=0, device="cpu")
+    first = next(frames)
+    assert len(first) == 10 and len(pulled) <= 20  # one batch ahead at most, not the whole day
+    assert sum(len(f) for f in frames) == 190
+
+
+def test_reads_in_flight_overlap_and_are_bounded(tmp_path):
+    items = _items(tmp_path, 32)
+    data = open(items[0][1], "rb").read()
+    active, peak, lock = [0], [0], threading.Lock()
+
+    def slow_read(uri):  # a 50 ms object-store GET
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+        return data
+
+    t0 = time.perf_counter()
+    df = predict_frame(MeanColour(), items, classes=CLASSES, image_size=8, threshold=THRESHOLD, batch_size=16,
+                       num_workers=0, device="cpu", read_bytes=slow_read, reads_in_flight=8)
+    elapsed = time.perf_counter() - t0
+    assert len(df) == 32 and df["error"].isna().all()
+    assert peak[0] == 8  # as many as allowed, never more
+    assert elapsed < 32 * 0.05 / 2  # sequential reads would take 1.6 s
+
+
+def test_refused_uploads_become_error_rows_without_a_read(tmp_path):
+    items = _items(tmp_path, 2)
+    read = []
+
+    def reader(uri):
+        read.append(uri)
+        return open(uri, "rb").read()
+
+    refused = Item("evil", "/etc/passwd", "UploadRefused: /etc/passwd: outside the allowed roots")
+    df = predict_frame(MeanColour(), [items[0], refused, items[1]], classes=CLASSES, image_size=8,
+                       threshold=THRESHOLD, num_workers=0, device="cpu", read_bytes=reader)
+    assert read == [items[0][1], items[1][1]]
+    assert df["error"].tolist() == [None, refused.error, None]
+
+
+class _ListSpool:
+    opened: dict = {}
+
+    def __init__(self, day):
+        self.frames = _ListSpool.opened.setdefault(day, [])
+        self.closed = False
+
+    def append(self, df):
+        assert not self.closed
+        self.frames.append(df)
+
+    def close(self):
+        self.closed = True
+        return sum(len(f) for f in self.frames)
+
+
+def test_score_days_splits_batches_across_days_and_counts(tmp_path):
+    _ListSpool.opened = {}
+    red = _items(tmp_path, 5)
+    dark = tmp_path / "dark.jpg"
+    _jpeg(dark, DARK)
+    days = [(D1, iter(red)), (D2, iter([])), (D3, iter([("d0", str(dark)), ("missing", str(tmp_path / "no.jpg"))]))]
+    tallies = daily.score_days(MeanColour(), days, open_spool=_ListSpool, columns={"model_version": "7"},
+                               rows_per_group=4, classes=CLASSES, image_size=8, threshold=THRESHOLD, batch_size=4,
+                               num_workers=0, device="cpu")
+    assert list(tallies) == [D1, D2, D3]
+    t1, t2, t3 = (tallies[d].as_dict() for d in (D1, D2, D3))
+    assert t1 == {"listed": 5, "uploads": 5, "rows": 5, "errors": 0, "ood": 0, "labels": {"red": 5}, "staged_rows": 5}
+    assert t2["rows"] == 0 and D2 not in _ListSpool.opened  # an empty day opens no spool
+    assert t3 == {"listed": 2, "uploads": 2, "rows": 2, "errors": 1, "ood": 1, "labels": {"red": 1}, "staged_rows": 2}
+    # the second batch held D1's last row and D3's two: it was split at the day boundary; rows go
+    # out in groups of rows_per_group, and a day's last group when the day ends
+    assert [len(f) for f in _ListSpool.opened[D1]] == [4, 1] and [len(f) for f in _ListSpool.opened[D3]] == [2]
+    rows = pd.concat(_ListSpool.opened[D3])
+    assert (rows["prediction_date"] == D3).all() and (rows["model_version"] == "7").all()
+
+
+def test_shards_partition_a_day():
+    ids = [f"2026-11-01/{i:05d}.jpg" for i in range(3000)]
+    members = [[i for i in ids if daily.in_shard(i, k, 3)] for k in range(3)]
+    assert sorted(sum(members, [])) == sorted(ids)  # each id in exactly one shard
+    assert all(900 < len(m) < 1100 for m in members)  # and the shards are about even
+    with pytest.raises(ValueError, match="shard 3 is not in 0..2"):
+        daily.score_days(MeanColour(), [], open_spool=_ListSpool, columns={}, shard=3, shards=3,
+                         classes=CLASSES, image_size=8, threshold=0.0)
+
+
+def test_drift_rules():
+    assert drift.ood_spike(0.20, 0.02) and not drift.ood_spike(0.16, 0.02)  # margin decides at a low base
+    assert not drift.ood_spike(0.40, 0.30) and drift.ood_spike(0.61, 0.30)  # factor decides at a high base
+    assert drift.total_variation({"a": 1, "b": 1}, {"a": 5, "b": 5}) == 0.0
+    assert drift.total_variation({"a": 3}, {"b": 1}) == 1.0
+    assert drift.total_variation({"a": 3, "b": 1}, {"a": 1, "b": 1}) == pytest.approx(0.25)
+    assert drift.label_drift(0.51) and not drift.label_drift(0.5)
+    counts = pd.DataFrame({"prediction_date": [D1, D1, D2, D2, D3, D3],
+                           "is_ood": [False, True, False, True, False, True], "n": [90, 10, 80, 20, 2, 8]})
+    out = drift.ood_vs_trailing(counts, [D2, D3])
+    assert out[D2] == {"ood_rate": 0.2, "trailing": 0.1, "spike": False}
+    assert out[D3] == {"ood_rate": 0.8, "trailing": 0.15, "spike": True}
+    assert drift.ood_vs_trailing(counts, [D1]) == {}  # nothing to compare against
+    assert not np.isnan(drift.label_mix_vs_trailing(
+        pd.DataFrame({"prediction_date": [D1, D2], "top1_label": ["a", "b"], "n": [3, 4]}), [D2])[D2]["total_variation"])
