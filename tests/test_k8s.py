@@ -193,8 +193,10 @@ def step_problems(cfg, defs, launcher, steps=None) -> list[str]:
             problems.append(f"{where}: SOFAR_CONFIG is {_env(container).get('SOFAR_CONFIG')!r}, not {config_path!r}")
         if "sofar-mlflow" not in _secret_refs(container):
             problems.append(f"{where}: the MLflow credentials secret is not in envFrom")
-        reads_images = "image_store" in resources
-        runs_model = reads_images and "mlflow_tracking" in resources
+        # a step that loads a registered model AND reads data (images via the store or the warehouse's
+        # upload lists) runs the model; plan_shards and champion_model only talk to the registry
+        runs_model = "mlflow_tracking" in resources and bool({"image_store", "warehouse"} & resources)
+        reads_images = "image_store" in resources or runs_model
         if runs_model != (step.tags.get(RUNS_MODEL_TAG) == "true"):
             problems.append(f"{where}: runs a model={runs_model} but tag {RUNS_MODEL_TAG}={step.tags.get(RUNS_MODEL_TAG)!r}")
         if not reads_images:
@@ -250,16 +252,16 @@ def _env_value_in_values(values: dict, name: str) -> str | None:
 def test_every_prod_step_pod_gets_what_it_uses(cfg, defs, launcher):
     steps = prod_steps(defs)
     keys = {s.key for _, s, _ in steps}
-    assert {"sofar_classifier", "ood_calibration", "model_evaluation", "daily_predictions", "sofar_dataset",
-            "champion_model"} <= keys
+    assert {"sofar_classifier", "ood_calibration", "model_evaluation", "daily_predictions.score_shard[?]",
+            "sofar_dataset", "champion_model"} <= keys
     assert {f"raw_labels__{t}" for t in cfg.tasks} <= keys
     assert step_problems(cfg, defs, launcher, steps) == []
 
 
 def test_model_steps_on_cuda_request_a_gpu_on_a_gpu_node(cfg, defs, launcher):
-    assert cfg.train.device == cfg.inference.device == "cuda"  # prod: the steps raise without a GPU
+    assert {cfg.train.device, cfg.inference.device} <= {"auto", "cuda"}  # prod: CUDA in a GPU pod
     rendered = {s.key: render_step(launcher, j, s) for j, s, _ in prod_steps(defs)}
-    for key in ("sofar_classifier", "ood_calibration", "model_evaluation", "daily_predictions"):
+    for key in ("sofar_classifier", "ood_calibration", "model_evaluation", "daily_predictions.score_shard[?]"):
         pod = rendered[key].spec.template.spec
         assert pod.containers[0].resources.limits[GPU_RESOURCE] == "1", key
         assert pod.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}, key

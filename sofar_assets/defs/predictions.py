@@ -97,9 +97,11 @@ def build_prediction_assets(cfg: SofarConfig):
             yield dg.DynamicOutput(unit | {"shard": k}, mapping_key=f"shard_{k}")
 
     @dg.op(tags=step_tags(cfg, gpu=cfg.inference.device != "cpu", workers=cfg.inference.num_workers))
-    def score_shard(context: dg.OpExecutionContext, unit: dict, warehouse: WarehouseResource) -> dict:
+    def score_shard(context: dg.OpExecutionContext, unit: dict, warehouse: WarehouseResource,
+                    mlflow_tracking: MlflowResource) -> dict:
         """Score shard k of n of every day of the run in one streaming pass; stage each day's rows."""
         k, n = unit["shard"], unit["shards"]
+        mlflow_tracking.client()  # this step may be its own process (a pod): point mlflow at the registry
         model, meta = load_registered(unit["model_uri"])
         context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n}")
         wh = warehouse.get()
