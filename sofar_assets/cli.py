@@ -143,22 +143,25 @@ def status(days: int) -> None:
 # -- show -----------------------------------------------------------------------------------------
 def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int) -> None:
     from sofar_assets.lib import storage
-    from sofar_assets.lib.review import review_sheet_png, rows_text, select_for_review
+    from sofar_assets.lib.review import review_candidates, review_sheet_png, rows_text, select_for_review
 
     cfg = _config()
     wh = _resources(cfg)["warehouse"].get()
     table = _predictions_table()
     if not wh.table_exists(table):
         raise CliError(f"no table '{table}' yet: materialize daily_predictions first")
-    rows = wh.read_range(table, "prediction_date", day, day + dt.timedelta(days=1))
-    if rows.empty:
+    nxt = day + dt.timedelta(days=1)
+    counts = wh.count_by(table, "prediction_date", day, nxt, by=["model_version", "is_ood"])
+    if counts.empty:
         raise CliError(f"no rows for {day} in '{table}': materialize that partition of daily_predictions "
                        "(`make ui`, or `dg launch --assets daily_predictions --partition DAY`)")
-    picked = select_for_review(rows, least_confident=least_confident, ood_only=ood_only)
-    scored = rows[rows["error"].isna()]
-    versions = ", ".join(sorted(set(rows["model_version"].dropna().astype(str))))
-    title = (f"{day}: {len(rows)} rows, {int(scored['is_ood'].sum())} OOD-flagged, "
-             f"{len(rows) - len(scored)} errors; model v{versions}")
+    scored = wh.count_by(table, "prediction_date", day, nxt, by=["is_ood"], where_null=("error",))
+    n_scored, n_ood = int(scored["n"].sum()), int(scored.loc[scored["is_ood"].fillna(False).astype(bool), "n"].sum())
+    picked = select_for_review(review_candidates(wh, table, day, least_confident=least_confident),
+                               least_confident=least_confident, ood_only=ood_only)
+    versions = ", ".join(sorted(set(counts["model_version"].dropna().astype(str))))
+    total = int(counts["n"].sum())
+    title = f"{day}: {total} rows, {n_ood} OOD-flagged, {total - n_scored} errors; model v{versions}"
     if out is None:
         root = cfg.root
         out = (Path(root) if not storage.is_gcs(root) else Path.cwd()) / "review" / f"{day.isoformat()}.png"
@@ -166,9 +169,12 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
     out.write_bytes(review_sheet_png(picked, storage.read_bytes, title=title))
     print(title)
     print(rows_text(picked))
-    errors = rows[rows["error"].notna()]
+    errors = wh.query(f"SELECT image_id, error FROM {{table:{table}}} WHERE prediction_date = DATE "
+                      f"'{day.isoformat()}' AND error IS NOT NULL ORDER BY image_id LIMIT 50")
     for image_id, error in zip(errors["image_id"], errors["error"], strict=True):
         print(f"error row {image_id}: {error}")
+    if total - n_scored > len(errors):
+        print(f"... {total - n_scored - len(errors)} more error rows")
     print(f"review sheet: {out}")
 
 

@@ -126,6 +126,11 @@ def test_empty_day_writes_zero_rows_and_says_so(pipeline):
     assert result.success
     md = _mat_metadata(result, "daily_predictions")
     assert md["rows"].value == 0 and md["empty_days"].value == [empty_day.isoformat()]
+    # a missing upload day is a WARN check that names the folder it looked in
+    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["uploads_found"]
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    folder = f"{pipeline['cfg'].resolve(pipeline['cfg'].uploads.folder)}/{empty_day.isoformat()}"
+    assert check.metadata["days_without_uploads"].value == {empty_day.isoformat(): folder}
     out = _warehouse(pipeline).read_table("predictions")
     assert (out["prediction_date"] == empty_day).sum() == 0
 

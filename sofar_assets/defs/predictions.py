@@ -28,7 +28,7 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
-from sofar_assets.lib import daily, drift, registry, storage
+from sofar_assets.lib import daily, drift, plots, registry, review, storage
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
@@ -42,7 +42,32 @@ CHECKS = {
     "(lib/drift.py: ood_spike).",
     "label_mix_vs_trailing_7_days": "Warns when a day's top-1 label mix drifts from the trailing 7 days "
     "(lib/drift.py: total variation > LABEL_TV_MAX).",
+    "uploads_found": "Warns when a day of the run has no uploads at all, naming where it looked (a missing "
+    "day folder or an empty window of the uploads table usually means the upload job did not run).",
 }
+REVIEW_OOD, REVIEW_LEAST_CONFIDENT = 12, 6  # photos per day on a partition's review sheet
+
+
+def uploads_location(cfg: SofarConfig, day: dt.date) -> str:
+    """Where ``day``'s uploads are looked for, as a person would check it."""
+    if cfg.uploads.folder is not None:
+        return f"{cfg.resolve(cfg.uploads.folder).rstrip('/')}/{day.isoformat()}"
+    start, end = day_window(cfg, day)
+    return f"table {cfg.uploads.table}, uploaded_at in [{start.isoformat()}, {end.isoformat()})"
+
+
+def review_metadata(wh, day: dt.date, facts: dict) -> dict:
+    """A partition's review sheet: its OOD-flagged and least confident photos with their top-2
+    labels, probabilities and OOD score (``sofar show DAY`` draws the same sheet)."""
+    picked = review.select_for_review(
+        review.review_candidates(wh, PREDICTIONS_TABLE, day, max_ood=REVIEW_OOD, least_confident=REVIEW_LEAST_CONFIDENT),
+        max_ood=REVIEW_OOD, least_confident=REVIEW_LEAST_CONFIDENT)
+    if picked.empty:
+        return {}
+    sheet = review.review_sheet_png(picked, storage.read_bytes, thumb=96, title=(
+        f"{day}: {facts['rows']} rows, {facts['ood_rows']} OOD-flagged, {facts['error_rows']} errors"))
+    return {"review_sheet": dg.MetadataValue.md(plots.png_to_markdown(sheet, f"review {day}")),
+            "review_rows": dg.MetadataValue.md(picked.drop(columns=["image_uri"]).to_markdown(index=False))}
 
 
 def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -140,9 +165,10 @@ def build_prediction_assets(cfg: SofarConfig):
         for day in days:
             facts = daily.commit_day(wh, PREDICTIONS, day, [r["days"][day.isoformat()] for r in shard_results])
             per_day[day.isoformat()] = facts
-            context.add_asset_metadata(  # THIS partition's own numbers, not the run's totals
-                {"dagster/row_count": facts["rows"]} | {k: facts[k] for k in
-                                                        ("uploads", "rows", "error_rows", "ood_rows", "ood_rate")},
+            context.add_asset_metadata(  # THIS partition's own numbers and photos, not the run's totals
+                {"dagster/row_count": facts["rows"]}
+                | {k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate")}
+                | review_metadata(wh, day, facts),
                 partition_key=day.isoformat())
             context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s), "
                              f"{facts['error_rows']} errors, {facts['ood_rows']} OOD")
@@ -171,6 +197,13 @@ def build_prediction_assets(cfg: SofarConfig):
             passed=not any(v["drift"] for v in mix.values()),
             metadata={"total_variation": dg.MetadataValue.json(
                 {d.isoformat(): v["total_variation"] for d, v in mix.items()}), "compared_days": len(mix)},
+        )
+        missing = {d: uploads_location(cfg, dt.date.fromisoformat(d)) for d, v in per_day.items() if v["uploads"] == 0}
+        for d, where in missing.items():
+            context.log.warning(f"{d}: no uploads found in {where}")
+        yield dg.AssetCheckResult(
+            check_name="uploads_found", severity=dg.AssetCheckSeverity.WARN, passed=not missing,
+            metadata={"days_without_uploads": dg.MetadataValue.json(missing), "days": len(per_day)},
         )
         if failures:
             raise dg.Failure(

@@ -27,6 +27,21 @@ REVIEW_COLUMNS = ["image_id", "image_uri", "top1_label", "top1_prob", "top2_labe
                   "ood_score", "is_ood", "reason"]
 
 
+def review_candidates(wh, table: str, day, *, max_ood: int = 24, least_confident: int = 8) -> pd.DataFrame:
+    """The day's rows :func:`select_for_review` can pick from, fetched by two ``LIMIT`` queries in
+    the warehouse (the lowest OOD scores among flagged rows, the lowest top-1 probabilities among
+    the rest), so a day of a million rows is never pulled into memory for its sheet."""
+    where = f"prediction_date = DATE '{day.isoformat()}' AND error IS NULL"
+    cols = ", ".join(REVIEW_COLUMNS[:-1] + ["error"])
+    parts = [wh.query(f"SELECT {cols} FROM {{table:{table}}} WHERE {where} AND is_ood "
+                      f"ORDER BY ood_score, image_uri LIMIT {int(max_ood)}")]
+    if least_confident > 0:
+        parts.append(wh.query(f"SELECT {cols} FROM {{table:{table}}} WHERE {where} AND NOT is_ood "
+                              f"ORDER BY top1_prob, image_uri LIMIT {int(least_confident)}"))
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=REVIEW_COLUMNS[:-1] + ["error"])
+
+
 def select_for_review(rows: pd.DataFrame, *, max_ood: int = 24, least_confident: int = 8,
                       ood_only: bool = False) -> pd.DataFrame:
     """The rows worth a look, ``reason`` = ``ood`` or ``least_confident``, in sheet order.

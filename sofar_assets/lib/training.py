@@ -137,7 +137,9 @@ def _loader(ds: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, see
         pin_memory=device.type == "cuda",
         generator=gen,
         worker_init_fn=_worker_init if num_workers > 0 else None,
-        persistent_workers=False,
+        # Workers live as long as the loader (all epochs): under a run worker they start by
+        # spawn/forkserver, and each new worker re-imports torch (seconds per worker per epoch).
+        persistent_workers=num_workers > 0,
     )
 
 
