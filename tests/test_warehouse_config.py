@@ -12,7 +12,7 @@ from sofar_assets.lib.warehouse import BigQueryWarehouse
 
 BASE = {
     "tasks": {"dirt": {"table": "labels_dirt", "labels": {"d": "dirt"}}},
-    "uploads": {"table": "image_uploads"},
+    "uploads": {"table": "image_uploads", "allowed_roots": ["gs://sofar-images/uploads"]},
     "partitions": {"start_date": "2026-11-01"},
 }
 

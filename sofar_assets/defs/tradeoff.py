@@ -78,6 +78,7 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
         for name, n in unreadable.items():
             report["ood_sets"][name]["unreadable"] = n
 
+        experiment_id = mlflow_tracking.setup()  # this asset logs a run: the write path (creates if missing)
         client = mlflow_tracking.client()
         champ = registry.champion_version(client, cfg.model.name)
         champ_hash = client.get_model_version(cfg.model.name, champ).tags.get("dataset_hash") if champ else None
@@ -90,7 +91,7 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
         table = tradeoff.markdown_table(report)
         png = plots.tradeoff_png(report["systems"], list(report["task_spaces"]), list(report["ood_sets"]))
         with mlflow.start_run(
-            experiment_id=mlflow_tracking.setup(), run_name=f"tradeoff-report-{context.run_id[:8]}",
+            experiment_id=experiment_id, run_name=f"tradeoff-report-{context.run_id[:8]}",
             tags={"dagster_run_id": context.run_id, "dataset_hash": digest, "git_commit": git_commit(),
                   "sofar_report": "tradeoff"},
         ) as run:
