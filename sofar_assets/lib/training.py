@@ -290,6 +290,8 @@ def train_classifier(
     totals = {"images": 0, "step_s": 0.0, "wait_s": 0.0}
     t_start = time.perf_counter()
 
+    planned = {"epochs": cfg.epochs}  # the log's denominator: every epoch of every phase (LP + FT)
+
     def record(row: dict) -> bool:
         nonlocal best_epoch, best_state, best_metrics
         eta = row.pop("eta")
@@ -298,7 +300,7 @@ def train_classifier(
         improved = better(vm, best_metrics)
         if improved:
             best_epoch, best_state, best_metrics = row["epoch"], copy.deepcopy(model.state_dict()), vm
-        log(f"{row['phase']} epoch {row['epoch']}/{cfg.epochs} train_loss {row['train_loss']:.4f} "
+        log(f"{row['phase']} epoch {row['epoch']}/{planned['epochs']} train_loss {row['train_loss']:.4f} "
             f"val_loss {vm['val_loss']:.4f} val_acc {vm['val_acc']:.4f} val_macro_f1 {vm['val_macro_f1']:.4f} "
             f"{row['images_per_s']:.1f} img/s data_wait {row['data_wait_share']:.0%} ETA {eta}")
         if on_epoch is not None:
@@ -329,6 +331,7 @@ def train_classifier(
     if use_lp and spec.arch == "pmg" and not cfg.freeze_backbone and cfg.lp_epochs > 0:
         phases.append(("lp", cfg.lp_epochs, True))
     phases.append(("ft", cfg.epochs, cfg.freeze_backbone))
+    planned["epochs"] = sum(n for _, n, _ in phases)
 
     fit_ds = Augmented(train_ds, spec.image_size) if cfg.augment else train_ds
     # A trailing batch of one would crash BatchNorm in train mode (PMG's reference skips
