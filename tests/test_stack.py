@@ -222,3 +222,31 @@ def test_cli_summary_without_registry_says_so(tmp_path, demo_data):
     assert "mlflow.db" in out.stderr and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "state" / "mlflow.db").exists()
 
+
+
+@pytest.mark.stack
+@pytest.mark.bigquery
+def test_a_day_staged_in_gcs_commits_into_the_bigquery_emulator(stack_servers, emulator, tmp_path, monkeypatch):  # noqa: F811
+    """What prod-local's commit_days does: shard files staged under gs:// (the GCS emulator),
+    then ONE replace_day into the BigQuery emulator (its staged write: it cannot read gs://)."""
+    import uuid
+
+    from test_warehouse_api import D1, rows, spooled
+
+    from sofar_assets.lib import daily
+    from sofar_assets.lib.warehouse import PREDICTIONS, BigQueryWarehouse
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", stack_servers.gcs.url)
+    bucket = f"staging-{uuid.uuid4().hex[:8]}"
+    stack_servers.gcs.create_buckets(bucket)
+    uris = []
+    for k, ids in enumerate((["a", "b"], ["c"])):
+        uri = f"gs://{bucket}/staging/predictions/{D1}/run/shard-{k}-of-2.parquet"
+        daily.publish(spooled(tmp_path, D1, rows(D1, ids)), uri)
+        uris.append(uri)
+    wh = BigQueryWarehouse(emulator.project, f"sofar_{uuid.uuid4().hex[:8]}", client=emulator.client(),
+                           partition_decorator=False)
+    wh.ensure_dataset()
+    assert wh.replace_day(PREDICTIONS, D1, uris) == 3
+    assert wh.replace_day(PREDICTIONS, D1, uris) == 3  # a re-run replaces, never duplicates
+    assert sorted(wh.read_table("predictions")["image_id"]) == ["a", "b", "c"]

@@ -99,6 +99,16 @@ def _bq_literal(value, kind: str) -> str:
     return f"TIMESTAMP '{value.isoformat(sep=' ')}+00:00'"
 
 
+
+def _download(uri: str, folder: str, index: int) -> str:
+    """A local copy of a gs:// object (streamed to disk, not into memory)."""
+    from google.cloud import storage as gcs
+
+    bucket, _, key = uri[len("gs://"):].partition("/")
+    path = str(Path(folder) / f"download-{index}.parquet")
+    gcs.Client().bucket(bucket).blob(key).download_to_filename(path)
+    return path
+
 class BigQueryWarehouse(Warehouse):
     """Tables in the BigQuery dataset ``project.dataset`` (see the module docstring).
 
@@ -263,6 +273,10 @@ class BigQueryWarehouse(Warehouse):
         if remote and len(remote) != len(files):
             raise ValueError("replace_day: give local files or gs:// URIs, not both")
         with tempfile.TemporaryDirectory(prefix="sofar-day-") as tmp:
+            if remote and not self.partition_decorator:
+                # Emulator only: it cannot read gs:// (a load job from URIs needs real GCS), so
+                # its staged write loads local copies of the files.
+                files, remote = [_download(uri, tmp, i) for i, uri in enumerate(remote)], []
             if not remote:
                 check_day_files(schema, day, files)
                 files = [self._one_local_file(schema, files, tmp) if files else self._empty_file(schema, tmp)]
