@@ -465,7 +465,8 @@ def test_hostile_uploads_table_reads_nothing_outside_the_roots(pipeline, tmp_pat
     assert rows["error"].iloc[1:].str.startswith("UploadRefused").all()
     assert not rows["error"].str.contains("root:x|SECRET|DAGSTER_", na=False).any()
     images = [u for u in reads if not str(u).startswith(defs_cfg_io_base(defs))]  # not the JSON step outputs
-    assert [os.path.basename(u) for u in images] == ["ok.jpg"]
+    # only the allowed photo is ever read (for scoring, and again for the day's review sheet)
+    assert {os.path.basename(u) for u in images} == {"ok.jpg"}
 
 
 def defs_cfg_io_base(defs) -> str:
