@@ -62,7 +62,8 @@ def _describe(client, name: str, version: str, text: str) -> None:
             "moved by the champion_model asset after the promotion gate, or by `sofar promote` / `sofar rollback`."))
 
 
-def _model_spec(cfg: SofarConfig, num_classes: int) -> ModelSpec:
+def model_spec(cfg: SofarConfig, num_classes: int) -> ModelSpec:
+    """The network the config asks for (also what the trade-off report's systems are built from)."""
     return ModelSpec(num_classes=num_classes, arch=cfg.model.arch, backbone=cfg.model.backbone,
                      image_size=cfg.model.image_size, pretrained=cfg.model.pretrained,
                      weights_file=cfg.weights_file, pmg_feature_dim=cfg.model.pmg_feature_dim)
@@ -127,7 +128,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         missing = sorted(set(classes) - set(train_rows["label"]))
         if missing:
             context.log.warning(f"classes without training images: {missing}")
-        spec = _model_spec(cfg, len(classes))
+        spec = model_spec(cfg, len(classes))
         tcfg = TrainConfig(**cfg.train.model_dump())
         experiment_id = mlflow_tracking.setup()
         with mlflow.start_run(
@@ -280,7 +281,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
     def _probe_figures(data: pd.DataFrame, test_ds, y, context, image_store) -> dict:
         """The frozen-feature probe baseline on the same train/test split (and OOD sets)."""
         train_rows = _split(data, "train")
-        frozen = evaluation.frozen_feature_model(_model_spec(cfg, len(classes)))
+        frozen = evaluation.frozen_feature_model(model_spec(cfg, len(classes)))
         _, train_f = predict_logits_and_features(frozen, _image_dataset(train_rows, classes, cfg, image_store),
                                                  device=cfg.inference.device)
         _, test_f = predict_logits_and_features(frozen, test_ds, device=cfg.inference.device)

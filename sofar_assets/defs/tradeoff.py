@@ -15,15 +15,14 @@ from PIL import Image
 
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
+from sofar_assets.defs.model import OWNERS, model_spec
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import plots, registry, storage, tradeoff
-from sofar_assets.lib.models import ModelSpec
 from sofar_assets.lib.multitask import save_multitask
 from sofar_assets.lib.training import TrainConfig
 from sofar_assets.settings import git_commit
 
-OWNERS = ["team:ml-platform"]
 REPORT_FILE = "tradeoff_report.json"
 
 
@@ -37,7 +36,8 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
         owners=OWNERS,
         code_version="1",
         pool="gpu",
-        op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers),
+        op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers, batch_size=cfg.train.batch_size,
+                          device=cfg.train.device),
     )
     def tradeoff_report(
         context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
@@ -62,9 +62,7 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
             for err in errors:
                 context.log.warning(f"OOD set {name!r}: skipped {err}")
             ood_sets[name], unreadable[name] = rows, len(errors)
-        spec = ModelSpec(num_classes=len(classes), arch=cfg.model.arch, backbone=cfg.model.backbone,
-                         image_size=cfg.model.image_size, pretrained=cfg.model.pretrained,
-                         pmg_feature_dim=cfg.model.pmg_feature_dim)
+        spec = model_spec(cfg, len(classes))  # the champion's network, weights_file included
         try:
             result = tradeoff.compare_systems(
                 data, classes, tradeoff.task_spaces(cfg.tasks, classes), spec, TrainConfig(**cfg.train.model_dump()),
