@@ -360,3 +360,68 @@ def test_drift_rules():
     assert drift.ood_vs_trailing(counts, [D1]) == {}  # nothing to compare against
     assert not np.isnan(drift.label_mix_vs_trailing(
         pd.DataFrame({"prediction_date": [D1, D2], "top1_label": ["a", "b"], "n": [3, 4]}), [D2])[D2]["total_variation"])
+
+
+def test_read_ahead_keeps_order_bounds_the_queue_and_runs_ahead_of_the_consumer():
+    produced: list[int] = []
+    more = threading.Condition()
+
+    def source():
+        for i in range(20):
+            with more:
+                produced.append(i)
+                more.notify_all()
+            yield i
+
+    got, ahead = [], []
+    for x in daily.read_ahead(source(), depth=2):
+        with more:  # while this item is being consumed, the producer goes on with the next ones
+            assert more.wait_for(lambda x=x: len(produced) >= min(x + 3, 20), timeout=10)
+        time.sleep(0.005)  # let it run into the bound if it were not bounded
+        ahead.append(len(produced) - len(got))  # produced but not yet consumed, this one included
+        got.append(x)
+    assert got == list(range(20))
+    assert max(ahead) <= 2 + 2  # the queue (depth) + this item + the one blocked on a full queue
+
+
+def test_read_ahead_raises_the_producers_error_and_stops_it_when_the_consumer_stops():
+    def failing():
+        yield 1
+        raise OSError("bucket gone")
+
+    with pytest.raises(OSError, match="bucket gone"):
+        list(daily.read_ahead(failing(), depth=2))
+
+    closed = threading.Event()
+
+    def endless():
+        try:
+            i = 0
+            while True:
+                yield i
+                i += 1
+        finally:
+            closed.set()  # runs in the producer thread once the consumer stopped
+
+    stream = daily.read_ahead(endless(), depth=3)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()
+    assert closed.wait(2.0)
+    assert not any(t.name == "read-ahead" and t.is_alive() for t in threading.enumerate())
+
+
+def test_staged_rows_are_the_schema_conversion_of_the_frame(tmp_path):
+    """The fast Arrow path (Arrow's own conversion + the schema's casts) stores exactly what the
+    checked pandas conversion stores, error rows (all-null columns) included."""
+    from sofar_assets.lib.warehouse import PREDICTIONS
+
+    red = _items(tmp_path, 3) + [("missing", str(tmp_path / "no.jpg"))]
+    frame = predict_frame(MeanColour(), red, classes=CLASSES, image_size=8, threshold=THRESHOLD,
+                          batch_size=4, num_workers=0, device="cpu")
+    constants = {"prediction_date": D1, "model_name": "m", "model_version": "3",
+                 "predicted_at": pd.Timestamp("2026-11-02 03:04:05")}
+    fast = daily._with_columns(frame, constants, PREDICTIONS)
+    assert fast.equals(PREDICTIONS.to_arrow(frame.assign(**constants)))
+    errors_only = frame.iloc[3:].reset_index(drop=True)  # top-1/top-2 columns all null
+    assert daily._with_columns(errors_only, constants, PREDICTIONS).equals(
+        PREDICTIONS.to_arrow(errors_only.assign(**constants)))
