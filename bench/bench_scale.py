@@ -1,7 +1,7 @@
 """A day of many photos through the daily_predictions code path: linear time, flat memory,
 latency hidden by reads in flight.
 
-    python bench/bench_scale.py [--days 10000,100000] [--latency-images 3000] [--quick]
+    python bench/bench_scale.py [--days 10000,100000] [--rounds 3] [--latency-images 3000] [--repeats 3] [--quick]
 
 Everything runs through the library functions the asset's steps call, on a DuckDB warehouse:
 ``daily.score_days`` (one streaming pass: DataLoader workers with ``reads_in_flight`` threaded
@@ -13,13 +13,13 @@ pipeline is measured, not a backbone.
 
 (1) time per image (the whole path) and peak RSS above baseline of a day of N1 vs N2 images,
     each day in a fresh subprocess after a small warm-up day (imports and pools touched): ratios
-    N2/N1 (targets: time <= 1.1, RSS <= 1.2). RSS is reported per phase: the stream (read ->
+    N2/N1 of the medians over ``--rounds`` alternating rounds (targets: time <= 1.1, RSS <= 1.2). RSS is reported per phase: the stream (read ->
     model -> staged parquet, what a shard pod runs; RESULT's rss_ratio) and the local DuckDB
     commit (DuckDB buffers an uncommitted insert up to about one row group of 122,880 rows
     before writing it out, so its peak grows with the day until then; a BigQuery load job runs
     server-side).
 (2) end-to-end vs model-only images/s with a simulated 50 ms latency per read, at the default
-    ``inference.reads_in_flight``. The model-only rate is that of the stub plus a simulated
+    ``inference.reads_in_flight``, the medians of ``--repeats`` alternating rounds. The model-only rate is that of the stub plus a simulated
     accelerator time per image (``--model-ms``, sleeping like a GPU-bound step: it leaves the
     CPU to the decode workers), since a tiny CNN on 2 CPU cores is not a GPU. Target >= 0.8.
 
@@ -183,6 +183,7 @@ def main() -> int:
     ap.add_argument("--days", default="10000,100000", help="the two day sizes N1,N2")
     ap.add_argument("--photos", type=int, default=2000, help="distinct JPEGs the uploads point at")
     ap.add_argument("--latency-images", type=int, default=3000)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two day sizes in (1)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating model-only / end-to-end rounds in (2)")
     ap.add_argument("--model-ms", type=float, default=2.0, help="simulated accelerator ms per image in (2)")
     ap.add_argument("--quick", action="store_true", help="--days 1000,10000 --latency-images 1000")
@@ -206,27 +207,35 @@ def main() -> int:
         (work / "photos.json").write_text(json.dumps(photos))
         print(f"{len(photos)} synthetic JPEGs generated in {time.perf_counter() - t0:.1f} s")
 
-        # (1) each day size in a fresh process
-        runs = {}
-        for n in (n1, n2):
-            proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--work", str(work)],
-                                  capture_output=True, text=True)
-            if proc.returncode:
-                sys.stderr.write(proc.stderr[-4000:])
-                return proc.returncode
-            runs[n] = json.loads(proc.stdout.strip().splitlines()[-1])
-            r = runs[n]
-            print(f"(1) day of {n:>7} images: {r['seconds']:7.1f} s = {1e6 * r['seconds'] / n:6.0f} us/image "
-                  f"({n / r['seconds']:.0f} images/s; stream {r['score_seconds']:.1f} s, commit + checks "
-                  f"{r['commit_seconds']:.1f} s); peak RSS above baseline: stream +{r['score_rss_mib']:.1f} MiB, "
-                  f"DuckDB commit +{r['commit_rss_mib']:.1f} MiB (process {r['baseline_mib']:.0f} MiB, "
-                  f"workers peak {r['workers_peak_mib']:.0f} MiB)")
-        time_ratio = (runs[n2]["seconds"] / n2) / (runs[n1]["seconds"] / n1)
-        rss_ratio = max(runs[n2]["score_rss_mib"], 1.0) / max(runs[n1]["score_rss_mib"], 1.0)  # floor: 1 MiB
-        commit_ratio = max(runs[n2]["commit_rss_mib"], 1.0) / max(runs[n1]["commit_rss_mib"], 1.0)
-        print(f"    time per image (whole path) {n2}/{n1}: {time_ratio:.3f} (target <= 1.1); peak RSS above "
-              f"baseline of the stream {n2}/{n1}: {rss_ratio:.3f} (target <= 1.2); of the local DuckDB "
-              f"commit: {commit_ratio:.3f} (DuckDB's insert buffer, not the stream's; BigQuery loads server-side)")
+        # (1) each day size in a fresh process; the sizes alternate ``--rounds`` times and the
+        # medians are compared, so a burst of load elsewhere does not land on one size only
+        runs: dict[int, list[dict]] = {n1: [], n2: []}
+        for _ in range(args.rounds):
+            for n in (n1, n2):
+                proc = subprocess.run([sys.executable, __file__, "--child", str(n), "--work", str(work)],
+                                      capture_output=True, text=True)
+                if proc.returncode:
+                    sys.stderr.write(proc.stderr[-4000:])
+                    return proc.returncode
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                runs[n].append(r)
+                print(f"(1) day of {n:>7} images: {r['seconds']:7.1f} s = {1e6 * r['seconds'] / n:6.0f} us/image "
+                      f"({n / r['seconds']:.0f} images/s; stream {r['score_seconds']:.1f} s, commit + checks "
+                      f"{r['commit_seconds']:.1f} s); peak RSS above baseline: stream +{r['score_rss_mib']:.1f} MiB, "
+                      f"DuckDB commit +{r['commit_rss_mib']:.1f} MiB (process {r['baseline_mib']:.0f} MiB, "
+                      f"workers peak {r['workers_peak_mib']:.0f} MiB)", flush=True)
+
+        def med(n: int, key: str, floor: float = 0.0) -> float:
+            return max(float(np.median([r[key] for r in runs[n]])), floor)
+
+        time_ratio = (med(n2, "seconds") / n2) / (med(n1, "seconds") / n1)
+        rss_ratio = med(n2, "score_rss_mib", 1.0) / med(n1, "score_rss_mib", 1.0)  # floor: 1 MiB
+        commit_ratio = med(n2, "commit_rss_mib", 1.0) / med(n1, "commit_rss_mib", 1.0)
+        print(f"    medians of {args.rounds} rounds: time per image (whole path) {n2}/{n1}: {time_ratio:.3f} "
+              f"(target <= 1.1); peak RSS above baseline of the stream {n2}/{n1}: {rss_ratio:.3f} "
+              f"(+{med(n2, 'score_rss_mib'):.1f} / +{med(n1, 'score_rss_mib'):.1f} MiB; target <= 1.2); of the "
+              f"local DuckDB commit: {commit_ratio:.3f} (DuckDB's insert buffer, not the stream's; BigQuery loads "
+              "server-side)")
 
         # (2) latency hidden by reads in flight
         # model-only and end-to-end alternate, ``--repeats`` times: a burst of load elsewhere hits

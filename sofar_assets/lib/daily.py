@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import datetime as dt
 import functools
 import hashlib
@@ -212,7 +211,8 @@ def release_free_heap() -> None:
 @functools.cache
 def _malloc_trim():
     try:
-        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        # the process's own symbols (libc included); ctypes.util.find_library would fork ldconfig
+        return ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
         return None
 
