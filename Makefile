@@ -36,7 +36,7 @@ pipeline: demo-data
 summary: install
 	$(SOFAR) summary
 
-# Headless Chromium against `dagster dev` on a free port over the state `make run` left.
+# Headless Chromium against `dg dev` on a free port over the state `make run` left.
 ui-check: install
 	$(PY) scripts/ui_check.py
 
@@ -65,7 +65,7 @@ bench: install
 	$(PY) bench/run_all.py
 
 ui: install demo-data
-	$(DAGSTER) dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	$(DG) dev -m sofar_assets.definitions -h 127.0.0.1 -p 3000
 
 lint: install
 	$(VENV)/bin/ruff check .
