@@ -147,3 +147,25 @@ def test_the_gate_can_require_beating_the_frozen_feature_probe():
     assert not ok and md["evidence"] == "sufficient"
     assert gate_results(_evaluation(), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
     assert not gate_results(_evaluation(probe={}), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
+
+
+def test_the_gate_requires_label_set_coverage_within_the_tolerance():
+    from sofar_assets.config import GateConfig
+    from sofar_assets.lib import conformal
+    from sofar_assets.lib.gate import gate_results
+
+    probs = np.tile([0.7, 0.2, 0.1], (40, 1))
+    y = np.array([0] * 34 + [1] * 6)  # the sets {a} hold 34 of 40 true labels: coverage 0.85
+    figures = conformal.evaluate(conformal.LabelSets("lac", 0.9, 0.5, 200), probs, y, ["a", "b", "c"])
+    assert figures["coverage"] == 0.85 and figures["per_class"]["b"]["coverage"] == 0.0
+    ok, md = gate_results(_evaluation(conformal=figures), GateConfig(coverage_tolerance=0.05))["label_set_coverage"]
+    assert ok and md["evidence"] == "sufficient" and md["floor"] == 0.85 and md["coverage_ci"][0] < 0.85
+    ok, md = gate_results(_evaluation(conformal=figures), GateConfig(coverage_tolerance=0.02))["label_set_coverage"]
+    assert not ok and md["coverage"] == 0.85 and md["target"] == 0.9
+    ok, md = gate_results(_evaluation(conformal=figures), GateConfig(coverage_tolerance=None))["label_set_coverage"]
+    assert ok and "not enforced" in md["reason"]
+    ok, md = gate_results(_evaluation(conformal=figures, test_images=5),
+                          GateConfig(coverage_tolerance=0.02, insufficient_evidence="fail"))["label_set_coverage"]
+    assert not ok and md["evidence"] == "insufficient"
+    ok, md = gate_results(_evaluation(), GateConfig())["label_set_coverage"]  # evaluated before label sets
+    assert ok and "no label-set figures" in md["reason"]
