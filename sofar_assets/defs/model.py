@@ -258,7 +258,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         with mlflow.start_run(run_id=sofar_classifier["run_id"]):
             mlflow.log_dict(report, "ood_calibration.json")
             mlflow.log_metrics({"ood_temperature": temperature, "ood_threshold": threshold,
-                                "conformal_qhat": label_sets.qhat,
+                                **({"conformal_qhat": label_sets.qhat} if np.isfinite(label_sets.qhat) else {}),
                                 **{f"ood_auroc_{k}": v["auroc"] for k, v in report["ood_sets"].items()},
                                 **{f"ood_fpr_at_tpr_{k}": v["fpr_at_tpr"] for k, v in report["ood_sets"].items()},
                                 **{f"ood_auroc_{k.replace('/', '_')}": v["auroc"] for k, v in side_by_side.items()},

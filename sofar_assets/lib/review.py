@@ -135,8 +135,9 @@ def review_sheet_png(rows: pd.DataFrame, read_bytes: Callable[[str], bytes], *, 
     section per reason.
 
     Under each thumbnail: the file name, top-1 and top-2 label with probability, the label set
-    (when the rows have one), and the OOD score (``OOD`` when flagged). ``read_bytes(uri)`` fetches a photo (``lib.storage.read_bytes``);
-    a photo that can no longer be read gets a grey cell naming the error.
+    (when the rows have one), and the OOD score (``OOD`` when flagged). ``read_bytes(uri)``
+    fetches a photo (``lib.storage.read_bytes``); a photo that can no longer be read gets a grey
+    cell naming the error.
     """
     font = ImageFont.load_default(size=11)
     head_font = ImageFont.load_default(size=13)
@@ -186,6 +187,8 @@ def rows_text(rows: pd.DataFrame) -> str:
     if rows.empty:
         return "(no rows to review)"
     shown = rows.assign(image=rows["image_id"].fillna(rows["image_uri"]))
+    if "label_set" in shown.columns:  # an empty set is "{}", a missing one "-"
+        shown["label_set"] = shown["label_set"].map(lambda v: "{}" if v == "" else v).fillna("-")
     cols = ["reason", "image", "top1_label", "top1_prob", "top2_label", "top2_prob", "label_set", "ood_score",
             "is_ood"]
     return shown[[c for c in cols if c in shown.columns]].to_string(
