@@ -1,5 +1,6 @@
 """Calibrated label sets (lib/conformal.py): coverage on synthetic data within sampling error, the
-finite-sample quantile, the registry tags, and the day's review queue selected in DuckDB."""
+finite-sample quantile, the registry tags, and the day's review queue selected in the warehouse
+(DuckDB, and the BigQuery emulator)."""
 
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ from sofar_assets.lib.review import (
     review_queue_counts,
     review_sheet_png,
 )
-from sofar_assets.lib.warehouse import PREDICTIONS, DuckDBWarehouse, ParquetSpool, TableSchema
+from sofar_assets.lib.warehouse import (
+    PREDICTIONS,
+    BigQueryWarehouse,
+    DuckDBWarehouse,
+    ParquetSpool,
+    TableSchema,
+)
 
 C = 7
 
@@ -133,7 +140,7 @@ def test_config_names_the_conformal_key_it_refuses():
         parse_config({**base, "gate": {"coverage_tolerance": -0.1}}, base_dir=".")
 
 
-# -- the review queue, in DuckDB -------------------------------------------------------------------
+# -- the review queue, in the warehouse -------------------------------------------------------------------
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 
 
@@ -157,8 +164,20 @@ def _load(wh, tmp_path, day, df, schema=PREDICTIONS) -> None:
     wh.replace_day(schema, day, [str(path)])
 
 
-def test_review_queue_is_selected_and_ordered_in_the_warehouse(tmp_path):
-    wh = DuckDBWarehouse(tmp_path / "w.duckdb")
+@pytest.fixture(params=["duckdb", pytest.param("bigquery", marks=pytest.mark.bigquery)])
+def engine(request, tmp_path):
+    """The same queue SQL on DuckDB and on the BigQuery emulator."""
+    if request.param == "duckdb":
+        return DuckDBWarehouse(tmp_path / "w.duckdb")
+    emulator = request.getfixturevalue("emulator")
+    bq = BigQueryWarehouse(emulator.project, f"sofar_{uuid.uuid4().hex[:8]}", client=emulator.client(),
+                           partition_decorator=False)
+    bq.ensure_dataset()
+    return bq
+
+
+def test_review_queue_is_selected_and_ordered_in_the_warehouse(engine, tmp_path):
+    wh = engine
     _load(wh, tmp_path, D1, _day(D1, {
         "ood_a": (True, 0.5, 0.40, "dirt|normal", None),
         "ood_b": (True, -1.0, 0.90, "dirt", None),  # the lowest OOD score: first
