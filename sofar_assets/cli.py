@@ -3,6 +3,7 @@
     sofar validate                      check the config (exit 2 with one block of errors)
     sofar status                        the champion, its gate result, the last days' counts
     sofar show DAY [--ood] [--out F]    a day's review sheet (PNG) and the rows on it
+    sofar review DAY [--limit N] [--out F]  a day's review queue (OOD, label set not of one label)
     sofar promote VERSION --reason R    move @champion after re-checking the gate (--force skips it)
     sofar rollback --reason R           move @champion back to the previous champion
     sofar add-task NAME FOLDER --labels SRC=label ...   add a task to the config and validate it
@@ -176,6 +177,40 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
     if total - n_scored > len(errors):
         print(f"... {total - n_scored - len(errors)} more error rows")
     print(f"review sheet: {out}")
+
+
+# -- review ---------------------------------------------------------------------------------------
+def review_day(day: dt.date, *, limit: int, out: Path | None) -> None:
+    from sofar_assets.lib import storage
+    from sofar_assets.lib.review import (
+        QUEUE_ORDER,
+        review_queue,
+        review_queue_counts,
+        review_sheet_png,
+        rows_text,
+    )
+
+    cfg = _config()
+    wh = _resources(cfg)["warehouse"].get()
+    table = _predictions_table()
+    if not wh.table_exists(table):
+        raise CliError(f"no table '{table}' yet: materialize daily_predictions first")
+    if "label_set_size" not in wh.table_columns(table):
+        raise CliError(f"table '{table}' has no label_set columns yet: they are added by the next write of "
+                       "daily_predictions (materialize a day with this version)")
+    if wh.count_range(table, "prediction_date", day, day + dt.timedelta(days=1)) == 0:
+        raise CliError(f"no rows for {day} in '{table}': materialize that partition of daily_predictions")
+    counts = review_queue_counts(wh, table, day)
+    queue = review_queue(wh, table, day, limit=limit)
+    title = (f"{day}: review queue {sum(counts.values())} ("
+             + ", ".join(f"{n} {reason}" for reason, n in counts.items()) + f"), first {len(queue)}")
+    print(title)
+    print(f"order: {QUEUE_ORDER}")
+    print(rows_text(queue))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(review_sheet_png(queue, storage.read_bytes, title=title))
+        print(f"review sheet: {out}")
 
 
 # -- promote / rollback -----------------------------------------------------------------------------
@@ -367,6 +402,7 @@ def summary() -> None:
     print(per_day.to_string(index=False))
     print(f"OOD rows:   {int(per_day['ood_rows'].sum())} of {int(per_day['rows'].sum())}")
     print(f"review:     sofar show {per_day['prediction_date'].iloc[-1]} --ood   (a day's OOD and least confident photos)")
+    print(f"            sofar review {per_day['prediction_date'].iloc[-1]}   (its review queue: OOD, label sets of 0 or 2+)")
     print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}   "
           f"then {_version_url(cfg, champ.version)}")
     print(f"Dagster UI: make ui   (then open {links.dagster_asset_url(cfg.ui.dagster_url, 'daily_predictions')})")
@@ -378,6 +414,12 @@ def _day(text: str) -> dt.date:
         return dt.date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a day; write YYYY-MM-DD") from None
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
 
 
 def _user() -> str:
@@ -400,6 +442,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ood", action="store_true", help="only the OOD-flagged photos")
     p.add_argument("--out", type=Path, help="PNG file to write (default <storage.root>/review/DAY.png)")
     p.add_argument("--least-confident", type=int, default=8, help="how many least confident photos (default 8)")
+    p = sub.add_parser("review", help="print a day's review queue: OOD-flagged photos and those whose label set "
+                       "holds none or several labels, most uncertain first")
+    p.add_argument("day", type=_day, help="the day, YYYY-MM-DD")
+    p.add_argument("--limit", type=_positive, default=50, help="how many rows of the queue (default 50)")
+    p.add_argument("--out", type=Path, help="also draw them as a review sheet in this PNG file")
     who = _user()
     p = sub.add_parser("promote", help="move @champion to VERSION after re-checking the promotion gate")
     p.add_argument("version")
@@ -438,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
                 status(args.days)
             case "show":
                 show(args.day, ood_only=args.ood, out=args.out, least_confident=args.least_confident)
+            case "review":
+                review_day(args.day, limit=args.limit, out=args.out)
             case "promote":
                 promote(args.version, reason=args.reason, force=args.force, by=args.by)
             case "rollback":

@@ -219,6 +219,13 @@ class OodConfig(_Strict):
     knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
 
 
+class ConformalConfig(_Strict):
+    """Calibrated label sets beside the top-2 (lib/conformal.py), calibrated on the val split."""
+
+    coverage: float = Field(0.9, gt=0, lt=1, description="target share of photos whose true label is in the set")
+    method: Literal["lac", "aps"] = Field("lac", description="lac: smallest sets (may be empty); aps: adaptive")
+
+
 class GateConfig(_Strict):
     max_macro_f1_drop: float = Field(0.02, ge=0)
     min_ood_auroc: float = Field(0.80, ge=0, le=1)
@@ -233,6 +240,9 @@ class GateConfig(_Strict):
     require_beats_probe: bool = Field(
         False, description="block unless test macro-F1 >= the frozen-feature probe's minus max_macro_f1_drop")
     bootstrap_resamples: int = Field(1000, ge=100)
+    coverage_tolerance: float | None = Field(
+        0.05, ge=0, lt=1, description="block when the label sets' test coverage < conformal.coverage minus this; "
+        "null: reported, not enforced")
 
 
 class InferenceConfig(_Strict):
@@ -297,6 +307,7 @@ class SofarConfig(_Strict):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     ood: OodConfig = OodConfig()
+    conformal: ConformalConfig = ConformalConfig()
     gate: GateConfig = GateConfig()
     inference: InferenceConfig = InferenceConfig()
     ui: UiConfig = UiConfig()

@@ -89,7 +89,7 @@ def test_help_lists_every_command_in_a_real_process():
     out = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "--help"], capture_output=True, text=True,
                          cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 0
-    for cmd in ("validate", "status", "show", "promote", "rollback", "add-task", "demo-data", "summary"):
+    for cmd in ("validate", "status", "show", "review", "promote", "rollback", "add-task", "demo-data", "summary"):
         assert cmd in out.stdout
     for cmd in ("show", "promote", "rollback", "add-task"):
         sub = subprocess.run([sys.executable, "-m", "sofar_assets.cli", cmd, "--help"], capture_output=True,
@@ -161,6 +161,30 @@ def test_show_writes_the_review_sheet_and_prints_the_rows(sofar, state, tmp_path
     code, out_ood, _ = sofar("show", DAYS[0].isoformat(), "--ood", "--out", str(tmp_path / "ood.png"))
     assert code == 0 and "least_confident" not in out_ood
     code, _, err = sofar("show", "2026-10-01")
+    assert code == 1 and "no rows for 2026-10-01" in err
+
+
+def test_review_prints_the_days_queue_and_draws_it(sofar, state, tmp_path):
+    from sofar_assets.lib.review import review_queue_counts
+
+    mv = registry.champion(state["client"], state["cfg"].model.name)
+    assert registry.read_calibration(mv).label_sets is not None  # ood_calibration tagged the rule
+    rows = state["wh"].read_range("predictions", "prediction_date", DAYS[0], DAYS[0] + dt.timedelta(days=1))
+    scored = rows[rows["error"].isna()]
+    assert scored["label_set"].notna().all() and rows.loc[rows["error"].notna(), "label_set"].isna().all()
+    assert (scored["label_set_size"] == scored["label_set"].map(lambda s: len([x for x in s.split("|") if x]))).all()
+    in_queue = scored[scored["is_ood"] | (scored["label_set_size"] != 1)]
+    counts = review_queue_counts(state["wh"], "predictions", DAYS[0])
+    assert sum(counts.values()) == len(in_queue)
+    out_file = tmp_path / "queue.png"
+    code, out, _ = sofar("review", DAYS[0].isoformat(), "--limit", "200", "--out", str(out_file))
+    assert code == 0 and f"{DAYS[0]}: review queue {len(in_queue)} (" in out
+    for image_id in in_queue["image_id"]:
+        assert image_id in out
+    for image_id in set(scored["image_id"]) - set(in_queue["image_id"]):
+        assert image_id not in out  # one label and not OOD: not in the queue
+    assert Image.open(io.BytesIO(out_file.read_bytes())).format == "PNG" and f"review sheet: {out_file}" in out
+    code, _, err = sofar("review", "2026-10-01")
     assert code == 1 and "no rows for 2026-10-01" in err
 
 

@@ -147,3 +147,36 @@ def test_the_gate_can_require_beating_the_frozen_feature_probe():
     assert not ok and md["evidence"] == "sufficient"
     assert gate_results(_evaluation(), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
     assert not gate_results(_evaluation(probe={}), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
+
+
+def test_the_gate_blocks_label_sets_that_significantly_under_cover():
+    from sofar_assets.config import GateConfig
+    from sofar_assets.lib import conformal
+    from sofar_assets.lib.gate import gate_results
+
+    def figures(n: int, covered: int) -> dict:
+        """The rule's sets are {a} on every row; ``covered`` of the ``n`` true labels are a."""
+        y = np.array([0] * covered + [1] * (n - covered))
+        return conformal.evaluate(conformal.LabelSets("lac", 0.9, 0.5, 200), np.tile([0.7, 0.2, 0.1], (n, 1)), y,
+                                  ["a", "b", "c"])
+
+    def verdict(cf: dict, **gate) -> tuple[bool, dict]:
+        return gate_results(_evaluation(conformal=cf, test_images=cf["images"]), GateConfig(**gate))["label_set_coverage"]
+
+    low = figures(400, 320)  # 0.80 on 400 photos: 95 % interval 0.76-0.84, below the floor 0.85
+    assert low["coverage"] == 0.8 and low["per_class"]["b"]["coverage"] == 0.0
+    ok, md = verdict(low, coverage_tolerance=0.05)
+    assert not ok and md["evidence"] == "sufficient" and md["floor"] == 0.85 and md["coverage_ci"][1] < 0.85
+    ok, md = verdict(figures(400, 348), coverage_tolerance=0.05)  # 0.87: within the tolerance
+    assert ok and md["coverage"] == 0.87
+    # 0.80 on 40 photos: the interval (0.65-0.90) reaches the floor, sampling noise is not a verdict
+    ok, md = verdict(figures(40, 32), coverage_tolerance=0.05)
+    assert ok and md["coverage"] == 0.8 and md["coverage_ci"][1] >= 0.85
+    ok, md = verdict(low, coverage_tolerance=0.15)  # a wider tolerance: floor 0.75
+    assert ok and md["floor"] == 0.75
+    ok, md = verdict(low, coverage_tolerance=None)
+    assert ok and "not enforced" in md["reason"]
+    ok, md = verdict(figures(5, 2), coverage_tolerance=0.05, insufficient_evidence="fail")
+    assert not ok and md["evidence"] == "insufficient"
+    ok, md = gate_results(_evaluation(), GateConfig())["label_set_coverage"]  # evaluated before label sets
+    assert ok and "no label-set figures" in md["reason"]

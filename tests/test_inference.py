@@ -86,6 +86,23 @@ def test_rows_labels_and_errors(items):
     assert df["is_ood"].dtype == bool
 
 
+def test_label_sets_beside_the_top2_and_null_on_error_rows(items):
+    from sofar_assets.lib.conformal import LabelSets
+
+    df = run(items, label_sets=LabelSets("lac", 0.9, 0.96, 500)).set_index("image_id")  # keep p >= 0.04
+    # r: (0.987, 0.007, 0.007); b2: blue 0.947, green 0.047; grey: uniform thirds
+    assert (df.loc["r", "label_set"], df.loc["r", "label_set_size"]) == ("red", 1)
+    assert (df.loc["b2", "label_set"], df.loc["b2", "label_set_size"]) == ("blue|green", 2)
+    assert (df.loc["grey", "label_set"], df.loc["grey", "label_set_size"]) == ("red|green|blue", 3)
+    for bad in ("missing", "corrupt"):
+        assert df.loc[bad, "label_set"] is None and pd.isna(df.loc[bad, "label_set_size"])
+    strict = run(items, label_sets=LabelSets("lac", 0.9, 0.5, 500)).set_index("image_id")  # keep p >= 0.5
+    assert (strict.loc["grey", "label_set"], strict.loc["grey", "label_set_size"]) == ("", 0)
+    assert strict.loc["b2", "label_set"] == "blue"
+    # without a rule (a model calibrated before label sets): NULL on every row
+    assert run(items)["label_set"].isna().all() and run(items)["label_set_size"].isna().all()
+
+
 def test_same_result_for_workers_and_batch_sizes(items):
     base = run(items, batch_size=4, num_workers=0)
     for kw in (dict(batch_size=1, num_workers=0), dict(batch_size=3, num_workers=2), dict(batch_size=32)):

@@ -14,7 +14,7 @@ import torch
 
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import storage
+from sofar_assets.lib import ood, registry, storage
 from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.packaging import load_registered
 
@@ -279,6 +279,20 @@ def test_evaluation_maps_the_n_class_model_onto_each_task(pipeline):
     assert evaluation["multi_label_images"] == 3
     assert set(evaluation["tasks"]) == set(cfg.tasks)
     assert evaluation["tasks"]["defect"]["n"] > 0
+    # the label sets of the rule tagged on v1: on the multi-label photos, the share whose set
+    # holds all their labels, recomputed here; on the test split, coverage and size per class
+    client = pipeline["defs"].resources["mlflow_tracking"].client()
+    cal = registry.read_calibration(client.get_model_version(cfg.model.name, "1"))
+    assert cal.label_sets.coverage == cfg.conformal.coverage and cal.label_sets.n_cal > 0
+    sets = [{vocab[j] for j in np.flatnonzero(m)} for m in cal.label_sets.mask(ood.softmax(logits, cal.temperature))]
+    in_set = [set(labels.split("|")) <= st for labels, st in zip(multi["labels"], sets, strict=True)]
+    cf = evaluation["conformal"]
+    assert cf["multi_label"]["all_labels_in_set"] == pytest.approx(np.mean(in_set))
+    assert cf["images"] == evaluation["test_images"] == sum(c["images"] for c in cf["per_class"].values())
+    assert md["label_set_coverage"].value == cf["coverage"] and md["label_set_target_coverage"].value == 0.9
+    sizes = {int(k): v for k, v in cf["set_size_counts"].items()}
+    assert cf["mean_set_size"] == pytest.approx(sum(k * v for k, v in sizes.items()) / cf["images"])
+    assert "normal" in md["label_sets_per_class"].value
 
 
 def test_tasks_and_uploads_from_warehouse_tables(pipeline, demo_data, tmp_path):

@@ -32,7 +32,7 @@ def rows(day: dt.date, ids: list[str], label: str = "dirt", error: str | None = 
     return pd.DataFrame({
         "prediction_date": [day] * n, "image_id": ids, "image_uri": [f"/u/{i}.jpg" for i in ids],
         "top1_label": [label] * n, "top1_prob": [0.9] * n, "top2_label": ["normal"] * n, "top2_prob": [0.1] * n,
-        "ood_score": [1.5] * n, "is_ood": [ood] * n, "error": [error] * n, "model_name": ["sofar"] * n,
+        "label_set": [label] * n, "label_set_size": [1] * n, "ood_score": [1.5] * n, "is_ood": [ood] * n, "error": [error] * n, "model_name": ["sofar"] * n,
         "model_version": ["3"] * n, "predicted_at": [AT] * n,
     })  # fmt: skip
 

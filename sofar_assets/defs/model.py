@@ -15,7 +15,7 @@ from PIL import Image
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
-from sofar_assets.lib import calibration, evaluation, links, metrics, ood, plots, registry, storage
+from sofar_assets.lib import calibration, conformal, evaluation, links, metrics, ood, plots, registry, storage
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.gate import GATE_CHECKS, failed_checks, gate_results
@@ -209,7 +209,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             },
         )
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="2",
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def ood_calibration(
         context: dg.AssetExecutionContext, sofar_classifier: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
@@ -221,16 +221,19 @@ def build_model_assets(cfg: SofarConfig) -> list:
         the configured OOD score (``ood.score``, max logit by default as in the paper)
         thresholded at the target in-distribution TPR on the val split. AUROC and FPR@TPR of
         every score (max logit, energy, max softmax, Mahalanobis, kNN) on each configured
-        irrelevant image set, and one-class AUROC per task. Score method, temperature and
-        threshold are tags on the MLflow model version (lib/registry.py).
+        irrelevant image set, and one-class AUROC per task. The conformal label-set rule
+        (``conformal.coverage``, lib/conformal.py) is calibrated on the same val probabilities
+        (temperature applied). Score method, temperature, threshold and the label-set rule are
+        tags on the MLflow model version (lib/registry.py).
         """
         client = mlflow_tracking.client()
         model, meta = load_registered(sofar_classifier["model_uri"])
         val_rows = _split(warehouse.get().read_table("sofar_dataset"), "val")
         logits, feats = predict_logits_and_features(model, _image_dataset(val_rows, classes, cfg, image_store),
                                                     device=cfg.inference.device)
+        val_y = val_rows["label"].map(index).to_numpy()
         report = calibration.calibrate(
-            logits, val_rows["label"].map(index).to_numpy(), feats, meta["ood_stats"],
+            logits, val_y, feats, meta["ood_stats"],
             _ood_set_features(model, cfg, image_store, context), score_method=cfg.ood.score,
             target_tpr=cfg.ood.target_tpr, knn_k=cfg.ood.knn_k,
             task_positives={t: index[task.positive_label] for t, task in cfg.tasks.items()})
@@ -239,9 +242,14 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 f"temperature hit its lower bound {calibration.TEMPERATURE_MIN}: the val NLL keeps falling as it "
                 "sharpens (val split perfectly separated, or the model underconfident); probabilities use the bound")
         temperature, threshold = report["temperature"], report["threshold"]
+        label_sets = conformal.calibrate(ood.softmax(logits, temperature), val_y, coverage=cfg.conformal.coverage,
+                                         method=cfg.conformal.method)
+        if np.isinf(label_sets.qhat):
+            context.log.warning(f"{len(val_y)} val images are too few for label sets at coverage "
+                                f"{cfg.conformal.coverage}: every set holds every label")
         registry.write_calibration(
             client, sofar_classifier["model_name"], sofar_classifier["version"],
-            registry.Calibration(cfg.ood.score, temperature, threshold), target_tpr=cfg.ood.target_tpr,
+            registry.Calibration(cfg.ood.score, temperature, threshold, label_sets), target_tpr=cfg.ood.target_tpr,
             extra={f"ood_auroc_{k}": f"{v['auroc']:.4f}" for k, v in report["ood_sets"].items()},
         )
         curves = {name: (*ood.roc_curve(report["val_scores"], s), report["ood_sets"][name]["auroc"])
@@ -250,6 +258,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         with mlflow.start_run(run_id=sofar_classifier["run_id"]):
             mlflow.log_dict(report, "ood_calibration.json")
             mlflow.log_metrics({"ood_temperature": temperature, "ood_threshold": threshold,
+                                **({"conformal_qhat": label_sets.qhat} if np.isfinite(label_sets.qhat) else {}),
                                 **{f"ood_auroc_{k}": v["auroc"] for k, v in report["ood_sets"].items()},
                                 **{f"ood_fpr_at_tpr_{k}": v["fpr_at_tpr"] for k, v in report["ood_sets"].items()},
                                 **{f"ood_auroc_{k.replace('/', '_')}": v["auroc"] for k, v in side_by_side.items()},
@@ -259,7 +268,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 mlflow.log_image(_png_image(roc_png), "ood_roc.png")
         out = {**sofar_classifier, **{k: report[k] for k in ("score_method", "temperature", "threshold", "target_tpr")},
                "ood_sets": report["ood_sets"], "ood_scores": report["ood_scores"],
-               "ood_scores_by_method": report["ood_scores_by_method"]}
+               "ood_scores_by_method": report["ood_scores_by_method"], "label_sets": label_sets.as_dict()}
         md = {
             "threshold": threshold, "temperature": temperature, "score_method": cfg.ood.score,
             "val_tpr": report["val_tpr"], "val_nll_before": report["val_nll_before"],
@@ -269,6 +278,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                                                  for k, v in report["ood_sets"].items()}),
             "ood_scores_side_by_side": dg.MetadataValue.md(calibration.scores_table(report["ood_sets"])),
             "task_auroc": dg.MetadataValue.json(report["task_auroc"]),
+            "label_sets": dg.MetadataValue.json(label_sets.as_dict()),
             "model_version": sofar_classifier["version"],
         }
         for name, r in report["ood_sets"].items():
@@ -297,7 +307,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "ood_auroc_by_score": {name: {m: ood.auroc(pb.test_scores[m], v) for m, v in by.items()}
                                        for name, by in pb.ood_scores.items()}}
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="2",
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def model_evaluation(
         context: dg.AssetExecutionContext, ood_calibration: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
@@ -308,8 +318,10 @@ def build_model_assets(cfg: SofarConfig) -> list:
         Per task: accuracy and F1 of the N-class prediction mapped onto the task's binary
         question (the paper's Table 2); macro-F1 over all classes; ECE and a reliability
         diagram (temperature applied); top-2 joint hit rate on multi-label photos (both labels
-        in the top-2); OOD AUROC on the test split against each irrelevant set. The champion is
-        re-scored on the same test split so the promotion gate compares like with like.
+        in the top-2); OOD AUROC on the test split against each irrelevant set; the label sets'
+        empirical coverage and mean size, overall and per class (and, on multi-label photos, how
+        often the set holds every label). The champion is re-scored on the same test split so
+        the promotion gate compares like with like.
         """
         ref = ood_calibration
         client = mlflow_tracking.client()
@@ -325,6 +337,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         multi = data[data["multi_label"]].reset_index(drop=True)
         multi_logits = (predict_logits(model, _image_dataset(multi, classes, cfg, image_store),  # label: the first
                                        device=cfg.inference.device) if not multi.empty else None)
+        multi_sets = [{index[lab] for lab in labels.split("|")} for labels in multi["labels"]]
         result = {
             "model_name": ref["model_name"], "version": ref["version"],
             **evaluation.evaluate_test(
@@ -335,9 +348,16 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 tasks={t: (index[task.positive_label], {index[lab] for lab in task.labels.values()})
                        for t, task in cfg.tasks.items()},
                 multi_logits=multi_logits,
-                multi_label_sets=[{index[lab] for lab in labels.split("|")} for labels in multi["labels"]],
+                multi_label_sets=multi_sets,
                 n_resamples=cfg.gate.bootstrap_resamples),
         }
+        probs = ood.softmax(logits, ref["temperature"])
+        if ref.get("label_sets"):
+            rule = conformal.LabelSets(**ref["label_sets"])
+            result["conformal"] = conformal.evaluate(rule, probs, y, classes)
+            if multi_logits is not None:
+                result["conformal"]["multi_label"] = conformal.joint_hit_rate(
+                    rule, ood.softmax(multi_logits, ref["temperature"]), multi_sets)
         if cfg.train.freeze_backbone and cfg.train.linear_probe is True and cfg.model.arch == "linear" \
                 and cfg.model.pretrained:
             # the model IS the probe (LP on the frozen pretrained features, same split, same C)
@@ -355,7 +375,6 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 result["champion_macro_f1"] = metrics.macro_f1(y, cl.argmax(1), len(classes))
             else:
                 context.log.warning(f"champion v{champ} has other classes {champ_meta['classes']}: not comparable")
-        probs = ood.softmax(logits, ref["temperature"])
         cm = metrics.confusion_matrix(y, pred, len(classes))
         bins = metrics.reliability_bins(probs, y)
         for k, v in {"test_macro_f1": result["macro_f1"], "test_accuracy": result["accuracy"],
@@ -370,12 +389,25 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 **{f"test_ood_auroc_{k}": v for k, v in result["ood_auroc"].items()},
                 **({"probe_test_macro_f1": result["probe"]["macro_f1"], "probe_test_accuracy": result["probe"]["accuracy"]}
                    if result["probe"].get("macro_f1") is not None else {}),
+                **({"test_label_set_coverage": cf["coverage"], "test_label_set_mean_size": cf["mean_set_size"]}
+                   if (cf := result.get("conformal")) else {}),
             })
             mlflow.log_dict(result, "evaluation.json")
             cm_png, rel_png = plots.confusion_matrix_png(cm, classes), plots.reliability_png(bins)
             mlflow.log_image(_png_image(cm_png), "test_confusion_matrix.png")
             mlflow.log_image(_png_image(rel_png), "reliability.png")
         task_table = pd.DataFrame(result["tasks"]).T
+        cf = result.get("conformal")
+        label_set_md = {} if cf is None else {
+            "label_set_target_coverage": cf["target"],
+            "label_set_coverage": cf["coverage"],
+            "label_set_coverage_ci": dg.MetadataValue.json(cf["coverage_ci"]),
+            "label_set_mean_size": cf["mean_set_size"],
+            "label_set_size_counts": dg.MetadataValue.json(cf["set_size_counts"]),
+            "label_sets_per_class": dg.MetadataValue.md(pd.DataFrame(cf["per_class"]).T.drop(columns=["coverage_ci"])
+                                                        .to_markdown()),
+            **({"label_sets_multi_label": dg.MetadataValue.json(cf["multi_label"])} if "multi_label" in cf else {}),
+        }
         return dg.Output(
             result,
             metadata={
@@ -396,6 +428,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "per_task": dg.MetadataValue.md(task_table.to_markdown()),
                 "confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(cm_png, "confusion matrix")),
                 "reliability": dg.MetadataValue.md(plots.png_to_markdown(rel_png, "reliability")),
+                **label_set_md,
             },
         )
 

@@ -1,4 +1,4 @@
-"""The ONE daily prediction table: every photo uploaded on a day, top-2 labels + OOD flag.
+"""The ONE daily prediction table: every photo uploaded on a day, top-2 labels, label set + OOD flag.
 
 ``daily_predictions`` is a graph-backed asset of three steps, so that a day can be spread over
 several pods and still be committed at once:
@@ -29,6 +29,7 @@ from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.lib import daily, drift, plots, registry, review, storage
+from sofar_assets.lib.conformal import LabelSets
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
@@ -45,7 +46,7 @@ CHECKS = {
     "uploads_found": "Warns when a day of the run has no uploads at all, naming where it looked (a missing "
     "day folder or an empty window of the uploads table usually means the upload job did not run).",
 }
-REVIEW_OOD, REVIEW_LEAST_CONFIDENT = 12, 6  # photos per day on a partition's review sheet
+REVIEW_QUEUE_ON_SHEET = 18  # photos per day on a partition's review sheet (`sofar review DAY` lists more)
 
 
 def uploads_location(cfg: SofarConfig, day: dt.date) -> str:
@@ -57,17 +58,19 @@ def uploads_location(cfg: SofarConfig, day: dt.date) -> str:
 
 
 def review_metadata(wh, day: dt.date, facts: dict) -> dict:
-    """A partition's review sheet: its OOD-flagged and least confident photos with their top-2
-    labels, probabilities and OOD score (``sofar show DAY`` draws the same sheet)."""
-    picked = review.select_for_review(
-        review.review_candidates(wh, PREDICTIONS_TABLE, day, max_ood=REVIEW_OOD, least_confident=REVIEW_LEAST_CONFIDENT),
-        max_ood=REVIEW_OOD, least_confident=REVIEW_LEAST_CONFIDENT)
-    if picked.empty:
-        return {}
-    sheet = review.review_sheet_png(picked, storage.read_bytes, thumb=96, title=(
-        f"{day}: {facts['rows']} rows, {facts['ood_rows']} OOD-flagged, {facts['error_rows']} errors"))
-    return {"review_sheet": dg.MetadataValue.md(plots.png_to_markdown(sheet, f"review {day}")),
-            "review_rows": dg.MetadataValue.md(picked.drop(columns=["image_uri"]).to_markdown(index=False))}
+    """A partition's review queue (lib/review.py: OOD-flagged photos, then those whose label set
+    holds other than one label, most uncertain first): its size per reason, and the first photos
+    as a sheet with their top-2, label set and OOD score (``sofar review DAY`` draws the same)."""
+    counts = review.review_queue_counts(wh, PREDICTIONS_TABLE, day)
+    md = {"review_queue": sum(counts.values()), "review_queue_by_reason": dg.MetadataValue.json(counts)}
+    queue = review.review_queue(wh, PREDICTIONS_TABLE, day, limit=REVIEW_QUEUE_ON_SHEET)
+    if queue.empty:
+        return md
+    sheet = review.review_sheet_png(queue, storage.read_bytes, thumb=96, title=(
+        f"{day}: {facts['rows']} rows, {facts['ood_rows']} OOD-flagged, {facts['error_rows']} errors; "
+        f"review queue {sum(counts.values())}, first {len(queue)}"))
+    return md | {"review_sheet": dg.MetadataValue.md(plots.png_to_markdown(sheet, f"review {day}")),
+                 "review_rows": dg.MetadataValue.md(queue.drop(columns=["image_uri"]).to_markdown(index=False))}
 
 
 def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -115,7 +118,11 @@ def build_prediction_assets(cfg: SofarConfig):
             "model_name": name, "model_version": str(mv.version), "model_uri": f"models:/{name}/{mv.version}",
             "threshold": calibration.threshold, "temperature": calibration.temperature,
             "score_method": calibration.score_method,
+            "label_sets": calibration.label_sets.as_dict() if calibration.label_sets else None,
         }
+        if calibration.label_sets is None:
+            context.log.warning(f"{name} v{mv.version} has no conformal label-set tags (calibrated before label "
+                                "sets existed): its rows get NULL label_set; re-train to get them")
         context.log.info(f"{name} v{mv.version} for {len(days)} day(s) {days[0]} .. {days[-1]}, "
                          f"{shards} shard(s) per day")
         for k in range(shards):
@@ -145,6 +152,7 @@ def build_prediction_assets(cfg: SofarConfig):
                      "predicted_at": pd.Timestamp.now(tz="UTC").tz_localize(None)},
             shard=k, shards=n, classes=list(meta["classes"]), image_size=int(meta["spec"]["image_size"]),
             threshold=unit["threshold"], score_method=unit["score_method"], temperature=unit["temperature"],
+            label_sets=LabelSets(**unit["label_sets"]) if unit.get("label_sets") else None,
             batch_size=inf.batch_size, num_workers=inf.num_workers, device=inf.device,
             read_bytes=storage.read_bytes, max_bytes=inf.max_bytes, reads_in_flight=inf.reads_in_flight,
             read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries},
@@ -219,13 +227,14 @@ def build_prediction_assets(cfg: SofarConfig):
         group_name="predictions",
         kinds={cfg.storage.warehouse.kind, "pytorch"},
         owners=OWNERS,
-        code_version="2",
+        code_version="3",
         metadata={"table": PREDICTIONS_TABLE, "partition_expr": PARTITION_COLUMN},
         check_specs=[dg.AssetCheckSpec(c, asset="daily_predictions", description=d) for c, d in CHECKS.items()],
     )
     def daily_predictions(champion_model):
-        """Top-2 labels, max-logit OOD score and OOD flag for every photo uploaded that day,
-        by the MLflow ``champion`` version with its own temperature and threshold. Rows land in
+        """Top-2 labels, conformal label set, max-logit OOD score and OOD flag for every photo
+        uploaded that day, by the MLflow ``champion`` version with its own temperature, threshold
+        and label-set rule; each partition's metadata carries its review queue. Rows land in
         the warehouse table ``predictions`` (``prediction_date`` is a DATE); each day of a run is
         replaced at once, after all its rows are scored (``inference.shards_per_day`` steps per
         day). A backfill range runs as one run (or, with ``partitions.backfill_days_per_run``,

@@ -24,6 +24,10 @@ GATE_CHECKS = {
     "not_worse_than_probe":
         "With gate.require_beats_probe: test macro-F1 is at least the frozen-feature probe's minus "
         "gate.max_macro_f1_drop (the probe is fitted on the same train split).",
+    "label_set_coverage":
+        "The conformal label sets' coverage on the test split is not significantly below conformal.coverage "
+        "minus gate.coverage_tolerance: the upper end of its 95 % Wilson interval reaches that floor "
+        "(null tolerance: reported, not enforced).",
 }
 
 
@@ -88,6 +92,28 @@ def _probe_check(ev: dict, gate, test_counts: dict) -> tuple[bool, dict]:
     return bool(ev["macro_f1"] >= pr["macro_f1"] - gate.max_macro_f1_drop), {**md, "evidence": "sufficient"}
 
 
+def _coverage_check(ev: dict, gate, test_counts: dict) -> tuple[bool, dict]:
+    cf = ev.get("conformal")
+    if not cf:
+        return True, {"reason": "the evaluation has no label-set figures (evaluated before label sets existed): "
+                      "nothing to gate on", **test_counts}
+    md = {"coverage": cf["coverage"], "coverage_ci": cf["coverage_ci"], "target": cf["target"],
+          "tolerance": gate.coverage_tolerance, "mean_set_size": cf["mean_set_size"], "method": cf["method"],
+          **test_counts}
+    if gate.coverage_tolerance is None:
+        return True, {**md, "reason": "gate.coverage_tolerance is null: reported, not enforced"}
+    if ev["test_images"] < gate.min_test_images:
+        return _insufficient(gate, "label-set coverage", md)
+    # The interval, not the point estimate: on a 50-photo test split the coverage of a rule that
+    # meets its target varies with sd ~0.04 (the test share) to ~0.06 (with a 60-image calibration),
+    # so a point estimate would fail good models one time in five to seven at tolerance 0.05; with
+    # thousands of test photos the two rules agree.
+    floor = round(cf["target"] - gate.coverage_tolerance, 12)  # 0.95 - 0.05 is 0.8999999999999999
+    return bool(cf["coverage_ci"][1] >= floor), {
+        **md, "evidence": "sufficient", "floor": floor,
+        "rule": "fails when the upper end of coverage_ci is below floor (significantly under-covers)"}
+
+
 def gate_results(evaluation: dict, gate) -> dict[str, tuple[bool, dict]]:
     """``{check name: (passed, metadata)}`` for ``evaluation`` under the config's ``gate``."""
     counts = {"test_images": evaluation["test_images"], "min_test_images": gate.min_test_images}
@@ -96,6 +122,7 @@ def gate_results(evaluation: dict, gate) -> dict[str, tuple[bool, dict]]:
         "ood_auroc_above_floor": _ood_check(evaluation, gate, counts),
         "ece_below_ceiling": _ece_check(evaluation, gate, counts),
         "not_worse_than_probe": _probe_check(evaluation, gate, counts),
+        "label_set_coverage": _coverage_check(evaluation, gate, counts),
     }
 
 

@@ -27,6 +27,7 @@ import pandas as pd
 import torch
 
 from sofar_assets.lib import ood, storage
+from sofar_assets.lib.conformal import LabelSets, set_labels
 from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.images import ImageDecodeError, load_image_array
 from sofar_assets.lib.uploads import safe_text
@@ -38,6 +39,8 @@ PREDICTION_COLUMNS = (
     "top1_prob",
     "top2_label",
     "top2_prob",
+    "label_set",
+    "label_set_size",
     "ood_score",
     "is_ood",
     "error",
@@ -165,12 +168,15 @@ class _BatchSampler:
             return self.sent.popleft()
 
 
-def _frame(ids, uris, errors, good, probs, scores, threshold, classes) -> pd.DataFrame:
+def _frame(ids, uris, errors, good, probs, scores, threshold, classes,
+           label_sets: LabelSets | None = None) -> pd.DataFrame:
     n = len(ids)
     top1_label = np.full(n, None, dtype=object)
     top2_label = np.full(n, None, dtype=object)
     top1_prob = np.full(n, np.nan)
     top2_prob = np.full(n, np.nan)
+    label_set = np.full(n, None, dtype=object)  # NULL: an error row, or a model without a rule
+    label_set_size = pd.array([None] * n, dtype="Int64")
     ood_score = np.full(n, np.nan)
     is_ood = np.zeros(n, dtype=bool)  # an error row is not an OOD verdict; its error says why
     if good:
@@ -184,6 +190,10 @@ def _frame(ids, uris, errors, good, probs, scores, threshold, classes) -> pd.Dat
             top2_prob[rows] = probs[np.arange(len(rows)), order[:, 1]]
         ood_score[rows] = scores
         is_ood[rows] = scores < threshold
+        if label_sets is not None:
+            text, sizes = set_labels(label_sets.mask(probs), probs, classes)
+            label_set[rows] = text
+            label_set_size[rows] = sizes
     return pd.DataFrame(
         {
             "image_id": ids,
@@ -192,6 +202,8 @@ def _frame(ids, uris, errors, good, probs, scores, threshold, classes) -> pd.Dat
             "top1_prob": top1_prob,
             "top2_label": top2_label,
             "top2_prob": top2_prob,
+            "label_set": label_set,
+            "label_set_size": label_set_size,
             "ood_score": ood_score,
             "is_ood": is_ood,
             "error": np.asarray(errors, dtype=object),
@@ -209,6 +221,7 @@ def predict_images(
     threshold: float,
     score_method: str = "max_logit",
     temperature: float = 1.0,
+    label_sets: LabelSets | None = None,
     batch_size: int = 32,
     num_workers: int = 2,
     device: str | torch.device = "auto",
@@ -226,7 +239,10 @@ def predict_images(
     ``(image_id, image_uri, error)`` tuples or objects with those attributes; an item with an
     ``error`` becomes its error row without a read. Columns are :data:`PREDICTION_COLUMNS`.
     Probabilities are ``softmax(logits / temperature)``; ``ood_score = ood.scores(logits,
-    score_method, temperature)`` and ``is_ood = ood_score < threshold``. A row whose image could
+    score_method, temperature)`` and ``is_ood = ood_score < threshold``. ``label_set`` is the
+    conformal set of ``label_sets`` (lib/conformal.py) over those probabilities: its labels by
+    descending probability joined by "|" ("" for an empty set), ``label_set_size`` their count
+    (both NULL without ``label_sets``). A row whose image could
     not be read or decoded has ``error`` set ("ImageReadError: <uri>: <reason>" (a reason is
     e.g. "file not found" or "too large: ..."), "ImageDecodeError: ...") with empty labels, NaN numbers and ``is_ood=False``.
 
@@ -287,7 +303,7 @@ def predict_images(
             log(progress())
             next_log = (done // log_every + 1) * log_every
         yield _frame([it.image_id for it in batch], [it.image_uri for it in batch], errs, good, probs, scores,
-                     threshold, classes)
+                     threshold, classes, label_sets)
     if log is not None and done:
         total = done  # the final line: every item is accounted for
         log(progress())

@@ -1,8 +1,9 @@
 """The MLflow model registry: the ``champion`` alias and the tags a version carries.
 
 One home for what is written on a model version and read back from it: the OOD calibration
-(score method, temperature, threshold), the lineage tags, and the alias that names the model
-serving the daily predictions. Assets and the CLI call these functions; nobody else parses
+(score method, temperature, threshold), the conformal label-set rule (method, coverage, qhat,
+val images), the lineage tags, and the alias that names the model serving the daily
+predictions. Assets and the CLI call these functions; nobody else parses
 the tags.
 """
 
@@ -12,8 +13,12 @@ from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
+from sofar_assets.lib.conformal import LabelSets
+
 CHAMPION = "champion"
 CALIBRATION_TAGS = ("ood_score_method", "ood_temperature", "ood_threshold")
+# a version calibrated before label sets existed lacks these; its rows get NULL label sets
+CONFORMAL_TAGS = ("conformal_method", "conformal_coverage", "conformal_qhat", "conformal_n_cal")
 
 
 class NoChampionError(LookupError):
@@ -26,11 +31,13 @@ class UncalibratedError(LookupError):
 
 @dataclass(frozen=True)
 class Calibration:
-    """What ``daily_predictions`` needs besides the weights: how to score and where to cut."""
+    """What ``daily_predictions`` needs besides the weights: how to score and where to cut,
+    and (``label_sets``) the conformal rule for each row's label set."""
 
     score_method: str
     temperature: float
     threshold: float
+    label_sets: LabelSets | None = None
 
     def as_tags(self, target_tpr: float | None = None) -> dict[str, str]:
         tags = {
@@ -40,6 +47,10 @@ class Calibration:
         }
         if target_tpr is not None:
             tags["ood_target_tpr"] = str(target_tpr)
+        if self.label_sets is not None:
+            ls = self.label_sets
+            tags |= {"conformal_method": ls.method, "conformal_coverage": repr(float(ls.coverage)),
+                     "conformal_qhat": repr(float(ls.qhat)), "conformal_n_cal": str(int(ls.n_cal))}
         return tags
 
 
@@ -81,17 +92,23 @@ def write_calibration(client, name: str, version: str, calibration: Calibration,
 
 
 def read_calibration(model_version) -> Calibration:
-    """The calibration tagged on a ``ModelVersion``; :class:`UncalibratedError` if absent."""
+    """The calibration tagged on a ``ModelVersion``; :class:`UncalibratedError` if the OOD tags
+    are absent. ``label_sets`` is None for a version calibrated before label sets existed."""
     tags = dict(model_version.tags)
     if "ood_threshold" not in tags or "ood_temperature" not in tags:
         raise UncalibratedError(
             f"{model_version.name} v{model_version.version} has no OOD calibration tags; materialize "
             "ood_calibration for it or move the alias to a calibrated version."
         )
+    label_sets = None
+    if all(t in tags for t in CONFORMAL_TAGS):
+        label_sets = LabelSets(method=tags["conformal_method"], coverage=float(tags["conformal_coverage"]),
+                               qhat=float(tags["conformal_qhat"]), n_cal=int(tags["conformal_n_cal"]))
     return Calibration(
         score_method=tags.get("ood_score_method", "max_logit"),
         temperature=float(tags["ood_temperature"]),
         threshold=float(tags["ood_threshold"]),
+        label_sets=label_sets,
     )
 
 

@@ -1,10 +1,13 @@
 """A day's predictions at a glance: which rows a person should look at, and a sheet to look at.
 
-:func:`select_for_review` picks, from one day's rows of the predictions table, the photos the
-model flagged as out-of-distribution and the in-distribution photos it was least sure of.
-:func:`review_sheet_png` draws them as a contact sheet with each photo's top-2 labels,
-probabilities and OOD score under its thumbnail. The ``daily_predictions`` asset puts the sheet
-in each partition's metadata; ``sofar show DAY`` writes it to a file. No Dagster import.
+:func:`review_queue` is the day's review queue, selected in the warehouse: the scored photos
+flagged out-of-distribution, and those whose conformal label set (lib/conformal.py) holds
+other than one label (none reaches the coverage bar, or several are plausible), most
+uncertain first. The ``daily_predictions`` asset draws it on each partition's review sheet;
+``sofar review DAY`` prints it and can draw it. :func:`select_for_review` picks the OOD-flagged
+and least confident photos (``sofar show DAY``). :func:`review_sheet_png` draws either as a
+contact sheet with each photo's top-2 labels, probabilities, label set and OOD score under its
+thumbnail. No Dagster import.
 """
 
 from __future__ import annotations
@@ -20,18 +23,56 @@ from sofar_assets.lib.images import decode_image
 from sofar_assets.lib.plots import _fit_thumb
 
 OOD = "ood"
+EMPTY_SET = "empty_set"
+AMBIGUOUS_SET = "ambiguous_set"
 LEAST_CONFIDENT = "least_confident"
 SECTION_TITLES = {OOD: "flagged out-of-distribution (lowest OOD score first)",
+                  EMPTY_SET: "no label reaches the coverage bar: empty label set (lowest top-1 probability first)",
+                  AMBIGUOUS_SET: "several plausible labels: label set of 2+ (lowest top-1 probability first)",
                   LEAST_CONFIDENT: "least confident in-distribution (lowest top-1 probability first)"}
 REVIEW_COLUMNS = ["image_id", "image_uri", "top1_label", "top1_prob", "top2_label", "top2_prob",
                   "ood_score", "is_ood", "reason"]
+QUEUE_COLUMNS = ["image_id", "image_uri", "top1_label", "top1_prob", "top2_label", "top2_prob",
+                 "label_set", "label_set_size", "ood_score", "is_ood", "reason"]
+# the queue, in the warehouse's SQL (DuckDB and BigQuery alike): who is in it, why, in which order
+_QUEUE_REASON = (f"CASE WHEN is_ood THEN '{OOD}' WHEN label_set_size = 0 THEN '{EMPTY_SET}' "
+                 f"ELSE '{AMBIGUOUS_SET}' END")
+_QUEUE_WHERE = "error IS NULL AND (is_ood OR label_set_size <> 1)"
+QUEUE_ORDER = ("OOD-flagged first, lowest OOD score first; then the rest by top-1 probability (lowest first), "
+               "larger label sets first, then image_uri")
+_QUEUE_ORDER_SQL = ("CASE WHEN is_ood THEN 0 ELSE 1 END, CASE WHEN is_ood THEN ood_score END, top1_prob, "
+                    "label_set_size DESC, image_uri")
+
+
+def _day_where(day) -> str:
+    return f"prediction_date = DATE '{day.isoformat()}'"
+
+
+def review_queue(wh, table: str, day, *, limit: int = 50) -> pd.DataFrame:
+    """The first ``limit`` rows of ``day``'s review queue, with ``reason`` = ``ood``,
+    ``empty_set`` or ``ambiguous_set``: scored rows (no ``error``) that are OOD-flagged or whose
+    ``label_set_size`` is not 1, in :data:`QUEUE_ORDER`. One ``LIMIT`` query in the warehouse:
+    a day of a million rows is never pulled into memory. Rows of a model without label sets
+    (NULL ``label_set_size``) are in it only when OOD-flagged."""
+    cols = ", ".join(QUEUE_COLUMNS[:-1])
+    return wh.query(f"SELECT {cols}, {_QUEUE_REASON} AS reason FROM {{table:{table}}} "
+                    f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} ORDER BY {_QUEUE_ORDER_SQL} LIMIT {int(limit)}"
+                    ).reindex(columns=QUEUE_COLUMNS)
+
+
+def review_queue_counts(wh, table: str, day) -> dict[str, int]:
+    """How many of ``day``'s rows are in its review queue, per reason (counted in the warehouse)."""
+    counts = wh.query(f"SELECT {_QUEUE_REASON} AS reason, count(*) AS n FROM {{table:{table}}} "
+                      f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} GROUP BY 1")
+    got = dict(zip(counts["reason"], counts["n"].astype(int), strict=True)) if len(counts) else {}
+    return {r: int(got.get(r, 0)) for r in (OOD, EMPTY_SET, AMBIGUOUS_SET)}
 
 
 def review_candidates(wh, table: str, day, *, max_ood: int = 24, least_confident: int = 8) -> pd.DataFrame:
     """The day's rows :func:`select_for_review` can pick from, fetched by two ``LIMIT`` queries in
     the warehouse (the lowest OOD scores among flagged rows, the lowest top-1 probabilities among
     the rest), so a day of a million rows is never pulled into memory for its sheet."""
-    where = f"prediction_date = DATE '{day.isoformat()}' AND error IS NULL"
+    where = f"{_day_where(day)} AND error IS NULL"
     cols = ", ".join(REVIEW_COLUMNS[:-1] + ["error"])
     parts = [wh.query(f"SELECT {cols} FROM {{table:{table}}} WHERE {where} AND is_ood "
                       f"ORDER BY ood_score, image_uri LIMIT {int(max_ood)}")]
@@ -72,9 +113,11 @@ def _caption(row) -> list[str]:
         return f"{name} {float(prob):.2f}"
 
     flag = "  OOD" if bool(row.get("is_ood")) else ""
-    return [f"1 {label(row.get('top1_label'), row.get('top1_prob'))}",
-            f"2 {label(row.get('top2_label'), row.get('top2_prob'))}",
-            f"ood score {float(row['ood_score']):.2f}{flag}"]
+    lines = [f"1 {label(row.get('top1_label'), row.get('top1_prob'))}",
+             f"2 {label(row.get('top2_label'), row.get('top2_prob'))}"]
+    if isinstance(row.get("label_set"), str):
+        lines.append(f"set {{{row['label_set'].replace('|', ', ')}}}")
+    return [*lines, f"ood score {float(row['ood_score']):.2f}{flag}"]
 
 
 def _thumbnail(uri: str, read_bytes: Callable[[str], bytes], thumb: int) -> Image.Image | str:
@@ -88,17 +131,19 @@ def _thumbnail(uri: str, read_bytes: Callable[[str], bytes], thumb: int) -> Imag
 
 def review_sheet_png(rows: pd.DataFrame, read_bytes: Callable[[str], bytes], *, title: str = "",
                      thumb: int = 128, columns: int = 6, pad: int = 6) -> bytes:
-    """Contact sheet of ``rows`` (from :func:`select_for_review`), one section per reason.
+    """Contact sheet of ``rows`` (from :func:`select_for_review` or :func:`review_queue`), one
+    section per reason.
 
-    Under each thumbnail: the file name, top-1 and top-2 label with probability, and the OOD
-    score (``OOD`` when flagged). ``read_bytes(uri)`` fetches a photo (``lib.storage.read_bytes``);
-    a photo that can no longer be read gets a grey cell naming the error.
+    Under each thumbnail: the file name, top-1 and top-2 label with probability, the label set
+    (when the rows have one), and the OOD score (``OOD`` when flagged). ``read_bytes(uri)``
+    fetches a photo (``lib.storage.read_bytes``); a photo that can no longer be read gets a grey
+    cell naming the error.
     """
     font = ImageFont.load_default(size=11)
     head_font = ImageFont.load_default(size=13)
-    line_h, cap_lines, head_h = 13, 4, 22
+    line_h, cap_lines, head_h = 13, 5, 22
     cell_w, cell_h = thumb + pad, thumb + cap_lines * line_h + pad
-    sections = [(r, rows[rows["reason"] == r]) for r in (OOD, LEAST_CONFIDENT)] if len(rows) else []
+    sections = [(r, rows[rows["reason"] == r]) for r in SECTION_TITLES] if len(rows) else []
     sections = [(r, s) for r, s in sections if len(s)]
     cols = max(1, min(columns, max((len(s) for _, s in sections), default=1)))
     width = max(pad + cols * cell_w, 420)
@@ -110,7 +155,7 @@ def review_sheet_png(rows: pd.DataFrame, read_bytes: Callable[[str], bytes], *, 
     draw.text((pad, 4), title or "review", fill=(0, 0, 0), font=head_font)
     y = head_h
     if not sections:
-        draw.text((pad, y + 4), "nothing to review: no OOD-flagged or scored rows", fill=(90, 90, 90), font=font)
+        draw.text((pad, y + 4), "nothing to review", fill=(90, 90, 90), font=font)
     for reason, part in sections:
         draw.text((pad, y + 4), f"{SECTION_TITLES[reason]}: {len(part)}", fill=(150, 0, 0) if reason == OOD
                   else (0, 0, 120), font=head_font)
@@ -138,10 +183,13 @@ def review_sheet_png(rows: pd.DataFrame, read_bytes: Callable[[str], bytes], *, 
 
 
 def rows_text(rows: pd.DataFrame) -> str:
-    """The selected rows as a plain table for a terminal (``sofar show``)."""
+    """The selected rows as a plain table for a terminal (``sofar show``, ``sofar review``)."""
     if rows.empty:
         return "(no rows to review)"
     shown = rows.assign(image=rows["image_id"].fillna(rows["image_uri"]))
-    cols = ["reason", "image", "top1_label", "top1_prob", "top2_label", "top2_prob", "ood_score", "is_ood"]
+    if "label_set" in shown.columns:  # an empty set is "{}", a missing one "-"
+        shown["label_set"] = shown["label_set"].map(lambda v: "{}" if v == "" else v).fillna("-")
+    cols = ["reason", "image", "top1_label", "top1_prob", "top2_label", "top2_prob", "label_set", "ood_score",
+            "is_ood"]
     return shown[[c for c in cols if c in shown.columns]].to_string(
         index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")

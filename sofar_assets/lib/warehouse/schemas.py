@@ -175,6 +175,8 @@ PREDICTIONS = TableSchema(
         "top1_prob": FLOAT64,
         "top2_label": STRING,
         "top2_prob": FLOAT64,
+        "label_set": STRING,  # conformal label set (lib/conformal.py): "a|b", "" when empty
+        "label_set_size": INT64,
         "ood_score": FLOAT64,
         "is_ood": BOOL,
         "error": STRING,
