@@ -401,8 +401,10 @@ def _loop_summary(cfg: SofarConfig, wh, champ) -> None:
     n_corrected = int(data["corrected_at"].notna().sum()) if "corrected_at" in data else 0
     irrelevant = (len(corr.irrelevant_uris(wh.read_table(RAW_CORRECTIONS.name)))
                   if wh.table_exists(RAW_CORRECTIONS.name) else 0)
-    print(f"dataset:    sofar_dataset {digest[:12]}: {len(data)} photos, {n_corrected} labelled by a correction, "
-          f"{irrelevant} judged irrelevant (OOD set {corr.INSPECTOR_OOD_SET})")
+    ood_set = (f"the OOD set {corr.INSPECTOR_OOD_SET}" if irrelevant >= cfg.gate.min_ood_images else
+               f"an OOD set {corr.INSPECTOR_OOD_SET} from gate.min_ood_images={cfg.gate.min_ood_images} on")
+    print(f"dataset:    sofar_dataset {digest[:12]}: {len(data)} photos, {n_corrected} labelled by a correction; "
+          f"{irrelevant} judged irrelevant ({ood_set})")
     if digest == trained_on:
         print(f"            the champion v{champ.version} was trained on this version")
     else:

@@ -354,3 +354,73 @@ def test_irrelevant_verdicts_become_an_ood_set_once_there_are_enough(tmp_path, d
     wh.write_table(RAW_CORRECTIONS.name, raw(["irrelevant"] * 3 + ["dirt"]), schema=RAW_CORRECTIONS)
     sets = _ood_uris(cfg, resources["warehouse"], Context)
     assert sets[corr.INSPECTOR_OOD_SET] == ["/u/0.png", "/u/1.png", "/u/2.png"]
+
+
+# -- BigQuery: the same appends and lookups ------------------------------------------------------------
+def test_production_append_is_one_write_append_load_into_the_partitioned_table():
+    from google.cloud import bigquery
+    from test_warehouse_api import RecordingClient
+
+    from sofar_assets.lib.warehouse import BigQueryWarehouse
+
+    client = RecordingClient()
+    wh = BigQueryWarehouse("sofar-prod", "sofar", client=client)
+    assert wh.append_rows(LABEL_CORRECTIONS, pd.DataFrame([verdict("a", "dirt", D1, "2026-11-02 09:00")])) == 1
+    (load,) = [c for c in client.calls if c[0].startswith("load_")]
+    assert load[1] == "sofar-prod.sofar.label_corrections"  # the table, never a partition decorator
+    config = load[2]
+    assert config.write_disposition == bigquery.WriteDisposition.WRITE_APPEND
+    assert config.time_partitioning.field == "prediction_date" and config.clustering_fields == ["image_id"]
+    assert [(f.name, f.field_type) for f in config.schema] == list(LABEL_CORRECTIONS.columns.items())
+    assert "query" not in client.names() and "delete_table" not in client.names()
+
+
+@pytest.mark.bigquery
+def test_record_and_lookups_on_the_bigquery_emulator(emulator):
+    import uuid
+
+    from sofar_assets.lib.warehouse import BigQueryWarehouse
+
+    wh = BigQueryWarehouse(emulator.project, f"sofar_{uuid.uuid4().hex[:8]}", client=emulator.client(),
+                           partition_decorator=False)
+    wh.ensure_dataset()
+    wh.append_rows(WITH_SETS, predictions(D1, [("a'b", "dirt", False, "dirt", None), ("c", "normal", True, "", None)]))
+    vocabulary = ["normal", "dirt"]
+    with pytest.raises(corr.CorrectionError, match="image_id 'zz': unknown image id"):
+        corr.record(wh, [{"image_id": "a'b", "label": "dirt"}, {"image_id": "zz", "label": "dirt", "where": "row 2"}],
+                    vocabulary, inspector="kim")
+    assert not wh.table_exists(LABEL_CORRECTIONS.name)
+    rows = [{"image_id": "a'b", "label": "normal", "corrected_at": "2026-11-02T09:00:00"},
+            {"image_id": "c", "label": "irrelevant", "corrected_at": "2026-11-02T09:05:00"}]
+    assert corr.record(wh, rows, vocabulary, inspector="kim").appended == 2
+    assert corr.record(wh, rows, vocabulary, inspector="kim").already_stored == 2  # appended once
+    assert len(wh.read_table(LABEL_CORRECTIONS.name)) == 2
+    latest = corr.latest_per_image(wh)
+    assert corr.validate_stored(wh, latest, vocabulary).isna().all()
+    counts = fa.daily_counts(wh, D1, D2)
+    assert counts[["corrected", "in_vocabulary", "top1_correct", "covered", "flagged", "flagged_irrelevant"]].iloc[
+        0].tolist() == [2, 1, 0, 0, 1, 1]
+
+
+def test_demo_corrections_import_and_the_summary_shows_the_loop(setup, demo_data, capsys):
+    wh = setup["wh"]
+    demo = pd.read_csv(demo_data / "corrections.csv")
+    assert set(demo.columns) == {"image_id", "label", "inspector", "corrected_at"}
+    for day in (D1, D2):  # the demo days predicted: right on every photo but the first, the page flagged
+        judged = demo[demo["image_id"].str.startswith(day.isoformat())]
+        top1 = ["normal" if lab == "irrelevant" else ("seat" if k == 0 else lab) for k, lab in enumerate(judged["label"])]
+        wh.append_rows(WITH_SETS, predictions(day, [
+            (i, t, lab == "irrelevant", "" if lab == "irrelevant" else t, None)
+            for i, t, lab in zip(judged["image_id"], top1, judged["label"], strict=True)]))
+    code, out, err = sofar(capsys, "correct", "--csv", str(demo_data / "corrections.csv"))
+    assert code == 0, err
+    assert f"{len(demo)} correction(s) appended" in out
+
+    class Champion:
+        version, tags = "1", {"dataset_hash": "0" * 64}
+
+    cli._loop_summary(setup["cfg"], wh, Champion)
+    out = capsys.readouterr().out
+    assert f"{len(demo)} verdict(s) in 'label_corrections'" in out
+    assert "4 agree with top-1, 2 relabel, 2 irrelevant" in out  # 3 classes + 1 page per day, 1 wrong per day
+    assert f"  {D1}       4      0.67      0.67           1.00" in out

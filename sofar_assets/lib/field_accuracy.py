@@ -93,7 +93,9 @@ def daily_counts(wh, start: dt.date, end: dt.date, *, predictions: str = PREDICT
     for c in COUNT_COLUMNS:
         out[c] = out[c].astype("Int64") if c in out else pd.array([pd.NA] * len(out), dtype="Int64")
     out["prediction_date"] = [pd.Timestamp(d).date() for d in out["prediction_date"]]
-    return out[cols]
+    out = out[cols]
+    out.attrs["label_sets"] = has_sets
+    return out
 
 
 def _rate(num, den) -> float | None:
@@ -114,7 +116,7 @@ def per_day(counts: pd.DataFrame, days: Iterable[dt.date]) -> dict[dt.date, dict
     """:func:`rates` of each of ``days`` (a day without verdicts: zero counts, None rates)."""
     by_day = {d: row for d, row in zip(counts["prediction_date"], counts.to_dict("records"), strict=True)}
     zero = {c: 0 for c in COUNT_COLUMNS}
-    if "covered" in counts and counts["covered"].isna().all() and len(counts):
+    if not counts.attrs.get("label_sets", True):
         zero.update(with_label_set=pd.NA, covered=pd.NA)
     return {d: rates(by_day.get(d, zero)) for d in days}
 
