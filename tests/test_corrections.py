@@ -396,7 +396,12 @@ def test_record_and_lookups_on_the_bigquery_emulator(emulator):
     assert corr.record(wh, rows, vocabulary, inspector="kim").already_stored == 2  # appended once
     assert len(wh.read_table(LABEL_CORRECTIONS.name)) == 2
     latest = corr.latest_per_image(wh)
-    assert corr.validate_stored(wh, latest, vocabulary).isna().all()
+    reasons = corr.validate_stored(wh, latest, vocabulary)
+    assert reasons.isna().all()
+    raw = corr.scan(latest, reasons, vocabulary, lambda uri: ("0" * 64, 1, 1, 1), roots=["/elsewhere"])
+    wh.write_table(RAW_CORRECTIONS.name, raw, schema=RAW_CORRECTIONS)  # the asset's write, on BigQuery
+    back = wh.read_table(RAW_CORRECTIONS.name).sort_values("image_id")
+    assert back["error"].str.contains("outside the allowed roots").all() and back["label"].isna().all()
     counts = fa.daily_counts(wh, D1, D2)
     assert counts[["corrected", "in_vocabulary", "top1_correct", "covered", "flagged", "flagged_irrelevant"]].iloc[
         0].tolist() == [2, 1, 0, 0, 1, 1]
@@ -424,3 +429,14 @@ def test_demo_corrections_import_and_the_summary_shows_the_loop(setup, demo_data
     assert f"{len(demo)} verdict(s) in 'label_corrections'" in out
     assert "4 agree with top-1, 2 relabel, 2 irrelevant" in out  # 3 classes + 1 page per day, 1 wrong per day
     assert f"  {D1}       4      0.67      0.67           1.00" in out
+
+
+def test_the_corrections_task_name_is_reserved(tmp_path, demo_data):
+    import yaml
+
+    from sofar_assets.config import ConfigError, parse_config
+
+    data = yaml.safe_load(write_config(tmp_path, demo_data).read_text())
+    data["tasks"]["label_corrections"] = data["tasks"]["dirt"]
+    with pytest.raises(ConfigError, match="tasks: task name 'label_corrections' is reserved"):
+        parse_config(data, base_dir=tmp_path)
