@@ -31,8 +31,11 @@ from conftest import _assets, write_config
 
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 # the predictions table once conformal label sets land (the contract: labels joined by "|")
+SETS = ("label_set", "label_set_size")
 WITH_SETS = TableSchema(PREDICTIONS.name, {**PREDICTIONS.columns, "label_set": STRING, "label_set_size": INT64},
                         partition_column=PREDICTIONS.partition_column, clustering=PREDICTIONS.clustering)
+WITHOUT_SETS = TableSchema(PREDICTIONS.name, {c: t for c, t in PREDICTIONS.columns.items() if c not in SETS},
+                           partition_column=PREDICTIONS.partition_column, clustering=PREDICTIONS.clustering)
 
 
 def predictions(day: dt.date, rows: list[tuple], *, uri_root: str = "/uploads", sets: bool = True) -> pd.DataFrame:
@@ -160,7 +163,7 @@ HAND_D2 = {"corrected": 1, "accuracy": 1.0, "coverage": 1.0, "ood_precision": No
 
 
 def _hand_tables(wh, *, sets: bool = True) -> None:
-    schema = WITH_SETS if sets else PREDICTIONS
+    schema = WITH_SETS if sets else WITHOUT_SETS
     wh.append_rows(schema, predictions(D1, [r[:5] for r in HAND], sets=sets))
     wh.append_rows(schema, predictions(D2, [("m", "seat", False, "seat", None)], sets=sets))
     rows = [verdict(r[0], lab, D1, at) for r in HAND for lab, at in r[5]]
@@ -267,9 +270,9 @@ def test_a_flipped_label_is_a_new_dataset_version_the_training_step_reads(pipeli
     upload.write_bytes(Path(train_defect["image_uri"]).read_bytes())
     day = dt.date(2026, 11, 20)
     rows = predictions(day, [("again", "defect", False, "defect", None), ("page", "normal", True, "", None)],
-                       uri_root=str(extra), sets=False)
+                       uri_root=str(extra))
     shutil.copy(demo_data / "ood/documents/documents_000.png", extra / "page")
-    wh.append_rows(PREDICTIONS, rows)
+    wh.append_rows(WITH_SETS, rows)
     done = corr.record(wh, [{"image_id": "again", "label": "normal"}, {"image_id": "page", "label": "irrelevant"}],
                        cfg.vocabulary(), inspector="kim")
     assert done.appended == 2
