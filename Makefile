@@ -9,6 +9,7 @@ SOFAR := $(VENV)/bin/sofar
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 export SOFAR_CONFIG ?= $(CURDIR)/config/demo.yaml
 DEMO_DAYS ?= 2026-11-01...2026-11-03
+DEMO_CORRECTIONS ?= $(CURDIR)/.sofar/demo-data/corrections.csv
 RUN_LOGS := -c config/run_logging.yaml
 # MLflow's artifact download progress bars and INFO lines (sqlite table creation, input-example
 # validation) are noise in run logs; its warnings still print. MLflow reads these from the env.
@@ -28,10 +29,15 @@ install: $(VENV)/.installed
 demo-data: install
 	$(PY) -m sofar_assets.cli demo-data
 
-# The pipeline part of `make run` (what `make bench` times): train + promote, then the demo days.
+# The pipeline part of `make run` (what `make bench` times): train + promote, then the demo days,
+# then the corrections loop: a few inspectors' verdicts, the dataset rebuilt with them (the next
+# `make pipeline` retrains on it), and the champion's real-world accuracy per demo day.
 pipeline: demo-data
 	$(DG) launch -m sofar_assets.definitions --job train_and_promote $(RUN_LOGS)
 	$(DG) launch -m sofar_assets.definitions --assets daily_predictions --partition-range $(DEMO_DAYS) $(RUN_LOGS)
+	$(PY) -m sofar_assets.cli correct --csv $(DEMO_CORRECTIONS)
+	$(DG) launch -m sofar_assets.definitions --assets raw_labels/label_corrections,sofar_dataset $(RUN_LOGS)
+	$(DG) launch -m sofar_assets.definitions --assets field_accuracy --partition-range $(DEMO_DAYS) $(RUN_LOGS)
 
 summary: install
 	$(SOFAR) summary

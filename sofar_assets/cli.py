@@ -7,11 +7,13 @@
     sofar promote VERSION --reason R    move @champion after re-checking the gate (--force skips it)
     sofar rollback --reason R           move @champion back to the previous champion
     sofar add-task NAME FOLDER --labels SRC=label ...   add a task to the config and validate it
+    sofar correct IMAGE_ID LABEL | --csv FILE         record inspectors' verdicts (label_corrections)
     sofar demo-data | summary           what `make run` uses
     sofar export-weights PATH           the image's build step: the backbone weights for model.weights_file
 
 The config is the file ``SOFAR_CONFIG`` names (default config/demo.yaml). Exit codes: 0 ok,
-1 the command could not do what was asked (the message says why), 2 the config is invalid.
+1 the command could not do what was asked (the message says why), 2 the config or the given
+corrections are invalid (nothing was written).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import sys
 from pathlib import Path
 
 from sofar_assets.config import ConfigError, SofarConfig, check_folders, load_config, parse_config
+from sofar_assets.lib.corrections import CorrectionError
 from sofar_assets.settings import REPO_ROOT, config_path
 
 PROMOTION_TAGS = ("promoted_by", "promoted_reason", "promoted_at", "promoted_from", "promoted_via", "promotion_gate")
@@ -363,11 +366,94 @@ def add_task(name: str, folder: str, labels: list[str], positive: str | None) ->
     print("next: materialize the training group (`make pipeline`, or train_and_promote in the UI)")
 
 
+# -- correct ----------------------------------------------------------------------------------------
+def correct(image_id: str | None, label: str | None, csv_file: Path | None, inspector: str) -> None:
+    """Record inspectors' verdicts: one (IMAGE_ID LABEL) or a CSV, validated all-or-nothing."""
+    from sofar_assets.lib import corrections as corr
+
+    if csv_file is not None and (image_id or label):
+        raise CliError("give IMAGE_ID LABEL or --csv FILE, not both")
+    if csv_file is None and not (image_id and label):
+        raise CliError("give IMAGE_ID LABEL (one verdict) or --csv FILE (columns image_id,label[,inspector]"
+                       "[,corrected_at])")
+    cfg = _config()
+    wh = _resources(cfg)["warehouse"].get()
+    table = _predictions_table()
+    if not wh.table_exists(table):
+        raise CliError(f"no table '{table}' yet: there is nothing to correct (materialize daily_predictions)")
+    if csv_file is not None:
+        rows, what = corr.read_csv(csv_file), f"{csv_file}:"
+        if not rows:
+            raise CliError(f"{csv_file}: no corrections in the file (only a header)")
+    else:
+        rows, what = [{"image_id": image_id, "label": label, "where": "command line"}], "correction"
+    done = corr.record(wh, rows, cfg.vocabulary(), inspector=inspector, what=what)
+    kinds = ", ".join(f"{n} {lab}" for lab, n in sorted(done.by_label.items())) or "nothing new"
+    print(f"{done.appended} correction(s) appended to '{corr.TABLE}' ({kinds})"
+          + (f"; {done.already_stored} already stored, skipped" if done.already_stored else ""))
+    print("next: materialize field_accuracy for their days (real-world accuracy), and train_and_promote "
+          "to retrain on them (a flipped label is a new sofar_dataset version; the gate decides)")
+
+
+def _loop_summary(cfg: SofarConfig, wh, champ) -> None:
+    """The corrections loop in `sofar summary`: verdicts by kind, real-world figures per day, and
+    whether the current sofar_dataset (vs the champion's) includes them."""
+    import pandas as pd
+
+    from sofar_assets.lib import corrections as corr
+    from sofar_assets.lib import dataset as ds
+    from sofar_assets.lib import field_accuracy as fa
+    from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET
+
+    if not wh.table_exists(corr.TABLE):
+        print("corrections: none yet (`sofar correct IMAGE_ID LABEL` or `sofar correct --csv FILE`)")
+        return
+    days = wh.partition_counts(corr.TABLE, "prediction_date")
+    if days.empty:
+        print(f"corrections: '{corr.TABLE}' is empty")
+        return
+    first, last = (pd.Timestamp(d).date() for d in (days["partition"].min(), days["partition"].max()))
+    counts = fa.daily_counts(wh, first, last + dt.timedelta(days=1))
+    total = fa.rates(counts[fa.COUNT_COLUMNS].sum(min_count=1).to_dict()) if len(counts) else fa.rates({})
+    agree = total["top1_correct"] or 0
+    print(f"corrections: {int(days['rows'].sum())} verdict(s) in '{corr.TABLE}'; on scored photos (latest "
+          f"verdict each): {agree} agree with top-1, {(total['in_vocabulary'] or 0) - agree} relabel, "
+          f"{total['irrelevant'] or 0} irrelevant")
+    per_day = fa.per_day(counts, list(counts["prediction_date"]))
+    if per_day:
+        def show(x):
+            return "n/a" if x is None else f"{x:.2f}"
+
+        print("field accuracy (the champion on the photos inspectors judged; `field_accuracy` asset):")
+        print("  day         judged  accuracy  coverage  ood_precision")
+        for day, f in per_day.items():
+            print(f"  {day}  {f['corrected']:>6}  {show(f['accuracy']):>8}  {show(f['coverage']):>8}  "
+                  f"{show(f['ood_precision']):>13}")
+    if not wh.table_exists(SOFAR_DATASET.name):
+        return
+    data = wh.read_table(SOFAR_DATASET.name)
+    digest, trained_on = ds.dataset_hash(data), champ.tags.get("dataset_hash", "")
+    n_corrected = int(data["corrected_at"].notna().sum()) if "corrected_at" in data else 0
+    irrelevant = (len(corr.irrelevant_uris(wh.read_table(RAW_CORRECTIONS.name)))
+                  if wh.table_exists(RAW_CORRECTIONS.name) else 0)
+    ood_set = (f"the OOD set {corr.INSPECTOR_OOD_SET}" if irrelevant >= cfg.gate.min_ood_images else
+               f"an OOD set {corr.INSPECTOR_OOD_SET} from gate.min_ood_images={cfg.gate.min_ood_images} on")
+    print(f"dataset:    sofar_dataset {digest[:12]}: {len(data)} photos, {n_corrected} labelled by a correction; "
+          f"{irrelevant} judged irrelevant ({ood_set})")
+    if digest == trained_on:
+        print(f"            the champion v{champ.version} was trained on this version")
+    else:
+        print(f"            the champion v{champ.version} was trained on {trained_on[:12] or '?'}: retrain with "
+              "`make pipeline` (or train_and_promote in the UI); the gate decides the promotion")
+
+
 # -- demo-data / summary --------------------------------------------------------------------------
 def demo_data(out: Path) -> None:
-    from sofar_assets.lib.synthetic import generate_demo_data
+    from sofar_assets.lib.synthetic import demo_corrections, generate_demo_data
 
     if (out / "SYNTHETIC.md").exists():
+        if not (out / "corrections.csv").exists():  # demo data from before the corrections loop
+            print(f"demo corrections written to {demo_corrections(out)}")
         print(f"demo data already in {out} (SYNTHETIC; delete the folder to regenerate)")
         return
     counts = generate_demo_data(out)
@@ -405,6 +491,7 @@ def summary() -> None:
     print(f"            sofar review {per_day['prediction_date'].iloc[-1]}   (its review queue: OOD, label sets of 0 or 2+)")
     print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}   "
           f"then {_version_url(cfg, champ.version)}")
+    _loop_summary(cfg, wh, champ)
     print(f"Dagster UI: make ui   (then open {links.dagster_asset_url(cfg.ui.dagster_url, 'daily_predictions')})")
 
 
@@ -464,6 +551,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", nargs="+", required=True, metavar="SRC=canonical",
                    help="map each class folder to a canonical label, e.g. 0_NORMAL=normal 1_SCRATCH=scratch")
     p.add_argument("--positive", help="the task's positive label (default: the last one mapped)")
+    p = sub.add_parser("correct", help="record inspectors' verdicts: IMAGE_ID LABEL, or --csv FILE "
+                       "(validated; a bad row rejects the whole batch)")
+    p.add_argument("image_id", nargs="?", help="a predicted photo's image_id (see `sofar show DAY`)")
+    p.add_argument("label", nargs="?", help="a class of the vocabulary, or 'irrelevant'")
+    p.add_argument("--csv", type=Path, dest="csv_file", metavar="FILE",
+                   help="columns image_id,label[,inspector][,corrected_at ISO 8601, default now]")
+    p.add_argument("--inspector", default=who, help=f"who judged (default: {who}; a CSV column wins)")
     p = sub.add_parser("demo-data", help="generate the SYNTHETIC demo dataset")
     p.add_argument("--out", type=Path, default=REPO_ROOT / ".sofar" / "demo-data")
     sub.add_parser("summary", help="rows per day, the champion and the OOD count (what `make run` prints)")
@@ -493,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
                 rollback(reason=args.reason, force=args.force, by=args.by, to=args.to)
             case "add-task":
                 add_task(args.name, args.folder, args.labels, args.positive)
+            case "correct":
+                correct(args.image_id, args.label, args.csv_file, args.inspector)
             case "demo-data":
                 demo_data(args.out)
             case "summary":
@@ -503,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ImageNet weights written to {export_offline_weights(args.path)}")
     except ConfigError as exc:
         print(exc, file=sys.stderr)
+        return 2
+    except CorrectionError as exc:
+        print(f"sofar {args.cmd}: {exc}", file=sys.stderr)
         return 2
     except CliError as exc:
         print(f"sofar {args.cmd}: {exc}", file=sys.stderr)

@@ -323,6 +323,9 @@ class SofarConfig(_Strict):
         for name in tasks:
             if not _TASK_RE.match(name):
                 raise ValueError(f"task name {name!r} must be lower_snake_case (it becomes an asset key)")
+            if name == "label_corrections":
+                raise ValueError("task name 'label_corrections' is reserved for the inspectors' corrections "
+                                 "(asset raw_labels/label_corrections); choose another name")
         return tasks
 
     # -- derived values ---------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 The asset graph is built from the config that ``SOFAR_CONFIG`` names (see settings.py): one
 raw label table per task → ``sofar_dataset`` → ``sofar_classifier`` → ``ood_calibration`` →
-``model_evaluation`` (+ blocking gate checks) → ``champion_model`` → ``daily_predictions``.
+``model_evaluation`` (+ blocking gate checks) → ``champion_model`` → ``daily_predictions``;
+inspectors' corrections (``label_corrections``) feed ``sofar_dataset`` and ``field_accuracy``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import warnings
 import dagster as dg
 
 from sofar_assets.config import SofarConfig, load_config
+from sofar_assets.defs.corrections import build_corrections_assets
 from sofar_assets.defs.data import build_dataset_asset, build_raw_label_asset
 from sofar_assets.defs.model import build_model_assets
 from sofar_assets.defs.predictions import build_prediction_assets
@@ -43,13 +45,14 @@ def build_definitions(cfg: SofarConfig) -> dg.Definitions:
     model_assets, gate_checks = build_model_assets(cfg)
     predictions, predictions_job, schedule = build_prediction_assets(cfg)
     tradeoff_report, tradeoff_job = build_tradeoff_assets(cfg)
+    corrections = build_corrections_assets(cfg)
     training_job = dg.define_asset_job(
         "train_and_promote",
         selection=TRAINING_SELECTION,
         description="Ingest every task, build the SOFAR dataset, train, calibrate, evaluate and promote.",
     )
     return dg.Definitions(
-        assets=[*raw, dataset, *model_assets, predictions, tradeoff_report],
+        assets=[*raw, dataset, *model_assets, predictions, tradeoff_report, *corrections],
         asset_checks=gate_checks,
         jobs=[training_job, predictions_job, tradeoff_job],
         schedules=[schedule],

@@ -375,7 +375,8 @@ def test_production_whole_table_write_is_one_truncating_load(tmp_path):
     from sofar_assets.lib.warehouse import SOFAR_DATASET
 
     data = pd.DataFrame({"sha256": ["h1"], "image_uri": ["/a.jpg"], "label": ["dirt"], "labels": ["dirt"],
-                         "tasks": ["dirt"], "multi_label": [False], "split": ["train"], "n_sources": [1]})
+                         "tasks": ["dirt"], "multi_label": [False], "split": ["train"], "n_sources": [1],
+                         "corrected_at": [None]})
     client = RecordingClient()
     wh = BigQueryWarehouse("sofar-prod", "sofar", client=client)
     wh.write_table("sofar_dataset", data, schema=SOFAR_DATASET)

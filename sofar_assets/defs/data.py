@@ -15,10 +15,12 @@ from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import storage
 from sofar_assets.lib.images import sha256_hex
 from sofar_assets.lib.plots import contact_sheet_png, png_to_markdown
-from sofar_assets.lib.warehouse import SOFAR_DATASET, raw_labels_schema, raw_labels_table
+from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET, raw_labels_schema, raw_labels_table
 
 OWNERS = ["team:ml-platform"]
 DECODE_THREADS = 2
+CORRECTIONS_ASSET_KEY = dg.AssetKey(["raw_labels", "label_corrections"])
+"""The inspectors' corrections scanned as a task source (defs/corrections.py)."""
 
 
 def raw_table_name(task: str) -> str:
@@ -122,7 +124,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
 
     @dg.asset(
         name="sofar_dataset",
-        deps=raw_keys,
+        deps=[*raw_keys, CORRECTIONS_ASSET_KEY],
         group_name="ingest",
         kinds={cfg.storage.warehouse.kind, "pandas"},
         owners=OWNERS,
@@ -137,11 +139,23 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
         a photo labeled differently by two tasks is kept once as multi-label (out of
         single-label training, used to evaluate the top-2). Train/val/test come from the content
         hash: stable when photos are added, never leaking across splits.
+
+        Inspectors' corrections (``raw_labels/label_corrections``) are a task source with one
+        rule: a verdict overrides every task label of the same photo content (sha256), the
+        latest ``corrected_at`` wins, a corrected photo is single-label, and a photo judged
+        ``irrelevant`` leaves the dataset (it joins the ``inspector_irrelevant`` OOD set). A
+        verdict that flips a label changes the dataset hash: a new version to retrain on.
         """
         wh = warehouse.get()
         raw = pd.concat([wh.read_table(raw_table_name(k.path[-1])) for k in raw_keys], ignore_index=True)
+        verdicts = wh.read_table(RAW_CORRECTIONS.name) if wh.table_exists(RAW_CORRECTIONS.name) else None
+        label_tasks: dict[str, list[str]] = {}
+        for name, task in cfg.tasks.items():
+            for label in task.labels.values():
+                label_tasks.setdefault(label, []).append(name)
         data = ds.concatenate(
-            raw, vocabulary, val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction
+            raw, vocabulary, val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction,
+            corrections=verdicts, label_tasks=label_tasks,
         )
         previous = wh.read_table("sofar_dataset") if wh.table_exists("sofar_dataset") else None
         wh.write_table(SOFAR_DATASET.name, data, schema=SOFAR_DATASET)
@@ -205,6 +219,8 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
                 "classes": dg.MetadataValue.json(vocabulary),
                 "multi_label_images": len(multi),
                 "unreadable_files": len(errors),
+                "corrections": dg.MetadataValue.json(ds.correction_effects(raw, verdicts)),
+                "corrected_images": int(data["corrected_at"].notna().sum()),
                 "dataset_card": dg.MetadataValue.md(card),
             },
             check_results=checks,

@@ -17,6 +17,7 @@ from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import calibration, conformal, evaluation, links, metrics, ood, plots, registry, storage
 from sofar_assets.lib import dataset as ds
+from sofar_assets.lib.corrections import INSPECTOR_OOD_SET, irrelevant_uris
 from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.gate import GATE_CHECKS, failed_checks, gate_results
 from sofar_assets.lib.images import ImageDataset
@@ -28,6 +29,7 @@ from sofar_assets.lib.training import (
     predict_logits_and_features,
     train_classifier,
 )
+from sofar_assets.lib.warehouse import RAW_CORRECTIONS
 from sofar_assets.settings import git_commit
 
 OWNERS = ["team:ml-platform"]
@@ -69,11 +71,28 @@ def model_spec(cfg: SofarConfig, num_classes: int) -> ModelSpec:
                      weights_file=cfg.weights_file, pmg_feature_dim=cfg.model.pmg_feature_dim)
 
 
-def _ood_set_features(model, cfg: SofarConfig, image_store, context) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(logits, features) of every readable image of every configured OOD set."""
+def _ood_uris(cfg: SofarConfig, warehouse, context) -> dict[str, list[str]]:
+    """The image URIs of every OOD set: each configured folder, then the photos inspectors judged
+    ``irrelevant`` (``inspector_irrelevant``) once there are gate.min_ood_images of them — fewer
+    would make the gate's OOD check "insufficient evidence" for every set."""
+    sets = {name: storage.list_files(cfg.resolve(oset.folder)) for name, oset in cfg.ood_sets.items()}
+    wh = warehouse.get()
+    if INSPECTOR_OOD_SET not in sets and wh.table_exists(RAW_CORRECTIONS.name):
+        uris = irrelevant_uris(wh.read_table(RAW_CORRECTIONS.name))
+        if len(uris) >= cfg.gate.min_ood_images:
+            sets[INSPECTOR_OOD_SET] = uris
+        elif uris:
+            context.log.info(f"{INSPECTOR_OOD_SET}: {len(uris)} photo(s) judged irrelevant, fewer than "
+                             f"gate.min_ood_images={cfg.gate.min_ood_images}; not an OOD set yet")
+    return sets
+
+
+def _ood_set_features(model, cfg: SofarConfig, image_store, context,
+                      ood_uris: dict[str, list[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(logits, features) of every readable image of every OOD set (``_ood_uris``)."""
     out = {}
-    for name, oset in cfg.ood_sets.items():
-        arrays, errors = calibration.read_images(storage.list_files(cfg.resolve(oset.folder)), cfg.model.image_size,
+    for name, uris in ood_uris.items():
+        arrays, errors = calibration.read_images(uris, cfg.model.image_size,
                                                  cache=image_store.cache(cfg.model.image_size))
         for err in errors:
             context.log.warning(f"OOD set {name!r}: image skipped: {err}")
@@ -234,7 +253,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
         val_y = val_rows["label"].map(index).to_numpy()
         report = calibration.calibrate(
             logits, val_y, feats, meta["ood_stats"],
-            _ood_set_features(model, cfg, image_store, context), score_method=cfg.ood.score,
+            _ood_set_features(model, cfg, image_store, context, _ood_uris(cfg, warehouse, context)),
+            score_method=cfg.ood.score,
             target_tpr=cfg.ood.target_tpr, knn_k=cfg.ood.knn_k,
             task_positives={t: index[task.positive_label] for t, task in cfg.tasks.items()})
         if report["temperature_at_bound"]:
@@ -288,14 +308,15 @@ def build_model_assets(cfg: SofarConfig) -> list:
             md["roc"] = dg.MetadataValue.md(plots.png_to_markdown(roc_png, "ROC"))
         return dg.Output(out, metadata=md)
 
-    def _probe_figures(data: pd.DataFrame, test_ds, y, context, image_store) -> dict:
+    def _probe_figures(data: pd.DataFrame, test_ds, y, context, image_store, warehouse) -> dict:
         """The frozen-feature probe baseline on the same train/test split (and OOD sets)."""
         train_rows = _split(data, "train")
         frozen = evaluation.frozen_feature_model(model_spec(cfg, len(classes)))
         _, train_f = predict_logits_and_features(frozen, _image_dataset(train_rows, classes, cfg, image_store),
                                                  device=cfg.inference.device)
         _, test_f = predict_logits_and_features(frozen, test_ds, device=cfg.inference.device)
-        ood_f = {k: f for k, (_, f) in _ood_set_features(frozen, cfg, image_store, context).items()}
+        ood_f = {k: f for k, (_, f) in _ood_set_features(frozen, cfg, image_store, context,
+                                                          _ood_uris(cfg, warehouse, context)).items()}
         try:
             pb = evaluation.probe_baseline(train_f, train_rows["label"].map(index).to_numpy(), test_f, ood_f,
                                            len(classes), c=cfg.train.probe_c, knn_k=cfg.ood.knn_k)
@@ -364,7 +385,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             result["probe"] = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
                                "ood_auroc_by_score": result["ood_auroc_by_score"], "same_as_model": True}
         else:
-            result["probe"] = _probe_figures(data, test_ds, y, context, image_store)
+            result["probe"] = _probe_figures(data, test_ds, y, context, image_store, warehouse)
         champ = registry.champion_version(client, ref["model_name"])
         result["champion_version"] = champ
         result["champion_macro_f1"] = None

@@ -8,6 +8,15 @@ different tasks is the paper's multi-labelable case and is kept once with all it
 Policy for multi-label photos: they stay out of single-label training and validation (cross-
 entropy needs one target) and are used to evaluate the top-2 (both labels should be in it).
 
+Inspectors' corrections (``label_corrections``, scanned like a task by
+``raw_labels/label_corrections``) are a task source with one rule when they disagree with a
+task's label: **the inspector's verdict overrides every task label of the same photo content**
+(same sha256, whatever its path), and of several verdicts on one photo **the latest
+``corrected_at`` wins** (an exact tie goes to the label that sorts last, never to row order). A
+corrected photo is single-label (a verdict on a multi-label photo settles it); one not in any
+task joins the dataset under the tasks whose labels include the verdict; one judged
+``irrelevant`` leaves the dataset and becomes an OOD calibration image.
+
 Splits are a pure function of the content hash, so adding photos never moves existing ones
 and a photo can never sit in two splits. Each class gets the split fractions in expectation
 (every photo draws its split independently of the others); the ``min_per_class`` asset check
@@ -23,7 +32,10 @@ from collections.abc import Callable, Iterable
 import pandas as pd
 
 RAW_COLUMNS = ["task", "image_uri", "source_label", "label", "sha256", "n_bytes", "width", "height", "error"]
-DATASET_COLUMNS = ["sha256", "image_uri", "label", "labels", "tasks", "multi_label", "split", "n_sources"]
+DATASET_COLUMNS = ["sha256", "image_uri", "label", "labels", "tasks", "multi_label", "split", "n_sources",
+                   "corrected_at"]
+IRRELEVANT = "irrelevant"
+"""The verdict for a photo that belongs to no class (a receipt, a document): never a training label."""
 SPLITS = ("train", "val", "test")
 
 
@@ -79,31 +91,92 @@ def moved_between_versions(previous: pd.DataFrame, current: pd.DataFrame) -> pd.
     return both[both["split_before"] != both["split_now"]]
 
 
+def winning_corrections(corrections: pd.DataFrame | None) -> pd.DataFrame:
+    """One verdict per photo content: of the readable corrections of the same sha256, the latest
+    ``corrected_at`` wins; an exact tie goes to the label that sorts last (never the row order)."""
+    if corrections is None or corrections.empty:
+        return pd.DataFrame(columns=["sha256", "image_uri", "label", "corrected_at"])
+    ok = corrections[corrections["error"].isna()]
+    ok = ok.sort_values(["sha256", "corrected_at", "label"], kind="stable")
+    return ok.drop_duplicates("sha256", keep="last").reset_index(drop=True)
+
+
+def _label_tasks(raw: pd.DataFrame, label_tasks: dict[str, list[str]] | None) -> dict[str, set[str]]:
+    if label_tasks is not None:
+        return {label: set(tasks) for label, tasks in label_tasks.items()}
+    ok = raw[raw["error"].isna()]
+    return {label: set(group["task"]) for label, group in ok.groupby("label")}
+
+
 def concatenate(
-    raw: pd.DataFrame, vocabulary: list[str], *, val_fraction: float, test_fraction: float
+    raw: pd.DataFrame, vocabulary: list[str], *, val_fraction: float, test_fraction: float,
+    corrections: pd.DataFrame | None = None, label_tasks: dict[str, list[str]] | None = None,
 ) -> pd.DataFrame:
-    """The SOFAR dataset: readable rows of all tasks, one row per distinct image content."""
+    """The SOFAR dataset: readable rows of all tasks, one row per distinct image content.
+
+    ``corrections`` (rows of the ``raw_labels_label_corrections`` table: ``sha256``,
+    ``image_uri``, ``label``, ``corrected_at``, ``error``) override the task labels by the rule
+    in the module docstring; ``label_tasks`` maps each label to the tasks that use it (default:
+    from ``raw``).
+    """
     ok = raw[raw["error"].isna()]
     unknown = sorted(set(ok["label"]) - set(vocabulary))
     if unknown:
         raise ValueError(f"labels {unknown} are not in the vocabulary {vocabulary}")
+    verdicts = winning_corrections(corrections)
+    wrong = sorted(set(verdicts["label"]) - set(vocabulary) - {IRRELEVANT})
+    if wrong:
+        raise ValueError(f"corrections with labels {wrong}: neither in the vocabulary {vocabulary} nor {IRRELEVANT!r}")
+    verdict_of = {row.sha256: row for row in verdicts.itertuples(index=False)}
+    tasks_of = _label_tasks(raw, label_tasks)
     order = {label: i for i, label in enumerate(vocabulary)}
     rows = []
     for sha, group in ok.groupby("sha256", sort=True):
         labels = sorted(set(group["label"]), key=order.__getitem__)
-        rows.append(
-            dict(
-                sha256=sha,
-                image_uri=sorted(group["image_uri"])[0],
-                label=labels[0],
-                labels="|".join(labels),
-                tasks="|".join(sorted(set(group["task"]))),
-                multi_label=len(labels) > 1,
-                split=split_for(sha, val_fraction, test_fraction),
-                n_sources=len(group),
-            )
-        )
+        tasks = set(group["task"])
+        row = dict(sha256=sha, image_uri=sorted(group["image_uri"])[0], label=labels[0], labels="|".join(labels),
+                   tasks="|".join(sorted(tasks)), multi_label=len(labels) > 1,
+                   split=split_for(sha, val_fraction, test_fraction), n_sources=len(group), corrected_at=None)
+        verdict = verdict_of.pop(sha, None)
+        if verdict is not None:
+            if verdict.label == IRRELEVANT:
+                continue  # an OOD calibration image now, never a training label
+            own = tasks & tasks_of.get(verdict.label, set())
+            row.update(label=verdict.label, labels=verdict.label, multi_label=False, n_sources=len(group) + 1,
+                       tasks="|".join(sorted(own or tasks_of.get(verdict.label, tasks))),
+                       corrected_at=verdict.corrected_at)
+        rows.append(row)
+    for sha, verdict in verdict_of.items():  # photos no task holds: new labelled photos
+        if verdict.label == IRRELEVANT:
+            continue
+        rows.append(dict(sha256=sha, image_uri=verdict.image_uri, label=verdict.label, labels=verdict.label,
+                         tasks="|".join(sorted(tasks_of.get(verdict.label, set()))), multi_label=False,
+                         split=split_for(sha, val_fraction, test_fraction), n_sources=1,
+                         corrected_at=verdict.corrected_at))
+    rows.sort(key=lambda r: r["sha256"])
     return pd.DataFrame(rows, columns=DATASET_COLUMNS)
+
+
+def correction_effects(raw: pd.DataFrame, corrections: pd.DataFrame | None) -> dict[str, int]:
+    """What the winning verdicts do to the dataset, counted: ``relabelled`` task photos (the
+    verdict differs from their task labels), ``confirmed`` ones, ``added`` photos no task held,
+    ``irrelevant`` verdicts (of which ``removed`` took a photo out of the dataset)."""
+    verdicts = winning_corrections(corrections)
+    ok = raw[raw["error"].isna()]
+    task_labels = ok.groupby("sha256")["label"].agg(lambda s: frozenset(s)).to_dict()
+    out = {"verdicts": len(verdicts), "relabelled": 0, "confirmed": 0, "added": 0, "irrelevant": 0, "removed": 0}
+    for sha, label in zip(verdicts["sha256"], verdicts["label"], strict=True):
+        held = task_labels.get(sha)
+        if label == IRRELEVANT:
+            out["irrelevant"] += 1
+            out["removed"] += held is not None
+        elif held is None:
+            out["added"] += 1
+        elif held == {label}:
+            out["confirmed"] += 1
+        else:
+            out["relabelled"] += 1
+    return out
 
 
 def dataset_hash(dataset: pd.DataFrame) -> str:

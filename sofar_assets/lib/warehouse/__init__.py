@@ -13,7 +13,9 @@ from sofar_assets.lib.warehouse.duckdb import DuckDBWarehouse
 from sofar_assets.lib.warehouse.names import check_dataset, check_identifier, check_project
 from sofar_assets.lib.warehouse.schemas import (
     IMAGE_UPLOADS,
+    LABEL_CORRECTIONS,
     PREDICTIONS,
+    RAW_CORRECTIONS,
     SOFAR_DATASET,
     TableSchema,
     raw_labels_schema,
@@ -42,7 +44,8 @@ from sofar_assets.lib.warehouse.uploads import (
 )
 
 __all__ = [
-    "BOOL", "DATE", "FLOAT64", "IMAGE_UPLOADS", "INT64", "PREDICTIONS", "SOFAR_DATASET", "STAGING_PREFIX",
+    "BOOL", "DATE", "FLOAT64", "IMAGE_UPLOADS", "INT64", "LABEL_CORRECTIONS", "PREDICTIONS",
+    "RAW_CORRECTIONS", "SOFAR_DATASET", "STAGING_PREFIX",
     "STRING", "TIMESTAMP", "UPLOAD_COLUMNS", "BigQueryWarehouse", "DatasetNotFoundError", "DuckDBWarehouse",
     "ParquetSpool", "TableNotFoundError", "TableSchema", "Warehouse", "arrow_to_pandas", "check_dataset",
     "check_day_files", "check_identifier", "check_in_range", "check_project", "check_uploads_table", "evolve",

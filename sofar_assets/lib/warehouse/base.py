@@ -113,6 +113,45 @@ class Warehouse(ABC):
         """
 
     @abstractmethod
+    def append_rows(self, schema: TableSchema, df: pd.DataFrame) -> int:
+        """Append ``df``'s rows to ``schema.name`` in ONE atomic write (every row or none);
+        return the rows appended. Rows already in the table are never touched.
+
+        The rows are converted to the declared types first (a frame that does not fit is
+        refused before anything is written). The table is created when missing (day-partitioned
+        and clustered as declared) and gains any column the schema adds.
+        """
+
+    @abstractmethod
+    def _in_values(self, values: list[str]) -> tuple[str, list]:
+        """SQL for ``IN <list of strings>`` with the list as ONE query parameter, and its parameters."""
+
+    def rows_where_in(
+        self, table: str, column: str, values, columns: Sequence[str] | None = None,
+        *, within: tuple | None = None, chunk: int = 10_000,
+    ) -> pd.DataFrame:
+        """The rows whose STRING ``column`` is one of ``values``: a filter in the warehouse, the
+        values passed as ONE query parameter per ``chunk`` of them, never spliced into the SQL.
+        ``within=(range_column, start, end)`` also keeps ``start <= range_column < end`` (on a
+        partition column, BigQuery then reads only those days)."""
+        existing = self.table_columns(table)
+        selected = self._selected_columns(table, columns, existing)
+        self._selected_columns(table, [column], existing)
+        cols = ", ".join(self.quote(c) for c in selected)
+        where, range_params = "TRUE", []
+        if within is not None:
+            where, range_params, _ = self._range_where(table, *within)
+        base_sql = f"SELECT {cols} FROM {self.fully_qualified(table)} WHERE {where}"
+        values = sorted({str(v) for v in values})
+        if not values:
+            return self._select(f"{base_sql} AND FALSE", range_params)
+        frames = []
+        for i in range(0, len(values), chunk):
+            in_sql, params = self._in_values(values[i:i + chunk])
+            frames.append(self._select(f"{base_sql} AND {self.quote(column)} {in_sql}", range_params + params))
+        return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+
+    @abstractmethod
     def table_columns(self, table: str) -> dict[str, str]:
         """Column name -> logical type, in table order; raise :class:`TableNotFoundError` if absent."""
 

@@ -386,6 +386,30 @@ class BigQueryWarehouse(Warehouse):
             config.clustering_fields = list(clustering) or None
         self._load_frame(data, self._ref(table), types, config)
 
+    def append_rows(self, schema: TableSchema, df: pd.DataFrame) -> int:
+        """ONE ``WRITE_APPEND`` load job (a load job is atomic: every row lands or none; no DML,
+        so appends never conflict with each other or with a day's partition load)."""
+        from google.cloud import bigquery
+
+        data, types = schema.to_arrow(df), dict(schema.columns)
+        self._prepare_table(schema.name, types, schema.partition_column, schema.clustering, add_columns=True)
+        config = bigquery.LoadJobConfig(
+            source_format=bigquery.SourceFormat.PARQUET,
+            schema=self._fields(types),
+            write_disposition=bigquery.WriteDisposition.WRITE_APPEND,
+        )
+        if schema.partition_column is not None:
+            config.time_partitioning = self._day_partitioning(schema.partition_column)
+            config.clustering_fields = list(schema.clustering) or None
+        if data.num_rows:
+            self._load_frame(data, self._ref(schema.name), types, config)
+        return data.num_rows
+
+    def _in_values(self, values: list[str]) -> tuple[str, list]:
+        from google.cloud import bigquery
+
+        return "IN UNNEST(@values)", [bigquery.ArrayQueryParameter("values", "STRING", list(values))]
+
     def replace_partition(self, table: str, df: pd.DataFrame, partition_column: str, start, end) -> int:
         """A frame over any ``[start, end)`` range: staging table + one DML transaction script.
         For a day of a declared table, :meth:`replace_day` is the production path."""

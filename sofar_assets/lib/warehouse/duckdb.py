@@ -190,6 +190,20 @@ class DuckDBWarehouse(Warehouse):
         base.checkpoint("duckdb:committed")
         return int(inserted)
 
+    def append_rows(self, schema: TableSchema, df: pd.DataFrame) -> int:
+        """One transaction: create/extend the table, ``INSERT`` the rows, ``COMMIT``."""
+        data = schema.to_arrow(df)
+        fq = self.fully_qualified(schema.name)
+        with self._transaction() as con:
+            self._ensure_table(con, schema.name, dict(schema.columns))
+            con.register("_sofar_frame", data)
+            cols = ", ".join(self.quote(c) for c in schema.columns)
+            con.execute(f"INSERT INTO {fq} ({cols}) SELECT {cols} FROM _sofar_frame")
+        return data.num_rows
+
+    def _in_values(self, values: list[str]) -> tuple[str, list]:
+        return "IN (SELECT unnest(CAST(? AS VARCHAR[])))", [list(values)]
+
     def replace_partition(self, table: str, df: pd.DataFrame, partition_column: str, start, end) -> int:
         fq = self.fully_qualified(table)
         with self._transaction() as con:

@@ -204,8 +204,26 @@ SOFAR_DATASET = TableSchema(
         "multi_label": BOOL,
         "split": STRING,
         "n_sources": INT64,
+        "corrected_at": TIMESTAMP,
     },
 )
+
+LABEL_CORRECTIONS = TableSchema(
+    name="label_corrections",
+    columns={
+        "image_id": STRING,
+        "image_uri": STRING,
+        "label": STRING,
+        "inspector": STRING,
+        "corrected_at": TIMESTAMP,
+        "prediction_date": DATE,
+    },
+    partition_column="prediction_date",
+    clustering=("image_id",),
+)
+"""Inspectors' verdicts on predicted photos (``sofar correct``, a CSV import, or any other writer):
+one row per verdict, appended, never rewritten; ``prediction_date`` is the predictions partition
+of the photo it judges (see lib/corrections.py)."""
 
 _RAW_LABELS_COLUMNS = {
     "task": STRING,
@@ -228,6 +246,15 @@ def raw_labels_table(task: str) -> str:
 def raw_labels_schema(task: str) -> TableSchema:
     """The raw label table of one task-centric dataset (one row per file)."""
     return TableSchema(name=raw_labels_table(task), columns=dict(_RAW_LABELS_COLUMNS))
+
+
+RAW_CORRECTIONS = TableSchema(
+    name=raw_labels_table("label_corrections"),
+    columns={**_RAW_LABELS_COLUMNS, "image_id": STRING, "inspector": STRING, "corrected_at": TIMESTAMP,
+             "prediction_date": DATE},
+)
+"""The corrections task source scanned like a task (``raw_labels/label_corrections``): the latest
+verdict per photo with its content hash, or an ``error`` naming why the row was rejected."""
 
 
 def day_of(value) -> dt.date:
