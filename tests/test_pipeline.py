@@ -430,7 +430,8 @@ def test_feature_score_champion_serves_its_calibrated_scores(pipeline, demo_data
     defs = build_definitions(load_config(tmp_path / "knn.yaml"))
     assert _materialize_days(pipeline, day, day, defs=defs).success
     rows = _warehouse(pipeline).read_table("predictions")
-    rows = rows[rows["prediction_date"] == day].set_index(rows["image_uri"].map(lambda u: Path(u).name))
+    rows = rows[rows["prediction_date"] == day]
+    rows = rows.set_index(rows["image_uri"].map(lambda u: Path(u).name))
     assert sorted(rows.index) == sorted(expected) and rows["error"].isna().all()
     np.testing.assert_allclose(rows["ood_score"], [expected[n] for n in rows.index], rtol=1e-5, atol=1e-5)
     assert (rows["is_ood"] == (rows["ood_score"] < cal["threshold"])).all()
