@@ -46,6 +46,7 @@ def write_config(folder: Path, data: Path, **overrides) -> Path:
         "model": {"image_size": 64},
         "train": {"epochs": 3, "freeze_backbone": True, "lr": 0.02, "batch_size": 16},
         "inference": {"num_workers": 0, "batch_size": 16},
+        "ood": {"score": "knn"},  # daily predictions then serve a feature score (test_pipeline checks it)
         "gate": {"min_ood_auroc": 0.6, "max_ece": 0.5, "max_macro_f1_drop": 0.05},
     }
     for key, value in overrides.items():

@@ -171,3 +171,47 @@ def test_cuda_matches_cpu(items):
     pd.testing.assert_frame_equal(
         run(items, device="cuda", num_workers=2), run(items), check_exact=False, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("method", ["knn", "mahalanobis"])
+def test_feature_scores_serve_what_the_calibration_scored(tmp_path, method):
+    """A package calibrated with a feature score: predict_images scores with forward_features and
+    the package's ood_stats, equal to the calibration's score of the same images."""
+    from sofar_assets.lib import calibration, evaluation
+    from sofar_assets.lib.models import ModelSpec, build_model
+    from sofar_assets.lib.packaging import load_package, save_package
+    from sofar_assets.lib.training import predict_logits_and_features
+
+    torch.manual_seed(0)
+    # timm's tiny test network: the real SofarNet and package code, 256 features instead of 1280
+    spec = ModelSpec(num_classes=3, backbone="test_efficientnet", image_size=32, pretrained=False)
+    rng = np.random.default_rng(0)
+
+    def photo(name, k):  # noisy images around one colour per class
+        base = np.eye(3)[k % 3] * 160 + 40
+        pix = np.clip(base + rng.normal(0, 50, (30, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pix).save(tmp_path / name)
+        return str(tmp_path / name)
+
+    train = [photo(f"t{i}.png", i) for i in range(12)]
+    val = [photo(f"v{i}.png", i) for i in range(9)]
+    arrays = {p: load_image_array(open(p, "rb").read(), p, 32) for p in train + val}
+    model = build_model(spec).eval()
+    _, f = predict_logits_and_features(model, evaluation.ArrayDataset([arrays[p] for p in train], [0] * 12), device="cpu")
+    save_package(model, spec, CLASSES, tmp_path / "pkg", extra={"ood_knn_k": 2},
+                 ood_stats=ood.fit_feature_stats(f, np.arange(12) % 3))
+    served, meta = load_package(tmp_path / "pkg")
+    val_y = np.arange(9) % 3
+    lg, vf = predict_logits_and_features(served, evaluation.ArrayDataset([arrays[p] for p in val], val_y), device="cpu")
+    rep = calibration.calibrate(lg, val_y, vf, meta["ood_stats"], {}, score_method=method, target_tpr=0.6,
+                                knn_k=ood.package_knn_k(meta))
+    kw = dict(classes=CLASSES, image_size=32, threshold=rep["threshold"], score_method=method,
+              temperature=rep["temperature"], num_workers=0, batch_size=4)
+    df = predict_frame(served, [(p, p) for p in val], ood_stats=meta["ood_stats"], knn_k=ood.package_knn_k(meta), **kw)
+    np.testing.assert_allclose(df["ood_score"], rep["val_scores"], rtol=1e-5, atol=1e-6)
+    assert (df["is_ood"] == (df["ood_score"] < rep["threshold"])).all()
+    assert df["is_ood"].any() and not df["is_ood"].all()  # the threshold cuts through these scores
+    with pytest.raises(ValueError, match=rf"OOD score '{method}' needs the model package's feature statistics"):
+        predict_frame(served, [(val[0], val[0])], ood_stats={}, **kw)
+    with pytest.raises(ValueError, match="MeanColour has no forward_features"):
+        predict_frame(MeanColour(), [(val[0], val[0])], ood_stats=meta["ood_stats"], **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import mlflow
@@ -410,6 +411,56 @@ def test_ood_spike_against_the_trailing_week_warns(pipeline, demo_data, tmp_path
     assert not spike.passed and spike.severity == dg.AssetCheckSeverity.WARN
     assert spike.metadata["days"].value[day.isoformat()]["ood_rate"] >= 0.75
     assert checks["rows_match_uploads"].passed
+
+
+def test_feature_score_champion_serves_its_calibrated_scores(pipeline, demo_data, tmp_path, monkeypatch):
+    """The fixture's champion is calibrated with ``ood.score: knn``: a day holding its val photos
+    and the OOD set's documents gets, per photo, the kNN score the calibration computed for it."""
+    import yaml
+
+    import sofar_assets.defs.predictions as predictions
+    from sofar_assets.defs.model import _split
+
+    cal = pipeline["result"].output_for_node("ood_calibration")
+    assert cal["score_method"] == pipeline["cfg"].ood.score == "knn"
+    client = pipeline["defs"].resources["mlflow_tracking"].client()
+    report = mlflow.artifacts.load_dict(f"runs:/{cal['run_id']}/ood_calibration.json")
+    day = dt.date(2026, 11, 24)
+    folder = tmp_path / "uploads" / day.isoformat()
+    folder.mkdir(parents=True)
+    expected = {}
+    val = _split(_warehouse(pipeline).read_table("sofar_dataset"), "val")
+    for i, (uri, score) in enumerate(zip(val["image_uri"], report["val_scores"], strict=True)):
+        name = f"val{i:03d}{Path(uri).suffix}"
+        shutil.copy(uri, folder / name)
+        expected[name] = score
+    docs = storage.list_files(pipeline["cfg"].resolve(pipeline["cfg"].ood_sets["documents"].folder))
+    for uri, score in zip(docs, cal["ood_scores"]["documents"], strict=True):
+        shutil.copy(uri, folder / f"doc_{Path(uri).name}")
+        expected[f"doc_{Path(uri).name}"] = score
+    base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
+    base["uploads"] = {"folder": str(tmp_path / "uploads")}
+    (tmp_path / "knn.yaml").write_text(yaml.safe_dump(base))
+    defs = build_definitions(load_config(tmp_path / "knn.yaml"))
+    assert _materialize_days(pipeline, day, day, defs=defs).success
+    rows = _warehouse(pipeline).read_table("predictions")
+    rows = rows[rows["prediction_date"] == day]
+    rows = rows.set_index(rows["image_uri"].map(lambda u: Path(u).name))
+    assert sorted(rows.index) == sorted(expected) and rows["error"].isna().all()
+    np.testing.assert_allclose(rows["ood_score"], [expected[n] for n in rows.index], rtol=1e-5, atol=1e-5)
+    assert (rows["is_ood"] == (rows["ood_score"] < cal["threshold"])).all()
+    assert rows.loc[[n for n in rows.index if n.startswith("doc_")], "is_ood"].all()
+    assert not rows.loc[[n for n in rows.index if n.startswith("val")], "is_ood"].all()
+
+    # a version whose package lacks the kNN bank fails with its name and the score, before any row
+    real = predictions.load_registered
+    monkeypatch.setattr(predictions, "load_registered", lambda uri: (real(uri)[0], {**real(uri)[1], "ood_stats": {}}))
+    failed = _materialize_days(pipeline, day, day, defs=defs, raise_on_error=False)
+    assert not failed.success
+    version = client.get_model_version_by_alias(pipeline["cfg"].model.name, "champion").version
+    message = failed.failure_data_for_node("daily_predictions").user_failure_data.description
+    assert f"models:/{pipeline['cfg'].model.name}/{version} is calibrated with OOD score 'knn'" in message
+    assert "knn_bank" in message
 
 
 def test_schedule_materializes_yesterday(pipeline):

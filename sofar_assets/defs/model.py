@@ -60,7 +60,7 @@ def _describe(client, name: str, version: str, text: str) -> None:
     if not (client.get_registered_model(name).description or "").strip():
         client.update_registered_model(name, (
             "ONE N-class image classifier over every SOFAR inspection task (one label space), with a "
-            "max-logit OOD threshold tagged on each version. @champion serves the daily predictions; it is "
+            "OOD score threshold tagged on each version. @champion serves the daily predictions; it is "
             "moved by the champion_model asset after the promotion gate, or by `sofar promote` / `sofar rollback`."))
 
 
@@ -237,7 +237,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
         """Out-of-distribution threshold for the model version, and every OOD score side by side.
 
         Temperature scaling fitted on the val split (changes probabilities, not the top-2);
-        the configured OOD score (``ood.score``, max logit by default as in the paper)
+        the configured OOD score (``ood.score``: kNN by default, measured on real photos; the
+        paper's max logit is one setting away)
         thresholded at the target in-distribution TPR on the val split. AUROC and FPR@TPR of
         every score (max logit, energy, max softmax, Mahalanobis, kNN) on each configured
         irrelevant image set, and one-class AUROC per task. The conformal label-set rule
@@ -255,7 +256,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             logits, val_y, feats, meta["ood_stats"],
             _ood_set_features(model, cfg, image_store, context, _ood_uris(cfg, warehouse, context)),
             score_method=cfg.ood.score,
-            target_tpr=cfg.ood.target_tpr, knn_k=cfg.ood.knn_k,
+            target_tpr=cfg.ood.target_tpr, knn_k=ood.package_knn_k(meta, cfg.ood.knn_k),  # the k serving uses
             task_positives={t: index[task.positive_label] for t, task in cfg.tasks.items()})
         if report["temperature_at_bound"]:
             context.log.warning(
@@ -363,7 +364,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             "model_name": ref["model_name"], "version": ref["version"],
             **evaluation.evaluate_test(
                 y, logits, feats, num_classes=len(classes), temperature=ref["temperature"],
-                score_method=ref["score_method"], stats=meta["ood_stats"], knn_k=cfg.ood.knn_k,
+                score_method=ref["score_method"], stats=meta["ood_stats"], knn_k=ood.package_knn_k(meta, cfg.ood.knn_k),
                 ood_scores_by_method=ref.get("ood_scores_by_method")
                 or {k: {ref["score_method"]: v} for k, v in ref.get("ood_scores", {}).items()},
                 tasks={t: (index[task.positive_label], {index[lab] for lab in task.labels.values()})

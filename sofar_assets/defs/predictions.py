@@ -28,7 +28,7 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
-from sofar_assets.lib import daily, drift, plots, registry, review, storage
+from sofar_assets.lib import daily, drift, ood, plots, registry, review, storage
 from sofar_assets.lib.conformal import LabelSets
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
@@ -135,6 +135,14 @@ def build_prediction_assets(cfg: SofarConfig):
         k, n = unit["shard"], unit["shards"]
         mlflow_tracking.client()  # this step may be its own process (a pod): point mlflow at the registry
         model, meta = load_registered(unit["model_uri"])
+        stats = meta.get("ood_stats") or {}  # {} for a package without feature statistics
+        missing = ood.missing_stats(unit["score_method"], stats)
+        if missing:
+            raise dg.Failure(description=(
+                f"{unit['model_uri']} is calibrated with OOD score {unit['score_method']!r}, which needs "
+                f"{missing} from its package's ood_stats.safetensors, and this version's package has none (registered "
+                "before feature scores existed?). Move @champion to a version trained since, or calibrate this one "
+                "with a logit score (ood.score: max_logit)."))
         context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n}")
         wh = warehouse.get()
         days = [dt.date.fromisoformat(d) for d in unit["days"]]
@@ -153,6 +161,7 @@ def build_prediction_assets(cfg: SofarConfig):
             shard=k, shards=n, classes=list(meta["classes"]), image_size=int(meta["spec"]["image_size"]),
             threshold=unit["threshold"], score_method=unit["score_method"], temperature=unit["temperature"],
             label_sets=LabelSets(**unit["label_sets"]) if unit.get("label_sets") else None,
+            ood_stats=stats, knn_k=ood.package_knn_k(meta),
             batch_size=inf.batch_size, num_workers=inf.num_workers, device=inf.device,
             read_bytes=storage.read_bytes, max_bytes=inf.max_bytes, reads_in_flight=inf.reads_in_flight,
             read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries},
@@ -232,9 +241,9 @@ def build_prediction_assets(cfg: SofarConfig):
         check_specs=[dg.AssetCheckSpec(c, asset="daily_predictions", description=d) for c, d in CHECKS.items()],
     )
     def daily_predictions(champion_model):
-        """Top-2 labels, conformal label set, max-logit OOD score and OOD flag for every photo
-        uploaded that day, by the MLflow ``champion`` version with its own temperature, threshold
-        and label-set rule; each partition's metadata carries its review queue. Rows land in
+        """Top-2 labels, conformal label set, OOD score (``ood.score``) and OOD flag for every
+        photo uploaded that day, by the MLflow ``champion`` version with its own temperature,
+        threshold and label-set rule; each partition's metadata carries its review queue. Rows land in
         the warehouse table ``predictions`` (``prediction_date`` is a DATE); each day of a run is
         replaced at once, after all its rows are scored (``inference.shards_per_day`` steps per
         day). A backfill range runs as one run (or, with ``partitions.backfill_days_per_run``,

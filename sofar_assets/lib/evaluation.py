@@ -107,7 +107,8 @@ def _mean(values: list[float]) -> float:
 
 def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arrays: dict[str, list[np.ndarray]],
                    spec: ModelSpec, train_cfg: TrainConfig, *, folds: int = 5, val_fraction: float = 0.15,
-                   seed: int = 0, knn_k: int = 1, log: Callable[[str], object] = print) -> dict:
+                   seed: int = 0, knn_k: int = 1, head_refit: bool = False,
+                   log: Callable[[str], object] = print) -> dict:
     """Stratified k-fold comparison of the training recipe with the frozen-feature probe.
 
     Per fold: the held-out fold is the test split; the rest is split (stratified) into train
@@ -124,7 +125,7 @@ def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arra
     _, feats = predict_logits_and_features(frozen, all_ds, device="cpu")
     ood_feats = {k: predict_logits_and_features(frozen, ArrayDataset(v, [0] * len(v)), device="cpu")[1]
                  for k, v in ood_arrays.items()}
-    models = ("recipe", "probe", "probe_trainval")
+    models = ("recipe", *(("recipe_head_refit",) if head_refit else ()), "probe", "probe_trainval")
     pred = {m: np.zeros(len(y), np.int64) for m in models}
     per_fold: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in models}
     epochs = []
@@ -137,9 +138,14 @@ def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arra
         epochs.append(res.best_epoch)
         stats = ood.fit_feature_stats(res.train_features, res.train_labels)
         lg, f = predict_logits_and_features(res.model, ArrayDataset([arrays[i] for i in test], y[test]), device="cpu")
+        ood_out = {name: predict_logits_and_features(res.model, ArrayDataset(v, [0] * len(v)), device="cpu")
+                   for name, v in ood_arrays.items()}
         scores = {"recipe": (lg, ood.all_scores(lg, f, 1.0, stats, knn_k=knn_k), {
-            name: ood.all_scores(*predict_logits_and_features(res.model, ArrayDataset(v, [0] * len(v)), device="cpu"),
-                                 1.0, stats, knn_k=knn_k) for name, v in ood_arrays.items()})}
+            name: ood.all_scores(olg, of, 1.0, stats, knn_k=knn_k) for name, (olg, of) in ood_out.items()})}
+        if head_refit:  # the same fine-tuned backbone, its head refitted by logistic regression
+            hp = probe.fit_probe(res.train_features, res.train_labels, n_classes, c=train_cfg.probe_c)
+            scores["recipe_head_refit"] = (hp.logits(f), ood.all_scores(hp.logits(f), f, 1.0, stats, knn_k=knn_k), {
+                name: ood.all_scores(hp.logits(of), of, 1.0, stats, knn_k=knn_k) for name, (_, of) in ood_out.items()})
         for m, fit_idx in (("probe", train), ("probe_trainval", rest)):
             pb = probe_baseline(feats[fit_idx], y[fit_idx], feats[test], ood_feats, n_classes, c=train_cfg.probe_c,
                                 knn_k=knn_k)

@@ -222,6 +222,8 @@ def predict_images(
     score_method: str = "max_logit",
     temperature: float = 1.0,
     label_sets: LabelSets | None = None,
+    ood_stats: dict | None = None,
+    knn_k: int = 1,
     batch_size: int = 32,
     num_workers: int = 2,
     device: str | torch.device = "auto",
@@ -238,8 +240,12 @@ def predict_images(
     ``items`` is any iterable (consumed lazily, never listed) of ``(image_id, image_uri)`` or
     ``(image_id, image_uri, error)`` tuples or objects with those attributes; an item with an
     ``error`` becomes its error row without a read. Columns are :data:`PREDICTION_COLUMNS`.
-    Probabilities are ``softmax(logits / temperature)``; ``ood_score = ood.scores(logits,
-    score_method, temperature)`` and ``is_ood = ood_score < threshold``. ``label_set`` is the
+    Probabilities are ``softmax(logits / temperature)``; ``ood_score = ood.score(logits, features,
+    score_method, temperature, ood_stats, knn_k=knn_k)`` and ``is_ood = ood_score < threshold``.
+    A feature score (``knn``, ``mahalanobis``) takes the penultimate features from
+    ``model.forward_features``, the pass the calibration scores with
+    (``training.predict_logits_and_features``), and the package's ``ood_stats``; without the
+    statistics it needs this raises before reading any image. ``label_set`` is the
     conformal set of ``label_sets`` (lib/conformal.py) over those probabilities: its labels by
     descending probability joined by "|" ("" for an empty set), ``label_set_size`` their count
     (both NULL without ``label_sets``). A row whose image could
@@ -258,6 +264,14 @@ def predict_images(
         raise ValueError(f"reads_in_flight must be >= 1, got {reads_in_flight}")
     if score_method not in ood.METHODS:
         raise ValueError(f"unknown OOD score method {score_method!r}; valid: {', '.join(ood.METHODS)}")
+    needs_features = score_method in ood.FEATURE_METHODS
+    missing = ood.missing_stats(score_method, ood_stats)
+    if missing:
+        raise ValueError(f"OOD score {score_method!r} needs the model package's feature statistics {missing}, "
+                         "which were not given")
+    if needs_features and not callable(getattr(model, "forward_features", None)):
+        raise ValueError(f"OOD score {score_method!r} needs penultimate features: "
+                         f"{type(model).__name__} has no forward_features")
     sampler = _BatchSampler(items, batch_size)
     dev = resolve_device(device)
     model.eval()
@@ -287,16 +301,22 @@ def predict_images(
         batch = sampler.pop()
         probs = scores = None
         if good:
+            features = None
             with torch.inference_mode():
                 x = x.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-                logits = model(x).float().cpu().numpy()
+                if needs_features:
+                    out, feats = model.forward_features(x)
+                    features = feats.float().cpu().numpy()
+                else:
+                    out = model(x)
+                logits = out.float().cpu().numpy()
             if logits.shape != (len(good), len(classes)):
                 raise ValueError(
                     f"model returned logits of shape {logits.shape} for {len(good)} images, "
                     f"but there are {len(classes)} classes"
                 )
             probs = ood.softmax(logits, temperature)
-            scores = ood.scores(logits, score_method, temperature)
+            scores = ood.score(logits, features, score_method, temperature, ood_stats, knn_k=knn_k)
         done += len(batch)
         errors += len(batch) - len(good)
         if log is not None and done >= next_log and (total is None or done < total):

@@ -25,6 +25,8 @@ LOGIT_METHODS = ("max_logit", "energy", "max_softmax")
 # (:func:`fit_feature_stats`), which travel in the model package as safetensors.
 FEATURE_METHODS = ("mahalanobis", "knn")
 METHODS = LOGIT_METHODS + FEATURE_METHODS
+# what each feature score reads from the package's ``ood_stats``
+FEATURE_STATS = {"knn": ("knn_bank",), "mahalanobis": ("maha_means", "maha_precision")}
 
 
 def _logits2d(logits) -> np.ndarray:
@@ -126,12 +128,16 @@ def fit_feature_stats(features, labels) -> dict[str, np.ndarray]:
 def knn_score(features, bank, k: int = 1) -> np.ndarray:
     """Minus the distance to the ``k``-th nearest normalised training feature (higher = ID)."""
     f = _l2_normalize(_features2d(features))
-    b = _features2d(bank, "knn_bank")
+    b = np.asarray(bank)
+    if b.ndim != 2 or b.shape[0] == 0 or not np.issubdtype(b.dtype, np.floating):
+        raise ValueError(f"knn_bank must be a non-empty float (N, D) array, got {b.dtype} {b.shape}")
     if f.shape[1] != b.shape[1]:
         raise ValueError(f"features have {f.shape[1]} dimensions but the kNN bank has {b.shape[1]}")
     k = max(1, min(int(k), b.shape[0]))
-    # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th largest similarity is the k-th nearest
-    sim = f @ b.T
+    # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th largest similarity is the k-th nearest.
+    # In the bank's own dtype (float32 in a package): converting a bank of many thousand rows
+    # on every batch of the daily predictions would cost more than the product.
+    sim = (f.astype(b.dtype) @ b.T).astype(np.float64)
     kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
     return -np.sqrt(np.clip(2.0 - 2.0 * kth, 0.0, None))
 
@@ -144,8 +150,11 @@ def mahalanobis_score(features, means, precision) -> np.ndarray:
     if mu.shape[1] != f.shape[1] or p.shape != (f.shape[1], f.shape[1]):
         raise ValueError(f"features have {f.shape[1]} dimensions but the Mahalanobis statistics are "
                          f"{mu.shape} / {p.shape}")
-    d = f[:, None, :] - mu[None, :, :]
-    return -np.einsum("ncd,de,nce->nc", d, p, d).min(axis=1)
+    # (f - m)' P (f - m) = f'Pf - 2 f'Pm + m'Pm (P symmetric): two products with P instead of
+    # one per (image, class) pair
+    fp, mp = f @ p, mu @ p
+    d2 = (fp * f).sum(axis=1)[:, None] - 2.0 * (f @ mp.T) + (mp * mu).sum(axis=1)[None, :]
+    return -d2.min(axis=1)
 
 
 def score(logits, features, method: str = "max_logit", temperature: float = 1.0,
@@ -159,13 +168,19 @@ def score(logits, features, method: str = "max_logit", temperature: float = 1.0,
     _check_method(method)
     if method in LOGIT_METHODS:
         return scores(logits, method, temperature)
-    missing = {"knn": ["knn_bank"], "mahalanobis": ["maha_means", "maha_precision"]}[method]
-    if features is None or stats is None or any(k not in stats for k in missing):
-        raise ValueError(f"OOD score {method!r} needs features and the model package's {missing}; "
-                         "this package has none (trained before feature scores existed?)")
+    missing = missing_stats(method, stats)
+    if features is None or missing:
+        raise ValueError(f"OOD score {method!r} needs features and the model package's {list(FEATURE_STATS[method])}; "
+                         f"missing: {missing or ['features']} (a package trained before feature scores existed?)")
     if method == "knn":
         return knn_score(features, stats["knn_bank"], knn_k)
     return mahalanobis_score(features, stats["maha_means"], stats["maha_precision"])
+
+
+def missing_stats(method: str, stats: dict | None) -> list[str]:
+    """The ``ood_stats`` entries ``method`` needs that ``stats`` lacks (none for logit scores)."""
+    _check_method(method)
+    return [k for k in FEATURE_STATS.get(method, ()) if not stats or k not in stats]
 
 
 def all_scores(logits, features, temperature: float = 1.0, stats: dict | None = None, *,
@@ -296,8 +311,12 @@ def one_vs_rest_auroc(logits, y_true, positive_class: int, temperature: float = 
     return auroc(p[is_pos], p[~is_pos])
 
 
+def package_knn_k(meta: dict, default: int = 1) -> int:
+    """The k of the kNN score recorded in a model package (``meta["extra"]["ood_knn_k"]``)."""
+    return int((meta.get("extra") or {}).get("ood_knn_k", default))
+
+
 def package_score(logits, features, method: str, temperature: float, meta: dict) -> np.ndarray:
     """``score`` with what the model package carries: ``meta["ood_stats"]`` (the feature
     statistics) and ``meta["extra"]["ood_knn_k"]`` (the k the kNN score was calibrated with)."""
-    k = int((meta.get("extra") or {}).get("ood_knn_k", 1))
-    return score(logits, features, method, temperature, meta.get("ood_stats"), knn_k=k)
+    return score(logits, features, method, temperature, meta.get("ood_stats"), knn_k=package_knn_k(meta))
