@@ -2,8 +2,9 @@
 
     python bench/bench_pipeline.py
 
-Runs the same two CLI commands as `make pipeline` (train_and_promote, then the demo days as one
-backfill) against a fresh state folder and a fresh DAGSTER_HOME, so a previous `make run`
+Runs the same steps as `make pipeline` (train_and_promote, the demo days as one backfill, then
+the corrections loop: the demo verdicts imported, the dataset rebuilt with them, field accuracy
+per demo day) against a fresh state folder and a fresh DAGSTER_HOME, so a previous `make run`
 neither helps nor hurts, and prints each step's wall time.
 """
 
@@ -24,7 +25,7 @@ DAYS = "2026-11-01...2026-11-03"
 
 def main() -> int:
     demo = REPO / ".sofar" / "demo-data"
-    if not (demo / "SYNTHETIC.md").exists():
+    if not (demo / "SYNTHETIC.md").exists() or not (demo / "corrections.csv").exists():
         subprocess.run([sys.executable, "-m", "sofar_assets.cli", "demo-data"], check=True, cwd=REPO)
     with tempfile.TemporaryDirectory(prefix="sofar-bench-") as tmp:
         tmp = Path(tmp)
@@ -44,6 +45,13 @@ def main() -> int:
             ("train_and_promote", [dagster, "job", "execute", "-m", "sofar_assets.definitions", "-j", "train_and_promote"]),
             (f"daily_predictions {DAYS}", [dagster, "asset", "materialize", "-m", "sofar_assets.definitions",
                                              "--select", "daily_predictions", "--partition-range", DAYS]),
+            ("sofar correct --csv (demo verdicts)", [sys.executable, "-m", "sofar_assets.cli", "correct", "--csv",
+                                                     str(demo / "corrections.csv")]),
+            ("raw_labels/label_corrections, sofar_dataset", [
+                dagster, "asset", "materialize", "-m", "sofar_assets.definitions",
+                "--select", "raw_labels/label_corrections,sofar_dataset"]),
+            (f"field_accuracy {DAYS}", [dagster, "asset", "materialize", "-m", "sofar_assets.definitions",
+                                        "--select", "field_accuracy", "--partition-range", DAYS]),
         ]
         total = 0.0
         rows = []
