@@ -31,8 +31,6 @@ from sofar_assets.lib.corrections import CorrectionError
 from sofar_assets.settings import REPO_ROOT, config_path
 
 PROMOTION_TAGS = ("promoted_by", "promoted_reason", "promoted_at", "promoted_from", "promoted_via", "promotion_gate")
-HISTORY_HEADER = "Champion history (newest first):"
-HISTORY_LINES = 50  # the registered model's description keeps this many moves
 
 
 class CliError(Exception):
@@ -217,22 +215,6 @@ def review_day(day: dt.date, *, limit: int, out: Path | None) -> None:
 
 
 # -- promote / rollback -----------------------------------------------------------------------------
-def _record(client, cfg: SofarConfig, version: str, previous: str | None, *, by: str, reason: str,
-            via: str, gate: str) -> None:
-    """Who moved the alias, when and why: version tags + a line in the model's description."""
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
-    name = cfg.model.name
-    tags = {"promoted_by": by, "promoted_reason": reason, "promoted_at": now,
-            "promoted_from": previous or "", "promoted_via": via, "promotion_gate": gate}
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    line = f"- {now} v{previous or '-'} -> v{version} by {by} ({via}, gate {gate}): {reason}"
-    desc = client.get_registered_model(name).description or ""
-    head, _, history = desc.partition(HISTORY_HEADER)
-    lines = [line, *[x for x in history.strip().splitlines() if x.strip()]][:HISTORY_LINES]
-    client.update_registered_model(name, f"{head.rstrip()}\n\n{HISTORY_HEADER}\n" + "\n".join(lines))
-
-
 def _move_champion(cfg: SofarConfig, client, version: str, *, reason: str, force: bool, by: str, via: str) -> None:
     from mlflow.exceptions import MlflowException
 
@@ -261,7 +243,8 @@ def _move_champion(cfg: SofarConfig, client, version: str, *, reason: str, force
                            f"v{current}. Use --force to move the alias anyway (recorded as forced).")
         gate = f"forced; {gate}"
     previous = registry.set_champion(client, name, str(version))
-    _record(client, cfg, str(version), previous, by=by, reason=reason, via=via, gate=gate)
+    registry.record_promotion(client, cfg.model.name, str(version), previous, by=by, reason=reason, via=via,
+                              gate=gate)
     print(f"{name}@{registry.CHAMPION}: v{previous or '-'} -> v{version} (gate {gate})")
     print(f"recorded in MLflow: {_version_url(cfg, version)}")
 

@@ -191,6 +191,10 @@ def test_review_prints_the_days_queue_and_draws_it(sofar, state, tmp_path):
 def test_promote_checks_the_gate_records_who_and_why_and_rollback_returns(sofar, state):
     name, client = state["cfg"].model.name, state["client"]
     assert _champion(state) == "1"
+    # the pipeline's own move (the champion_model asset) is recorded like a move by hand
+    first = dict(client.get_model_version(name, "1").tags)
+    assert first["promoted_via"].startswith("champion_model (run ") and first["promotion_gate"] == "passed"
+    assert first["promoted_from"] == "" and "v- -> v1 by " in client.get_registered_model(name).description
     good = _new_version(state, _evaluation(state, champion_version="1"))
     bad = _new_version(state, _evaluation(state, ece=0.99))  # fails ece_below_ceiling
     raw = _new_version(state, _evaluation(state), calibrated=False)

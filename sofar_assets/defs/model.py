@@ -483,6 +483,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
         client = mlflow_tracking.client()
         name, version = model_evaluation["model_name"], model_evaluation["version"]
         previous = registry.set_champion(client, name, version)
+        registry.record_promotion(client, name, version, previous, by=context.run.tags.get("user", "dagster"),
+                                  reason="passed the promotion gate on model_evaluation",
+                                  via=f"champion_model (run {context.run_id[:8]})", gate="passed")
         context.log.info(f"{name}@{registry.CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")
         return dg.Output({"model_name": name, "version": version, "previous": previous},
                          metadata={"champion": f"models:/{name}@{registry.CHAMPION} = v{version}",

@@ -9,6 +9,7 @@ the tags.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
@@ -83,6 +84,27 @@ def set_champion(client, name: str, version: str) -> str | None:
     previous = champion_version(client, name)
     client.set_registered_model_alias(name, CHAMPION, str(version))
     return previous
+
+
+HISTORY_HEADER = "Champion history (newest first):"
+HISTORY_LINES = 50  # the registered model's description keeps this many moves
+
+
+def record_promotion(client, name: str, version: str, previous: str | None, *, by: str, reason: str,
+                     via: str, gate: str) -> None:
+    """Who moved ``@champion``, when, how and why: ``promoted_*`` tags on the version and a line at
+    the top of the registered model's description (the newest :data:`HISTORY_LINES` moves).
+    Written by every move: the ``champion_model`` asset, ``sofar promote`` and ``sofar rollback``."""
+    now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
+    tags = {"promoted_by": by, "promoted_reason": reason, "promoted_at": now,
+            "promoted_from": previous or "", "promoted_via": via, "promotion_gate": gate}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    line = f"- {now} v{previous or '-'} -> v{version} by {by} ({via}, gate {gate}): {reason}"
+    desc = client.get_registered_model(name).description or ""
+    head, _, history = desc.partition(HISTORY_HEADER)
+    lines = [line, *[x for x in history.strip().splitlines() if x.strip()]][:HISTORY_LINES]
+    client.update_registered_model(name, f"{head.rstrip()}\n\n{HISTORY_HEADER}\n" + "\n".join(lines))
 
 
 def write_calibration(client, name: str, version: str, calibration: Calibration, *,
