@@ -15,7 +15,7 @@ import dagster as dg
 import pandas as pd
 
 from sofar_assets.config import SofarConfig
-from sofar_assets.defs.data import CORRECTIONS_ASSET_KEY, DECODE_THREADS, _inspector
+from sofar_assets.defs.data import CORRECTIONS_ASSET_KEY, DECODE_THREADS, file_inspector
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.predictions import run_days
@@ -72,7 +72,7 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         wh = warehouse.get()
         latest = corr.latest_per_image(wh)
         reasons = corr.validate_stored(wh, latest, vocabulary)
-        raw = corr.scan(latest, reasons, vocabulary, _inspector(image_store, cfg.model.image_size),
+        raw = corr.scan(latest, reasons, vocabulary, file_inspector(image_store, cfg.model.image_size),
                         cfg.upload_roots, threads=DECODE_THREADS)
         wh.write_table(RAW_CORRECTIONS.name, raw, schema=RAW_CORRECTIONS)
         errors = raw[raw["error"].notna()]

@@ -43,7 +43,7 @@ def _task_items(cfg: SofarConfig, task: TaskSource, warehouse) -> list[tuple[str
     return [(cfg.resolve(u), str(lab)) for u, lab in zip(df["image_uri"], df["label"], strict=True)]
 
 
-def _inspector(image_store: ImageStoreResource, size: int):
+def file_inspector(image_store: ImageStoreResource, size: int):
     """Read, hash and decode one image, filling the preprocessed cache on the way."""
     cache = image_store.cache(size)
 
@@ -81,7 +81,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         wh = warehouse.get()
         items = _task_items(cfg, task, wh)
         context.log.info(f"{task_name}: {len(items)} files to read, hash and decode")
-        inspect = _inspector(image_store, cfg.model.image_size)
+        inspect = file_inspector(image_store, cfg.model.image_size)
         rows = []
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
             scanned = pool.map(lambda it: ds.scan_row(task_name, it[0], it[1], task.labels, inspect), items)

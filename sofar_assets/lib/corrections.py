@@ -226,19 +226,27 @@ def record(wh, rows: list[dict], vocabulary: Sequence[str], *, inspector: str, n
 
 
 # -- read back: the asset's side -----------------------------------------------------------------
+def latest_sql(q, columns: Sequence[str], *, per: Sequence[str] = ("image_id",), where: str = "",
+               counted: bool = False, table: str = TABLE) -> str:
+    """SQL of the latest verdict per ``per`` (the rule: the latest ``corrected_at`` wins, an exact
+    tie goes to the label that sorts last), selecting ``columns`` (quoted by ``q``), filtered by
+    ``where`` and, with ``counted``, ``verdicts``: how many rows each ``per`` group has."""
+    listed = ", ".join(q(c) for c in columns)
+    part = ", ".join(q(c) for c in per)
+    count = f", COUNT(*) OVER (PARTITION BY {part}) AS {q('verdicts')}" if counted else ""
+    return (f"SELECT {listed}{', ' + q('verdicts') if counted else ''} FROM (SELECT {listed}, "
+            f"ROW_NUMBER() OVER (PARTITION BY {part} ORDER BY {q('corrected_at')} DESC, {q('label')} DESC) "
+            f"AS {q('rn')}{count} FROM {{table:{table}}}{' WHERE ' + where if where else ''}) AS latest "
+            f"WHERE {q('rn')} = 1")
+
+
 def latest_per_image(wh) -> pd.DataFrame:
-    """The latest verdict per ``image_id`` (ties: the label that sorts last) with ``verdicts``,
-    how many rows the id has: one window query in the warehouse."""
+    """The latest verdict per ``image_id`` (:func:`latest_sql`) with ``verdicts``, how many rows
+    the id has: one window query in the warehouse."""
     cols = list(LABEL_CORRECTIONS.columns)
     if not wh.table_exists(TABLE):
         return pd.DataFrame(columns=[*cols, "verdicts"])
-    q = wh.quote
-    listed = ", ".join(q(c) for c in cols)
-    return wh.query(
-        f"SELECT {listed}, {q('verdicts')} FROM (SELECT {listed}, "
-        f"ROW_NUMBER() OVER (PARTITION BY {q('image_id')} ORDER BY {q('corrected_at')} DESC, {q('label')} DESC) "
-        f"AS {q('rn')}, COUNT(*) OVER (PARTITION BY {q('image_id')}) AS {q('verdicts')} "
-        f"FROM {{table:{TABLE}}}) AS v WHERE {q('rn')} = 1 ORDER BY {q('image_id')}")
+    return wh.query(latest_sql(wh.quote, cols, counted=True) + f" ORDER BY {wh.quote('image_id')}")
 
 
 def validate_stored(wh, latest: pd.DataFrame, vocabulary: Sequence[str]) -> pd.Series:

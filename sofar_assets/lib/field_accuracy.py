@@ -1,7 +1,7 @@
 """Real-world accuracy per day: the champion's predictions against the inspectors' verdicts.
 
 Counted on the corrected rows of each day (``predictions`` JOIN the latest verdict per photo of
-``label_corrections``, scored rows only), by ONE ``GROUP BY`` in the warehouse:
+``label_corrections``, by the rule of ``corrections.latest_sql``, scored rows only), by ONE ``GROUP BY`` in the warehouse:
 
 - ``accuracy``: top-1 equals the verdict, over the rows whose verdict is a class (not
   ``irrelevant``);
@@ -24,6 +24,7 @@ from collections.abc import Iterable
 import pandas as pd
 from scipy.stats import fisher_exact
 
+from sofar_assets.lib.corrections import latest_sql
 from sofar_assets.lib.dataset import IRRELEVANT
 from sofar_assets.lib.drift import TRAILING_DAYS, trailing_window
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTIONS
@@ -80,11 +81,9 @@ def daily_counts(wh, start: dt.date, end: dt.date, *, predictions: str = PREDICT
         f"SUM(CASE WHEN p.{q('is_ood')} AND v.{q('label')} = {irrelevant} THEN 1 ELSE 0 END) AS {q('flagged_irrelevant')}, "
         f"SUM(CASE WHEN v.{q('label')} = {irrelevant} THEN 1 ELSE 0 END) AS {q('irrelevant')} "
         f"FROM {{table:{predictions}}} AS p JOIN ("
-        f"SELECT {q('image_id')}, {q('prediction_date')}, {q('label')} FROM ("
-        f"SELECT {q('image_id')}, {q('prediction_date')}, {q('label')}, ROW_NUMBER() OVER (PARTITION BY "
-        f"{q('image_id')}, {q('prediction_date')} ORDER BY {q('corrected_at')} DESC, {q('label')} DESC) AS {q('rn')} "
-        f"FROM {{table:{corrections}}} WHERE {q('prediction_date')} >= {lo} AND {q('prediction_date')} < {hi}"
-        f") AS latest WHERE {q('rn')} = 1) AS v "
+        + latest_sql(q, ["image_id", "prediction_date", "label"], per=["image_id", "prediction_date"],
+                     where=f"{q('prediction_date')} >= {lo} AND {q('prediction_date')} < {hi}", table=corrections)
+        + ") AS v "
         f"ON p.{q('image_id')} = v.{q('image_id')} AND p.{q('prediction_date')} = v.{q('prediction_date')} "
         f"WHERE p.{q('prediction_date')} >= {lo} AND p.{q('prediction_date')} < {hi} AND p.{q('error')} IS NULL "
         f"GROUP BY p.{q('prediction_date')} ORDER BY p.{q('prediction_date')}"

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from sofar_assets.lib import metrics
 from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.models import ModelSpec, create_backbone
+from sofar_assets.lib.packaging import read_meta
 from sofar_assets.lib.training import TrainConfig, make_optimizer, to_input
 
 PACKAGE_FORMAT = "sofar-multitask/1"
@@ -238,12 +239,7 @@ def load_multitask(directory: str | Path) -> tuple[MultiTaskNet, dict]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: not a sofar multi-task package")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != PACKAGE_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {PACKAGE_FORMAT!r}")
+    meta = read_meta(directory / META_FILE, PACKAGE_FORMAT, "sofar multi-task package")
     spec = ModelSpec.from_dict({**meta["spec"], "pretrained": False})
     model = MultiTaskNet(spec, [len(h) for h in meta["head_labels"]])
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)), strict=True)

@@ -54,6 +54,17 @@ def save_package(model: nn.Module, spec: ModelSpec, classes: list[str], director
     return directory
 
 
+def read_meta(meta_path: Path, package_format: str, what: str) -> dict:
+    """A package's JSON metadata, checked to be of ``package_format`` (``what`` names the kind of
+    package in the error)."""
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: not a {what}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != package_format:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {package_format!r}")
+    return meta
+
+
 def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the network from a package folder; returns (model in eval mode on CPU, meta).
 
@@ -63,12 +74,7 @@ def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
     from safetensors.torch import load_file
 
     directory = Path(directory)
-    meta_path = directory / META_FILE
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: not a sofar model package")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != PACKAGE_FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {PACKAGE_FORMAT!r}")
+    meta = read_meta(directory / META_FILE, PACKAGE_FORMAT, "sofar model package")
     spec_dict = dict(meta["spec"])
     # The weights come from the file, so never touch the offline ImageNet weights here.
     spec_dict["pretrained"] = False
