@@ -215,12 +215,21 @@ def review_day(day: dt.date, *, limit: int, out: Path | None) -> None:
 
 
 # -- promote / rollback -----------------------------------------------------------------------------
-def _move_champion(cfg: SofarConfig, client, version: str, *, reason: str, force: bool, by: str, via: str) -> None:
+def _move_champion(cfg: SofarConfig, client, version: str, *, reason: str, force: bool, by: str, via: str,
+                   rollback: bool = False) -> None:
+    """Move @champion after re-checking the gate on what the registry holds (the version's logged
+    evaluation, under the gate settings recorded on it at training); the logic is lib.registry's."""
     from mlflow.exceptions import MlflowException
 
     from sofar_assets.lib import registry
 
     name = cfg.model.name
+    try:
+        version = registry.parse_version(version)
+        registry.one_line(reason, "--reason")
+        registry.one_line(by, "--by")
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     if not reason.strip():
         raise CliError("--reason must say why the champion moves (it is recorded in MLflow)")
     try:
@@ -232,18 +241,21 @@ def _move_champion(cfg: SofarConfig, client, version: str, *, reason: str, force
     except registry.UncalibratedError as exc:
         raise CliError(str(exc)) from None
     current = registry.champion_version(client, name)
-    if current == str(version):
+    if current == version:
         raise CliError(f"v{version} is already {name}@{registry.CHAMPION}")
-    verdict = _gate(cfg, mv)
-    gate = _gate_text(verdict)
-    failed = None if verdict is None else [k for k, (ok, _) in verdict.items() if not ok]
+    try:
+        verdict, source = registry.registry_gate(client, name, version, cfg.gate)
+        gate = f"{_gate_text(verdict)} under {source}"
+        failed = [k for k, (ok, _) in verdict.items() if not ok]
+    except registry.EvidenceError as exc:
+        gate, failed = f"no evidence: {exc}", None
     if failed is None or failed:
         if not force:
             raise CliError(f"v{version} cannot be promoted: gate {gate}. The champion stays "
                            f"v{current}. Use --force to move the alias anyway (recorded as forced).")
         gate = f"forced; {gate}"
-    previous = registry.set_champion(client, name, str(version))
-    registry.record_promotion(client, cfg.model.name, str(version), previous, by=by, reason=reason, via=via,
+    previous = registry.set_champion(client, name, version, rollback=rollback)
+    registry.record_promotion(client, cfg.model.name, version, previous, by=by, reason=reason, via=via,
                               gate=gate)
     print(f"{name}@{registry.CHAMPION}: v{previous or '-'} -> v{version} (gate {gate})")
     print(f"recorded in MLflow: {_version_url(cfg, version)}")
@@ -254,23 +266,6 @@ def promote(version: str, *, reason: str, force: bool, by: str) -> None:
     _move_champion(cfg, _client(cfg), str(version), reason=reason, force=force, by=by, via="sofar promote")
 
 
-def rollback_target(client, name: str, current: str) -> str | None:
-    """Where ``sofar rollback`` goes: the version the current champion replaced (its
-    ``promoted_from`` tag), else the newest older version that carries a calibration."""
-    from sofar_assets.lib import registry
-
-    mv = client.get_model_version(name, current)
-    previous = dict(mv.tags).get("promoted_from")
-    if previous:
-        return previous
-    older = sorted((v for v in client.search_model_versions(f"name='{name}'") if int(v.version) < int(current)),
-                   key=lambda v: int(v.version), reverse=True)
-    for v in older:
-        if all(t in dict(v.tags) for t in registry.CALIBRATION_TAGS):
-            return str(v.version)
-    return None
-
-
 def rollback(*, reason: str, force: bool, by: str, to: str | None) -> None:
     from sofar_assets.lib import registry
 
@@ -279,10 +274,11 @@ def rollback(*, reason: str, force: bool, by: str, to: str | None) -> None:
     current = registry.champion_version(client, cfg.model.name)
     if current is None:
         raise CliError(f"{cfg.model.name} has no @{registry.CHAMPION}: nothing to roll back")
-    target = to or rollback_target(client, cfg.model.name, current)
+    target = to or registry.rollback_target(client, cfg.model.name, current)
     if target is None:
-        raise CliError(f"no earlier calibrated version of {cfg.model.name} than v{current} to roll back to")
-    _move_champion(cfg, client, target, reason=reason, force=force, by=by, via="sofar rollback")
+        raise CliError(f"no earlier champion of {cfg.model.name} than v{current} to roll back to "
+                       "(`sofar rollback --to VERSION` names one)")
+    _move_champion(cfg, client, target, reason=reason, force=force, by=by, via="sofar rollback", rollback=True)
 
 
 # -- add-task ---------------------------------------------------------------------------------------
@@ -371,8 +367,9 @@ def correct(image_id: str | None, label: str | None, csv_file: Path | None, insp
     else:
         rows, what = [{"image_id": image_id, "label": label, "where": "command line"}], "correction"
     done = corr.record(wh, rows, cfg.vocabulary(), inspector=inspector, what=what)
-    kinds = ", ".join(f"{n} {lab}" for lab, n in sorted(done.by_label.items())) or "nothing new"
-    print(f"{done.appended} correction(s) appended to '{corr.TABLE}' ({kinds})"
+    kinds = ", ".join(f"{n} {lab}" for lab, n in sorted(done.by_label.items()))
+    kinds = f" ({kinds})" if kinds else "" if done.appended else " (nothing new)"
+    print(f"{done.appended} correction(s) appended to '{corr.TABLE}'{kinds}"
           + (f"; {done.already_stored} already stored, skipped" if done.already_stored else ""))
     print("next: materialize field_accuracy for their days (real-world accuracy), and train_and_promote "
           "to retrain on them (a flipped label is a new sofar_dataset version; the gate decides)")

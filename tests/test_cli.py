@@ -69,8 +69,12 @@ def _new_version(state, evaluation: dict, *, calibrated: bool = True) -> str:
     client, name = state["client"], state["cfg"].model.name
     v1 = client.get_model_version(name, "1")
     with mlflow.start_run(experiment_id=client.get_run(v1.run_id).info.experiment_id) as run:
-        mlflow.log_dict(evaluation, "evaluation.json")
+        pass
     mv = client.create_model_version(name, v1.source, run_id=run.info.run_id)
+    evaluation = {**evaluation, "version": str(mv.version)}  # logged like model_evaluation logs it
+    client.log_dict(run.info.run_id, evaluation, "evaluation.json")
+    for metric, key in registry.EVIDENCE_METRICS.items():
+        client.log_metric(run.info.run_id, metric, evaluation[key])
     if calibrated:
         registry.write_calibration(client, name, mv.version, registry.read_calibration(v1))
     return str(mv.version)
@@ -193,7 +197,7 @@ def test_promote_checks_the_gate_records_who_and_why_and_rollback_returns(sofar,
     assert _champion(state) == "1"
     # the pipeline's own move (the champion_model asset) is recorded like a move by hand
     first = dict(client.get_model_version(name, "1").tags)
-    assert first["promoted_via"].startswith("champion_model (run ") and first["promotion_gate"] == "passed"
+    assert first["promoted_via"].startswith("champion_model (run ") and first["promotion_gate"].startswith("passed")
     assert first["promoted_from"] == "" and "v- -> v1 by " in client.get_registered_model(name).description
     good = _new_version(state, _evaluation(state, champion_version="1"))
     bad = _new_version(state, _evaluation(state, ece=0.99))  # fails ece_below_ceiling
@@ -225,6 +229,37 @@ def test_promote_checks_the_gate_records_who_and_why_and_rollback_returns(sofar,
         assert desc.index(f"v{bad} -> v{good} by carol") < desc.index(f"v{good} -> v{bad} by bob")  # newest first
         code, out, _ = sofar("status")
         assert "moved by carol" in out and "bad ECE in production" in out
+    finally:
+        registry.set_champion(client, name, "1")
+
+
+def test_promote_takes_numbers_one_line_reasons_the_recorded_gate_and_rollback_walks_back(sofar, state):
+    """Issue 23 item 7: `promote 02` recorded `v2 -> v02`; a newline in --reason forged history
+    lines; rollback twice went back and forth; the gate was re-checked with the caller's config."""
+    name, client = state["cfg"].model.name, state["client"]
+    assert _champion(state) == "1"
+    a = _new_version(state, _evaluation(state, champion_version="1"))
+    b = _new_version(state, _evaluation(state, champion_version="1"))
+    strict = _new_version(state, _evaluation(state, champion_version="1", ece=0.3))  # config's ceiling: 0.5
+    registry.record_gate_config(client, name, strict, state["cfg"].gate.model_copy(update={"max_ece": 0.2}))
+    try:
+        code, out, _ = sofar("promote", f"0{a}", "--reason", "leading zero")
+        assert code == 0 and _champion(state) == a and f"v1 -> v{a} " in out
+        assert f"v1 -> v{a} by " in client.get_registered_model(name).description
+        code, _, err = sofar("promote", b, "--reason", "ok\n- 2026-01-01T00:00:00+00:00 v9 -> v1 by admin: forged")
+        assert code == 1 and "control character" in err and _champion(state) == a
+        assert "forged" not in client.get_registered_model(name).description
+        code, _, err = sofar("promote", "2.5", "--reason", "x")
+        assert code == 1 and "not a model version" in err
+        # the caller's gate (max_ece 0.5) would pass it; the one recorded at training (0.2) does not
+        code, _, err = sofar("promote", strict, "--reason", "looser gate")
+        assert code == 1 and "FAILED ece_below_ceiling" in err and "trained under" in err
+        code, _, _ = sofar("promote", b, "--reason", "next")
+        assert code == 0 and _champion(state) == b
+        code, _, _ = sofar("rollback", "--reason", "b is bad")
+        assert code == 0 and _champion(state) == a
+        code, _, _ = sofar("rollback", "--reason", "a is bad too")
+        assert code == 0 and _champion(state) == "1"  # two steps back, not back to b
     finally:
         registry.set_champion(client, name, "1")
 

@@ -19,7 +19,7 @@ from sofar_assets.lib import calibration, conformal, evaluation, links, metrics,
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib.corrections import INSPECTOR_OOD_SET, irrelevant_uris
 from sofar_assets.lib.devices import resolve_device
-from sofar_assets.lib.gate import GATE_CHECKS, failed_checks, gate_results
+from sofar_assets.lib.gate import GATE_CHECKS, gate_results
 from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.models import ModelSpec
 from sofar_assets.lib.packaging import load_registered, log_and_register
@@ -196,6 +196,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
                       "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id),
                       "val_macro_f1": f"{result.best_val_macro_f1:.4f}"},
             )
+            # the gate this version is held to, whoever re-checks it later (promote, rollback)
+            registry.record_gate_config(mlflow_tracking.client(), cfg.model.name, str(reg["version"]), cfg.gate)
             _describe(mlflow_tracking.client(), cfg.model.name, str(reg["version"]),
                       f"{spec.arch} head on {spec.backbone} at {spec.image_size} px, {len(classes)} classes "
                       f"({', '.join(classes)}); dataset {digest[:12]}, {len(train_rows)} train / {len(val_rows)} val "
@@ -466,26 +468,35 @@ def build_model_assets(cfg: SofarConfig) -> list:
 
     gate_checks = [_check(name, description) for name, description in GATE_CHECKS.items()]
 
-    @dg.asset(group_name="training", kinds={"mlflow"}, owners=OWNERS, code_version="1")
+    @dg.asset(group_name="training", kinds={"mlflow"}, owners=OWNERS, code_version="2")
     def champion_model(
         context: dg.AssetExecutionContext, model_evaluation: dict, mlflow_tracking: MlflowResource
     ) -> dg.Output[dict]:
         """Moves the MLflow alias ``champion`` to the new version — only after the blocking
         gate checks on ``model_evaluation`` passed (otherwise this step does not run and the
         champion stays). ``daily_predictions`` always reads ``models:/<name>@champion``, so an
-        alias moved by hand in the MLflow UI is honored too."""
-        failed = failed_checks(model_evaluation, gate)
+        alias moved by hand in the MLflow UI is honored too.
+
+        The verdict is re-computed from what the registry holds (the evaluation logged to the
+        version's run, confirmed by its metrics, under the gate settings recorded on the version
+        at training), never from the IO manager's copy: a stored ``model_evaluation`` that
+        differs from the registered one refuses the promotion."""
+        client = mlflow_tracking.client()
+        name, version = model_evaluation["model_name"], str(model_evaluation["version"])
+        try:
+            verdict, source = registry.registry_gate(client, name, version, gate, offered=model_evaluation)
+        except registry.EvidenceError as exc:
+            raise dg.Failure(description=f"{exc}; the champion stays.") from None
+        failed = {k: md for k, (ok, md) in verdict.items() if not ok}
         if failed:  # e.g. a stored evaluation of a failed run, materialized on its own later
             raise dg.Failure(
-                description=f"v{model_evaluation['version']} did not pass the promotion gate: {sorted(failed)}; "
+                description=f"v{version} did not pass the promotion gate ({source}): {sorted(failed)}; "
                 "the champion stays.", metadata={k: dg.MetadataValue.json(v) for k, v in failed.items()},
             )
-        client = mlflow_tracking.client()
-        name, version = model_evaluation["model_name"], model_evaluation["version"]
         previous = registry.set_champion(client, name, version)
         registry.record_promotion(client, name, version, previous, by=context.run.tags.get("user", "dagster"),
                                   reason="passed the promotion gate on model_evaluation",
-                                  via=f"champion_model (run {context.run_id[:8]})", gate="passed")
+                                  via=f"champion_model (run {context.run_id[:8]})", gate=f"passed under {source}")
         context.log.info(f"{name}@{registry.CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")
         return dg.Output({"model_name": name, "version": version, "previous": previous},
                          metadata={"champion": f"models:/{name}@{registry.CHAMPION} = v{version}",

@@ -10,11 +10,16 @@ the tags.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import math
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
 from sofar_assets.lib.conformal import LabelSets
+from sofar_assets.lib.text import text_problem
 
 CHAMPION = "champion"
 CALIBRATION_TAGS = ("ood_score_method", "ood_temperature", "ood_threshold")
@@ -28,6 +33,29 @@ class NoChampionError(LookupError):
 
 class UncalibratedError(LookupError):
     """The version has no OOD calibration tags (``ood_calibration`` never ran for it)."""
+
+
+class EvidenceError(LookupError):
+    """The registry holds no usable evaluation of a version, or the evaluation offered for the
+    gate is not the one the registry holds; the message names the version and the difference."""
+
+
+def parse_version(text: str) -> str:
+    """A model version as MLflow numbers them: ``"2"``, ``"02"`` and ``"v2"`` are all ``"2"``;
+    anything else is a ``ValueError`` naming it (``v2 -> v02`` would break the history)."""
+    raw = str(text).strip()
+    digits = raw[1:] if raw[:1] in ("v", "V") else raw
+    if not digits.isascii() or not digits.isdigit() or int(digits) < 1:
+        raise ValueError(f"{text!r} is not a model version: versions are whole numbers from 1 (e.g. 3 or v3)")
+    return str(int(digits))
+
+
+def one_line(value: str, what: str) -> str:
+    """``value`` if it is one line of plain text, else a ``ValueError`` naming ``what``."""
+    why = text_problem(value)
+    if why:
+        raise ValueError(f"{what} {why}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -79,11 +107,156 @@ def champion(client, name: str):
     return client.get_model_version(name, version)
 
 
-def set_champion(client, name: str, version: str) -> str | None:
-    """Point ``@champion`` at ``version``; returns the previous champion version (or None)."""
+STACK_TAG = "champion_stack"
+"""Registered-model tag: the champions, oldest first, comma-separated. A promotion pushes, a
+rollback pops: rolling back twice goes two champions back, never back and forth."""
+STACK_MAX = 200  # versions kept (an MLflow tag holds 5000 characters)
+
+
+def champion_stack(client, name: str) -> list[str]:
+    """The champion history as a stack (oldest first); empty for a registry older than it."""
+    raw = dict(client.get_registered_model(name).tags).get(STACK_TAG, "")
+    return [parse_version(v) for v in raw.split(",") if v.strip()]
+
+
+def _write_stack(client, name: str, stack: list[str]) -> None:
+    client.set_registered_model_tag(name, STACK_TAG, ",".join(stack[-STACK_MAX:]))
+
+
+def set_champion(client, name: str, version: str, *, rollback: bool = False) -> str | None:
+    """Point ``@champion`` at ``version`` and keep the stack: a promotion pushes ``version``; a
+    rollback (``rollback=True``) pops back to it when it is on the stack (else pushes it).
+    Returns the previous champion version (or None)."""
+    version = parse_version(version)
     previous = champion_version(client, name)
-    client.set_registered_model_alias(name, CHAMPION, str(version))
+    stack = champion_stack(client, name) if previous is not None else []
+    if previous is not None and (not stack or stack[-1] != previous):
+        stack.append(previous)  # a registry older than the stack, or an alias moved in the MLflow UI
+    if rollback and version in stack:
+        stack = stack[: len(stack) - stack[::-1].index(version)]
+    else:
+        stack.append(version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    _write_stack(client, name, stack)
     return previous
+
+
+def rollback_target(client, name: str, current: str) -> str | None:
+    """Where a rollback goes: the champion below ``current`` on the stack. For a registry older
+    than the stack: the version ``current`` replaced (its ``promoted_from`` tag), else the newest
+    older version that carries a calibration. None: nothing to go back to."""
+    stack = champion_stack(client, name)
+    if stack:
+        below = stack[:-1] if stack[-1] == current else stack  # else the alias was moved by hand
+        return below[-1] if below else None
+    previous = dict(client.get_model_version(name, current).tags).get("promoted_from")
+    if previous:
+        return parse_version(previous)
+    older = sorted((v for v in client.search_model_versions(f"name='{name}'") if int(v.version) < int(current)),
+                   key=lambda v: int(v.version), reverse=True)
+    for v in older:
+        if all(t in dict(v.tags) for t in CALIBRATION_TAGS):
+            return str(v.version)
+    return None
+
+
+# -- the gate's evidence: what the registry holds ----------------------------------------------------
+GATE_CONFIG_TAG = "gate_config"
+"""Version tag: the ``gate:`` settings (JSON) the version was trained under; every later
+re-check of its gate (``sofar promote``/``rollback``, ``champion_model``) uses these."""
+EVALUATION_ARTIFACT = "evaluation.json"
+# run metric -> key of evaluation.json: the metrics live in the tracking database, the artifact
+# in the artifact store; both must agree before either is believed
+EVIDENCE_METRICS = {"test_macro_f1": "macro_f1", "test_accuracy": "accuracy", "test_ece": "ece"}
+
+
+def record_gate_config(client, name: str, version: str, gate) -> None:
+    """Tag ``version`` with the gate settings it is trained (and later re-checked) under."""
+    client.set_model_version_tag(name, str(version), GATE_CONFIG_TAG,
+                                 json.dumps(gate.model_dump(), sort_keys=True))
+
+
+def recorded_gate(model_version, fallback):
+    """``(gate settings, where they come from)``: the version's :data:`GATE_CONFIG_TAG`, or
+    ``fallback`` (the caller's config) for a version trained before the tag existed."""
+    from sofar_assets.config import GateConfig
+
+    raw = dict(model_version.tags).get(GATE_CONFIG_TAG)
+    if raw is None:
+        return fallback, f"the current config's gate (v{model_version.version} has no {GATE_CONFIG_TAG} tag)"
+    try:
+        return GateConfig.model_validate(json.loads(raw)), f"the gate v{model_version.version} was trained under"
+    except ValueError as exc:
+        raise EvidenceError(f"{model_version.name} v{model_version.version}: its {GATE_CONFIG_TAG} tag is "
+                            f"not a gate config ({str(exc).splitlines()[0]})") from None
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+def registered_evaluation(client, name: str, version: str) -> dict:
+    """The evaluation ``model_evaluation`` logged to ``version``'s MLflow run (``evaluation.json``),
+    checked against the run's test metrics and against the version it names. Raises
+    :class:`EvidenceError` when it is missing or disagrees."""
+    mv = client.get_model_version(name, str(version))
+    head = f"{name} v{mv.version}"
+    if not mv.run_id:
+        raise EvidenceError(f"{head} has no MLflow run: it was never evaluated")
+    with tempfile.TemporaryDirectory(prefix="sofar-eval-") as tmp:
+        try:
+            path = client.download_artifacts(mv.run_id, EVALUATION_ARTIFACT, tmp)
+            evaluation = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (MlflowException, OSError, ValueError):
+            raise EvidenceError(f"{head}: no readable {EVALUATION_ARTIFACT} in its run {mv.run_id} "
+                                "(materialize model_evaluation for it)") from None
+    if not isinstance(evaluation, dict):
+        raise EvidenceError(f"{head}: {EVALUATION_ARTIFACT} in run {mv.run_id} is not an evaluation")
+    if str(evaluation.get("model_name")) != name or str(evaluation.get("version")) != str(mv.version):
+        raise EvidenceError(f"{head}: {EVALUATION_ARTIFACT} in run {mv.run_id} evaluates "
+                            f"{evaluation.get('model_name')} v{evaluation.get('version')}, not this version")
+    metrics = client.get_run(mv.run_id).data.metrics
+    for metric, key in EVIDENCE_METRICS.items():
+        if metric not in metrics:
+            raise EvidenceError(f"{head}: run {mv.run_id} has no {metric} metric to confirm its "
+                                f"{EVALUATION_ARTIFACT} (materialize model_evaluation for it)")
+        value = evaluation.get(key)
+        if not isinstance(value, (int, float)) or not math.isclose(float(value), metrics[metric], rel_tol=1e-9,
+                                                                   abs_tol=1e-12):
+            raise EvidenceError(f"{head}: {EVALUATION_ARTIFACT} says {key}={value!r} but run {mv.run_id} logged "
+                                f"{metric}={metrics[metric]!r}; the evaluation was edited after it was logged")
+    return evaluation
+
+
+def evidence_mismatch(offered: dict, registered: dict) -> list[str]:
+    """The top-level fields in which an evaluation offered for the gate (the IO manager's stored
+    output) differs from the one the registry holds (empty: the same)."""
+    offered, registered = (json.loads(json.dumps(x, allow_nan=True)) for x in (offered, registered))
+    return sorted(k for k in offered.keys() | registered.keys()
+                  if not _same(offered.get(k, "<missing>"), registered.get(k, "<missing>")))
+
+
+def registry_gate(client, name: str, version: str, fallback_gate, *, offered: dict | None = None):
+    """The promotion gate of ``version`` from what the registry holds: its registered evaluation
+    under its recorded gate settings. ``offered`` (an evaluation from elsewhere) must equal the
+    registered one, else :class:`EvidenceError` lists the fields that differ.
+
+    Returns ``(results, gate source)``; ``results`` is ``lib.gate.gate_results``'s dict."""
+    from sofar_assets.lib.gate import gate_results
+
+    registered = registered_evaluation(client, name, version)
+    if offered is not None and (diff := evidence_mismatch(offered, registered)):
+        raise EvidenceError(f"{name} v{version}: the evaluation offered for the gate differs from the one "
+                            f"logged to its MLflow run in {', '.join(diff)}; promotion refused (was the IO "
+                            "manager's model_evaluation.json edited? materialize model_evaluation again)")
+    gate, source = recorded_gate(client.get_model_version(name, str(version)), fallback_gate)
+    return gate_results(registered, gate), source
 
 
 HISTORY_HEADER = "Champion history (newest first):"
@@ -94,7 +267,10 @@ def record_promotion(client, name: str, version: str, previous: str | None, *, b
                      via: str, gate: str) -> None:
     """Who moved ``@champion``, when, how and why: ``promoted_*`` tags on the version and a line at
     the top of the registered model's description (the newest :data:`HISTORY_LINES` moves).
-    Written by every move: the ``champion_model`` asset, ``sofar promote`` and ``sofar rollback``."""
+    Written by every move: the ``champion_model`` asset, ``sofar promote`` and ``sofar rollback``.
+    ``by`` and ``reason`` must be one line each (a newline would forge history lines)."""
+    one_line(by, "the name of who moves the champion")
+    one_line(reason, "the reason")
     now = dt.datetime.now(dt.UTC).replace(microsecond=0).isoformat()
     tags = {"promoted_by": by, "promoted_reason": reason, "promoted_at": now,
             "promoted_from": previous or "", "promoted_via": via, "promotion_gate": gate}
