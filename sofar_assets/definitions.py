@@ -18,6 +18,7 @@ from sofar_assets.defs.data import build_dataset_asset, build_raw_label_asset
 from sofar_assets.defs.model import build_model_assets
 from sofar_assets.defs.predictions import build_prediction_assets
 from sofar_assets.defs.resources import build_resources
+from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.defs.tradeoff import build_tradeoff_assets
 from sofar_assets.settings import config_path
 
@@ -50,6 +51,7 @@ def build_definitions(cfg: SofarConfig) -> dg.Definitions:
         "train_and_promote",
         selection=TRAINING_SELECTION,
         description="Ingest every task, build the SOFAR dataset, train, calibrate, evaluate and promote.",
+        tags=max_runtime_tags("train_and_promote"),
     )
     return dg.Definitions(
         assets=[*raw, dataset, *model_assets, predictions, tradeoff_report, *corrections],

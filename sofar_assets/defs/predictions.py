@@ -26,6 +26,7 @@ import pandas as pd
 
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
+from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.lib import daily, drift, ood, plots, registry, review, storage
@@ -254,6 +255,7 @@ def build_prediction_assets(cfg: SofarConfig):
     job = dg.define_asset_job(
         "daily_predictions_job", selection=[daily_predictions], partitions_def=partitions,
         description="Predict one day's uploads (the schedule runs yesterday's partition).",
+        tags=max_runtime_tags("daily_predictions_job"),
     )
     schedule = dg.build_schedule_from_partitioned_job(
         job, hour_of_day=cfg.partitions.schedule_hour,

@@ -17,6 +17,7 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS, model_spec
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
+from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import plots, registry, storage, tradeoff
 from sofar_assets.lib.multitask import save_multitask
@@ -119,5 +120,6 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
     job = dg.define_asset_job(
         "tradeoff_report_job", selection=dg.AssetSelection.assets(tradeoff_report),
         description="The paper's trade-off on the current sofar_dataset (trains T + 2 models; not part of make run).",
+        tags=max_runtime_tags("tradeoff_report_job"),
     )
     return tradeoff_report, job
