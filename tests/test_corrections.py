@@ -99,7 +99,7 @@ def test_correct_one_and_a_csv_then_reimport_adds_nothing(setup, capsys):
     assert len(table) == 3
     b = table[table["image_id"] == f"{D1}/b.jpg"].iloc[0]
     assert b["corrected_at"] == pd.Timestamp("2026-11-02 00:00") and b["inspector"] == "lee"  # +09:00 -> UTC
-    code, out, _ = sofar(capsys, "correct", "--csv", str(csv))
+    code, out, _ = sofar(capsys, "correct", "--csv", str(csv), "--inspector", "lee")
     assert code == 0 and "0 correction(s) appended" in out and "2 already stored" in out
     assert len(stored(wh)) == 3
 
@@ -127,6 +127,106 @@ def test_a_bad_row_rejects_the_whole_csv_and_keeps_what_is_stored(setup, capsys,
         assert text.format(**ids) in err
     assert "Traceback" not in err
     pd.testing.assert_frame_equal(stored(wh), before)  # the good row of the batch was not written either
+
+
+def test_reimporting_a_csv_without_corrected_at_adds_nothing_and_a_changed_mind_is_kept(setup, capsys):
+    """Issue 25: two imports of a two-line file without corrected_at stored 4 rows."""
+    wh = setup["wh"]
+    csv = setup["folder"] / "verdicts.csv"
+    csv.write_text(f"image_id,label,inspector\n{D1}/a.jpg,normal,kim\n{D1}/b.jpg,dirt,kim\n")
+    for _ in range(2):
+        assert sofar(capsys, "correct", "--csv", str(csv))[0] == 0
+    assert len(stored(wh)) == 2
+    # the same verdict by another inspector is another verdict; a changed mind (A, B, A) is kept
+    code, out, _ = sofar(capsys, "correct", f"{D1}/a.jpg", "normal", "--inspector", "lee")
+    assert code == 0 and "1 correction(s) appended" in out
+    for label in ("dirt", "normal"):
+        assert sofar(capsys, "correct", f"{D1}/a.jpg", label, "--inspector", "lee")[0] == 0
+    assert stored(wh)["image_id"].eq(f"{D1}/a.jpg").sum() == 4
+    assert corr.latest_per_image(wh).set_index("image_id").loc[f"{D1}/a.jpg", "label"] == "normal"
+
+
+# Each process waits at every warehouse lookup until the other reached it too: both have read
+# what is stored before either appends (the race two operators importing at once can lose).
+_RACER = """
+import os, sys, time
+from pathlib import Path
+from sofar_assets.lib.warehouse import DuckDBWarehouse
+from sofar_assets import cli
+
+barrier, me, calls = Path(sys.argv[1]), sys.argv[2], [0]
+original = DuckDBWarehouse.rows_where_in
+
+def synchronised(self, *args, **kwargs):
+    out = original(self, *args, **kwargs)
+    calls[0] += 1
+    (barrier / f"{calls[0]}-{me}").touch()
+    deadline = time.monotonic() + 60
+    while len(list(barrier.glob(f"{calls[0]}-*"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return out
+
+DuckDBWarehouse.rows_where_in = synchronised
+sys.exit(cli.main(["correct", "--csv", sys.argv[3]]))
+"""
+
+
+def test_two_concurrent_imports_of_one_file_store_each_verdict_once(setup):
+    """Issue 23 item 8: two `sofar correct --csv` of the same file at once stored each verdict twice."""
+    import os
+    import subprocess
+    import sys
+
+    from sofar_assets.settings import REPO_ROOT
+
+    csv = setup["folder"] / "verdicts.csv"
+    csv.write_text(f"image_id,label,inspector,corrected_at\n{D1}/a.jpg,normal,kim,\n{D1}/b.jpg,dirt,kim,\n"
+                   f"{D2}/d.jpg,irrelevant,kim,2026-11-03T10:00:00Z\n")
+    barrier = setup["folder"] / "barrier"
+    barrier.mkdir()
+    env = {**os.environ, "SOFAR_CONFIG": str(setup["path"]), "PYTHONPATH": str(REPO_ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(barrier), name, str(csv)], cwd=REPO_ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("p1", "p2")]
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    assert len(list(barrier.glob("1-*"))) == 2  # both met after their first lookup
+    table = stored(setup["wh"])
+    assert len(table) == 3 and not table.duplicated(["image_id", "label", "inspector"]).any()
+    outs = " ".join(out for out, _ in results)
+    assert "3 correction(s) appended" in outs and "0 correction(s) appended" in outs
+
+
+@pytest.mark.parametrize("cell, expected", [
+    ("=HYPERLINK(\"http://x\")", "column inspector starts with '='"),
+    ("+1", "column inspector starts with '+'"),
+    ("-bob", "column inspector starts with '-'"),
+    ("@kim", "column inspector starts with '@'"),
+    ("\"kim\tlee\"", "column inspector contains the control character \\t"),
+    ("\"kim\rlee\"", "column inspector contains the control character \\r"),
+    ("kim\x1b[31m", "column inspector contains the control character \\x1b"),
+])
+def test_inspector_text_refuses_control_characters_and_formulas(setup, capsys, cell, expected):
+    csv = setup["folder"] / "hostile.csv"
+    csv.write_bytes(f"image_id,label,inspector\n{D1}/a.jpg,normal,kim\n{D1}/b.jpg,dirt,{cell}\n".encode())
+    code, _, err = sofar(capsys, "correct", "--csv", str(csv))
+    assert code == 2 and f"{csv} row 2 (line " in err and expected in err, err
+    assert "Traceback" not in err and stored(setup["wh"]).empty
+
+
+def test_a_csv_field_over_the_limit_is_an_error_naming_the_row(setup, capsys):
+    csv = setup["folder"] / "huge.csv"
+    csv.write_text(f"image_id,label,inspector\n{D1}/a.jpg,normal,kim\n{D1}/b.jpg,dirt,{'k' * 131_073}\n")
+    code, _, err = sofar(capsys, "correct", "--csv", str(csv))
+    assert code == 2 and f"{csv} row 2 (line 3)" in err and "field larger than field limit (131072)" in err
+    assert "Traceback" not in err and stored(setup["wh"]).empty
+
+
+def test_a_file_name_suggests_the_image_id(setup, capsys):
+    """Issue 25: `sofar correct 20261102_007.jpg normal` (the sheet's caption) gave no hint."""
+    code, _, err = sofar(capsys, "correct", "d.jpg", "normal")
+    assert code == 2 and f"unknown image id (not in the predictions table); did you mean '{D2}/d.jpg'?" in err
+    code, _, err = sofar(capsys, "correct", "b", "normal")  # without its extension
+    assert code == 2 and f"did you mean '{D1}/b.jpg'?" in err
 
 
 def test_unknown_id_and_label_on_the_command_line_exit_2(setup, capsys):
@@ -397,6 +497,9 @@ def test_record_and_lookups_on_the_bigquery_emulator(emulator):
             {"image_id": "c", "label": "irrelevant", "corrected_at": "2026-11-02T09:05:00"}]
     assert corr.record(wh, rows, vocabulary, inspector="kim").appended == 2
     assert corr.record(wh, rows, vocabulary, inspector="kim").already_stored == 2  # appended once
+    assert len(wh.read_table(LABEL_CORRECTIONS.name)) == 2
+    # without corrected_at: the photo's current verdict again adds nothing (one INSERT ... SELECT)
+    assert corr.record(wh, [{"image_id": "a'b", "label": "normal"}], vocabulary, inspector="kim").appended == 0
     assert len(wh.read_table(LABEL_CORRECTIONS.name)) == 2
     latest = corr.latest_per_image(wh)
     reasons = corr.validate_stored(wh, latest, vocabulary)

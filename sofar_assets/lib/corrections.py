@@ -12,8 +12,13 @@ Writers: ``sofar correct`` (one verdict or a CSV), or any other system appending
   ``irrelevant``, ``image_id`` known to the predictions table, a parsable ``corrected_at`` not in
   the future, an inspector — and a batch with any bad row is rejected as a whole, with one line
   per bad row naming the file, the row, the id and the value. Nothing of it is written; rows
-  already stored are never touched (the write is one append). Re-importing a file adds nothing:
-  a verdict already stored (same id, label and ``corrected_at``) is skipped.
+  already stored are never touched (the write is one append). Text stored from a file (the
+  inspector) is one line with no control characters and no spreadsheet formula prefix.
+- Idempotent by content: a verdict whose image, label and inspector equal the image's current
+  (latest) verdict adds nothing, with or without ``corrected_at``; nor does a row stored
+  exactly before. So re-importing a file, or two imports of it at once, store each verdict
+  once, while a changed mind (A, then B, then A again) is kept. The check and the append are
+  ONE statement (``Warehouse.append_new``).
 - ``latest_per_image`` + ``validate_stored`` (the ``raw_labels/label_corrections`` asset): rows
   another system wrote are checked the same way when the dataset is built; a bad row becomes an
   error row naming why (left out of training, listed by a check), never a crash, never dropped
@@ -37,6 +42,8 @@ import pandas as pd
 
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib.dataset import IRRELEVANT
+from sofar_assets.lib.storage import IMAGE_SUFFIXES
+from sofar_assets.lib.text import text_problem
 from sofar_assets.lib.uploads import refusal
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTIONS, RAW_CORRECTIONS
 
@@ -104,11 +111,16 @@ def read_csv(path: str | Path) -> list[dict]:
     unreadable file, raises :class:`CorrectionError` naming the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        with open(path, encoding="utf-8-sig", newline="") as fh:  # newline="": a CR in a cell stays a CR
+            text = fh.read()
     except (OSError, UnicodeDecodeError) as exc:
         raise CorrectionError(f"{path}: cannot read the corrections file: {exc}; nothing was written") from None
     reader = csv.DictReader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in (reader.fieldnames or [])]
+    try:
+        fieldnames = reader.fieldnames
+    except csv.Error as exc:  # a header cell over the field limit
+        raise CorrectionError(f"{path}: line 1 (header): {exc}; nothing was written") from None
+    header = [h.strip() for h in (fieldnames or [])]
     if not header:
         raise CorrectionError(f"{path}: empty file; the first line must be the header "
                               f"{','.join(CSV_REQUIRED)}[,{'][,'.join(CSV_OPTIONAL)}]; nothing was written")
@@ -124,7 +136,15 @@ def read_csv(path: str | Path) -> list[dict]:
                               "nothing was written")
     reader.fieldnames = header
     rows = []
-    for n, record in enumerate(reader, 1):
+    records, n, line = iter(reader), 0, reader.line_num
+    while True:
+        try:
+            record = next(records)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # e.g. a field over csv.field_size_limit() (131,072 characters)
+            raise CorrectionError(f"{path} row {n + 1} (line {line + 1}): {exc}; nothing was written") from None
+        n, line = n + 1, reader.line_num
         if None in record:  # more cells than header columns
             raise CorrectionError(f"{path} row {n} (line {reader.line_num}): more cells than the header's "
                                   f"{len(header)} columns; nothing was written")
@@ -156,8 +176,28 @@ def _reject(problems: list[str], what: str) -> CorrectionError:
                            + "\n  ".join(shown) + more)
 
 
+def suggest_ids(wh, unknown: Iterable[str], *, table: str = PREDICTIONS.name) -> dict[str, str]:
+    """For ids given as a file name (``20261102_007.jpg``, or without its extension), the
+    ``image_id`` they most likely mean (``2026-11-02/20261102_007.jpg``): one lookup of the
+    file name under each predicted day."""
+    names = [i for i in dict.fromkeys(unknown) if i and "/" not in i]
+    if not names or not wh.table_exists(table):
+        return {}
+    days = [pd.Timestamp(d).date().isoformat() for d in wh.partition_counts(table, "prediction_date")["partition"]]
+    wanted: dict[str, str] = {}
+    for name in names:
+        stems = [name] if Path(name).suffix.lower() in IMAGE_SUFFIXES else [name + s for s in sorted(IMAGE_SUFFIXES)]
+        wanted |= {f"{day}/{stem}": name for day in days for stem in stems}
+    found = known_predictions(wh, wanted, table=table) if wanted else pd.DataFrame(columns=["image_id"])
+    out: dict[str, str] = {}
+    for image_id in found["image_id"]:  # sorted by id: the earliest day wins a name seen on several
+        out.setdefault(wanted[image_id], image_id)
+    return out
+
+
 def validate(rows: list[dict], vocabulary: Sequence[str], known: pd.DataFrame, *, inspector: str,
-             now: pd.Timestamp | None = None, what: str = "corrections") -> pd.DataFrame:
+             now: pd.Timestamp | None = None, what: str = "corrections",
+             suggestions: dict[str, str] | None = None) -> pd.DataFrame:
     """The ``label_corrections`` rows of a batch, or :class:`CorrectionError` listing every bad
     row. ``rows`` have ``image_id``, ``label``, optionally ``inspector`` / ``corrected_at`` (text)
     and ``where``; ``known`` is :func:`known_predictions` of their ids."""
@@ -175,7 +215,9 @@ def validate(rows: list[dict], vocabulary: Sequence[str], known: pd.DataFrame, *
             problems.append(f"{head}: {why}")
         pred = by_id.get(image_id)
         if pred is None:
-            problems.append(f"{head}: unknown image id (not in the predictions table)")
+            hint = (suggestions or {}).get(image_id)
+            problems.append(f"{head}: unknown image id (not in the predictions table)"
+                            + (f"; did you mean {hint!r}?" if hint else ""))
         try:
             at = parse_time(r["corrected_at"]) if r.get("corrected_at") else now
         except ValueError as exc:
@@ -186,6 +228,9 @@ def validate(rows: list[dict], vocabulary: Sequence[str], known: pd.DataFrame, *
         who = r.get("inspector") or inspector
         if not who:
             problems.append(f"{head}: no inspector (add the column or pass --inspector)")
+        elif (bad := text_problem(who, formula=True)) is not None:
+            column = "column inspector" if r.get("inspector") else "--inspector"
+            problems.append(f"{head}: {column} {bad}")
         key = (image_id, at)
         if key in seen and seen[key] != label:
             problems.append(f"{head}: a second verdict at the same corrected_at with another label "
@@ -199,30 +244,36 @@ def validate(rows: list[dict], vocabulary: Sequence[str], known: pd.DataFrame, *
     return pd.DataFrame(out, columns=list(LABEL_CORRECTIONS.columns))
 
 
-def _stored(wh, ids: list[str]) -> set[tuple]:
-    if not wh.table_exists(TABLE):
-        return set()
-    rows = wh.rows_where_in(TABLE, "image_id", ids, ["image_id", "label", "corrected_at"])
-    return {(i, lab, pd.Timestamp(at)) for i, lab, at in
-            zip(rows["image_id"], rows["label"], rows["corrected_at"], strict=True)}
+def _new_verdicts_sql(q, staged: str) -> str:
+    """The rows of ``staged`` that add something to ``label_corrections``: not stored exactly
+    before, and not the image's current verdict again (same label and inspector, whatever its
+    ``corrected_at``: two imports at once stamp "now" differently)."""
+    cols = list(LABEL_CORRECTIONS.columns)
+    image_id, label, inspector, at = (q(c) for c in ("image_id", "label", "inspector", "corrected_at"))
+    latest = latest_sql(q, ["image_id", "label", "inspector", "corrected_at"],
+                        where=f"{image_id} IN (SELECT {image_id} FROM {staged})")
+    return (f"SELECT {', '.join(f's.{q(c)}' for c in cols)} FROM {staged} AS s "
+            f"LEFT JOIN ({latest}) AS l ON l.{image_id} = s.{image_id} "
+            f"WHERE NOT EXISTS (SELECT 1 FROM {{table:{TABLE}}} AS e WHERE e.{image_id} = s.{image_id} "
+            f"AND e.{label} = s.{label} AND e.{inspector} = s.{inspector} AND e.{at} = s.{at}) "
+            f"AND (l.{image_id} IS NULL OR l.{label} IS DISTINCT FROM s.{label} "
+            f"OR l.{inspector} IS DISTINCT FROM s.{inspector})")
 
 
 def record(wh, rows: list[dict], vocabulary: Sequence[str], *, inspector: str, now: pd.Timestamp | None = None,
            what: str = "corrections") -> Recorded:
-    """Validate a batch and append it in ONE write (or reject it whole, writing nothing).
-
-    A verdict already stored (same image, label and ``corrected_at``) is skipped, so importing
-    a file twice adds nothing."""
-    known = known_predictions(wh, [r.get("image_id", "") for r in rows if r.get("image_id")])
-    batch = validate(rows, vocabulary, known, inspector=inspector, now=now, what=what)
-    stored = _stored(wh, list(batch["image_id"]))
-    keys = [(i, lab, pd.Timestamp(at)) for i, lab, at in
-            zip(batch["image_id"], batch["label"], batch["corrected_at"], strict=True)]
-    new = batch[[k not in stored for k in keys]].drop_duplicates(["image_id", "label", "corrected_at"],
-                                                                 ignore_index=True)
-    appended = wh.append_rows(LABEL_CORRECTIONS, new) if len(new) else 0
-    return Recorded(appended=appended, already_stored=len(batch) - len(new),
-                    by_label=new["label"].value_counts().to_dict())
+    """Validate a batch and append what it adds in ONE statement (or reject it whole, writing
+    nothing). Idempotent by content: importing a file twice, or twice at once, adds nothing the
+    second time (see :func:`_new_verdicts_sql`)."""
+    ids = [r.get("image_id", "") for r in rows if r.get("image_id")]
+    known = known_predictions(wh, ids)
+    unknown = set(ids) - set(known["image_id"])
+    batch = validate(rows, vocabulary, known, inspector=inspector, now=now, what=what,
+                     suggestions=suggest_ids(wh, unknown) if unknown else None)
+    batch = batch.drop_duplicates(["image_id", "label", "inspector", "corrected_at"], ignore_index=True)
+    appended = wh.append_new(LABEL_CORRECTIONS, batch, lambda staged: _new_verdicts_sql(wh.quote, staged))
+    by_label = batch["label"].value_counts().to_dict() if appended == len(batch) else {}
+    return Recorded(appended=appended, already_stored=len(rows) - appended, by_label=by_label)
 
 
 # -- read back: the asset's side -----------------------------------------------------------------

@@ -6,7 +6,7 @@ import datetime as dt
 import os
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -120,6 +120,20 @@ class Warehouse(ABC):
         The rows are converted to the declared types first (a frame that does not fit is
         refused before anything is written). The table is created when missing (day-partitioned
         and clustered as declared) and gains any column the schema adds.
+        """
+
+    @abstractmethod
+    def append_new(self, schema: TableSchema, df: pd.DataFrame, new_rows: Callable[[str], str]) -> int:
+        """Append those rows of ``df`` that ``new_rows`` selects, reading the table and appending
+        in ONE statement (no check-then-append gap); return the rows appended.
+
+        ``new_rows(staged)`` is a ``SELECT`` of ``schema``'s columns, in order, from the
+        fully-qualified name ``staged`` (``df``'s rows), that leaves out what the table already
+        holds (``{table:NAME}`` placeholders allowed). DuckDB runs it in one transaction under the
+        file's lock, so two processes appending the same rows store them once. BigQuery runs one
+        ``INSERT ... SELECT`` DML statement over a staging table: a re-run adds nothing; two
+        statements at the very same moment can each see the other's rows as absent (BigQuery does
+        not serialize INSERTs), which readers that take the latest row per key absorb.
         """
 
     @abstractmethod

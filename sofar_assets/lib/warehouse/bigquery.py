@@ -405,6 +405,32 @@ class BigQueryWarehouse(Warehouse):
             self._load_frame(data, self._ref(schema.name), types, config)
         return data.num_rows
 
+    def append_new(self, schema: TableSchema, df: pd.DataFrame, new_rows) -> int:
+        """A staging table loaded with the rows, then ONE ``INSERT ... SELECT`` DML statement (the
+        read of what the table holds and the append are one atomic statement)."""
+        from google.cloud import bigquery
+
+        data, types = schema.to_arrow(df), dict(schema.columns)
+        self._prepare_table(schema.name, types, schema.partition_column, schema.clustering, add_columns=True)
+        if not data.num_rows:
+            return 0
+        staging = f"{STAGING_PREFIX}{schema.name}_append_{uuid.uuid4().hex[:12]}"
+        stage = bigquery.Table(self._ref(staging), schema=self._fields(types))
+        stage.expires = dt.datetime.now(dt.UTC) + self.staging_ttl
+        self.client.create_table(stage)
+        try:
+            config = bigquery.LoadJobConfig(source_format=bigquery.SourceFormat.PARQUET, schema=self._fields(types),
+                                            write_disposition=bigquery.WriteDisposition.WRITE_TRUNCATE)
+            self._load_frame(data, self._ref(staging), types, config)
+            cols = ", ".join(self.quote(n) for n in schema.columns)
+            sql = (f"INSERT INTO {self.fully_qualified(schema.name)} ({cols}) "
+                   f"{self.expand(new_rows(self.fully_qualified(staging)))}")
+            job = self.client.query(sql, location=self.location)
+            job.result()
+        finally:
+            self.client.delete_table(self._ref(staging), not_found_ok=True)
+        return int(job.num_dml_affected_rows or 0)
+
     def _in_values(self, values: list[str]) -> tuple[str, list]:
         from google.cloud import bigquery
 

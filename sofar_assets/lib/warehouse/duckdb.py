@@ -201,6 +201,18 @@ class DuckDBWarehouse(Warehouse):
             con.execute(f"INSERT INTO {fq} ({cols}) SELECT {cols} FROM _sofar_frame")
         return data.num_rows
 
+    def append_new(self, schema: TableSchema, df: pd.DataFrame, new_rows) -> int:
+        """One transaction under the file's lock: create/extend the table, ``INSERT`` what
+        ``new_rows`` selects from the frame, ``COMMIT``."""
+        data = schema.to_arrow(df)
+        fq = self.fully_qualified(schema.name)
+        with self._transaction() as con:
+            self._ensure_table(con, schema.name, dict(schema.columns))
+            con.register("_sofar_frame", data)
+            cols = ", ".join(self.quote(c) for c in schema.columns)
+            inserted = con.execute(f"INSERT INTO {fq} ({cols}) {self.expand(new_rows('_sofar_frame'))}").fetchone()[0]
+        return int(inserted)
+
     def _in_values(self, values: list[str]) -> tuple[str, list]:
         return "IN (SELECT unnest(CAST(? AS VARCHAR[])))", [list(values)]
 
