@@ -9,6 +9,7 @@
     sofar add-task NAME FOLDER --labels SRC=label ...   add a task to the config and validate it
     sofar correct IMAGE_ID LABEL | --csv FILE         record inspectors' verdicts (label_corrections)
     sofar demo-data | summary           what `make run` uses
+    sofar init-registry                 create the MLflow registry explicitly (never recreated silently)
     sofar export-weights PATH           the image's build step: the backbone weights for model.weights_file
 
 The config is the file ``SOFAR_CONFIG`` names (default config/demo.yaml). Exit codes: 0 ok,
@@ -281,6 +282,27 @@ def rollback(*, reason: str, force: bool, by: str, to: str | None) -> None:
     _move_champion(cfg, client, target, reason=reason, force=force, by=by, via="sofar rollback", rollback=True)
 
 
+def init_registry() -> None:
+    """Create the MLflow registry explicitly (training refuses to recreate one the warehouse remembers)."""
+    from sofar_assets.lib import registry
+
+    cfg = _config()
+    res = _resources(cfg)
+    wh = res["warehouse"].get()
+    known = registry.predicted_versions(wh, cfg.model.name, table=_predictions_table())
+    created = res["mlflow_tracking"].init_registry(cfg.model.name)
+    where = cfg.storage.mlflow.registry_uri or cfg.mlflow_tracking_uri
+    if not created:
+        print(f"{where}: model {cfg.model.name!r} is already registered; nothing changed")
+        return
+    print(f"{where}: registered model {cfg.model.name!r} created (no versions yet)")
+    if known:
+        print(f"note: the warehouse holds {sum(known.values())} prediction rows from earlier versions "
+              f"({', '.join('v' + v for v in sorted(known, key=lambda v: int(v) if v.isdigit() else 0))}); "
+              "this registry's versions restart at 1 and are other models")
+    print("next: materialize the training group (train_and_promote)")
+
+
 # -- add-task ---------------------------------------------------------------------------------------
 def _parse_labels(pairs: list[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
@@ -541,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="generate the SYNTHETIC demo dataset")
     p.add_argument("--out", type=Path, default=REPO_ROOT / ".sofar" / "demo-data")
     sub.add_parser("summary", help="rows per day, the champion and the OOD count (what `make run` prints)")
+    sub.add_parser("init-registry", help="create the MLflow registry explicitly (training never recreates a "
+                   "registry the warehouse holds prediction rows from)")
     p = sub.add_parser("export-weights", help="write the packaged Lite0 ImageNet weights as safetensors "
                        "(the image's build step: model.weights_file)")
     p.add_argument("path", type=Path)
@@ -573,6 +597,8 @@ def main(argv: list[str] | None = None) -> int:
                 demo_data(args.out)
             case "summary":
                 summary()
+            case "init-registry":
+                init_registry()
             case "export-weights":
                 from sofar_assets.lib.models import export_offline_weights
 

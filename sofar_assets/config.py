@@ -160,6 +160,10 @@ class MlflowTarget(_Strict):
     artifact_location: str | None = Field(
         None, description="default: <root>/mlartifacts; with a tracking server, the server's (proxied) artifact root")
     experiment: str = "sofar"
+    http_timeout_s: int = Field(15, ge=1, le=600, description="each MLflow request waits at most this long for "
+                                "the server (mlflow's default: 120 s)")
+    http_max_retries: int = Field(1, ge=0, le=10, description="retries of a failed MLflow request (mlflow's "
+                                  "default: 7); a call takes at most about (1 + retries) x http_timeout_s")
 
 
 class StorageConfig(_Strict):

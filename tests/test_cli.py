@@ -345,3 +345,48 @@ def test_dagster_and_mlflow_link_each_other(pipeline):
                             ("champion_model", {version_url})):
         md = result.asset_materializations_for_node(asset)[-1].metadata
         assert {v.value for k, v in md.items() if k.startswith("mlflow_") and isinstance(v, dg.UrlMetadataValue)} == expected
+
+
+def test_a_hung_mlflow_api_is_one_line_naming_the_server(tmp_path, demo_data, monkeypatch, capsys):
+    """Issue 23 item 11: a server whose /health answers but whose API never does held `sofar
+    status` for 100 s and ended in a traceback. A real local HTTP server that accepts and never
+    answers (its handler threads wait on an event, released at the end)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    release = threading.Event()
+    seen = []
+
+    class Hung(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            seen.append(self.path)
+            if self.path == "/health":
+                self.send_response(200)
+                self.end_headers()
+                self.wfile.write(b"OK")
+                return
+            release.wait(60)  # bounded: the test releases it
+
+        do_POST = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hung)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        path = write_config(tmp_path, demo_data, storage={"root": str(tmp_path / "state"), "mlflow": {
+            "tracking_uri": uri, "http_timeout_s": 1, "http_max_retries": 0}})
+        monkeypatch.setenv("SOFAR_CONFIG", str(path))
+        code = cli.main(["status"])
+        err = capsys.readouterr().err
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+    assert code == 1 and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"MLflow server {uri} did not answer" in err and "waited 1 s per request, 1 try" in err
+    assert any(p.startswith("/api/") for p in seen)  # the API was really asked, and hung

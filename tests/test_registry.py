@@ -161,3 +161,54 @@ def test_champion_model_refuses_an_edited_io_manager_evaluation(pipeline, demo_d
                             raise_on_error=False)
     failure = result.failure_data_for_node("champion_model").user_failure_data.description
     assert "ece_below_ceiling" in failure and registry.champion_version(client, name) == "1"
+
+
+def test_a_deleted_registry_is_an_error_and_creating_one_is_explicit(pipeline, demo_data, tmp_path, monkeypatch,
+                                                                     capsys):
+    """Issue 23 item 4: with mlflow.db deleted, training created a new registry and a new "v1"
+    while the warehouse held rows saying model_version=1 of the old one."""
+    import datetime as dt
+
+    import pandas as pd
+
+    from sofar_assets import cli
+    from sofar_assets.lib.warehouse import PREDICTIONS
+
+    shutil.copytree(Path(pipeline["cfg"].root), tmp_path / "state")
+    path = write_config(tmp_path, demo_data)
+    cfg = load_config(path)
+    defs = build_definitions(cfg)
+    wh = defs.resources["warehouse"].get()
+    day = dt.date(2026, 11, 1)
+    rows = pd.DataFrame([{"prediction_date": day, "image_id": f"{day}/{i}.jpg", "image_uri": f"/u/{i}.jpg",
+                          "model_name": cfg.model.name, "model_version": "1"} for i in range(3)])
+    wh.append_rows(PREDICTIONS, rows.reindex(columns=list(PREDICTIONS.columns)))
+    db = tmp_path / "state" / "mlflow.db"
+    db.unlink()
+
+    result = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets("sofar_classifier"),
+                            resources=defs.resources, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
+    assert not result.success
+    failure = result.failure_data_for_node("sofar_classifier").user_failure_data.description
+    assert f"MLflow registry {db} (missing file) has no model {cfg.model.name!r}" in failure
+    assert "3 prediction rows from its versions (up to v1)" in failure and "sofar init-registry" in failure
+    assert not db.exists()  # nothing was created
+
+    monkeypatch.setenv("SOFAR_CONFIG", str(path))
+    assert cli.main(["init-registry"]) == 0
+    out = capsys.readouterr().out
+    assert f"registered model {cfg.model.name!r} created" in out and "3 prediction rows" in out and db.is_file()
+    resource = defs.resources["mlflow_tracking"]
+    resource.require_registry(cfg.model.name, registry.predicted_versions(wh, cfg.model.name))  # now it passes
+    assert cli.main(["init-registry"]) == 0 and "nothing changed" in capsys.readouterr().out
+
+
+def test_a_first_run_creates_the_registry(tmp_path, demo_data):
+    """An empty warehouse: training may create the registry (the first run)."""
+    cfg = load_config(write_config(tmp_path, demo_data))
+    defs = build_definitions(cfg)
+    resource = defs.resources["mlflow_tracking"]
+    predicted = registry.predicted_versions(defs.resources["warehouse"].get(), cfg.model.name)
+    assert predicted == {}
+    resource.require_registry(cfg.model.name, predicted)  # no error
+    assert resource.setup() and (Path(cfg.root) / "mlflow.db").is_file()

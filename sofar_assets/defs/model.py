@@ -149,6 +149,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
             context.log.warning(f"classes without training images: {missing}")
         spec = model_spec(cfg, len(classes))
         tcfg = TrainConfig(**cfg.train.model_dump())
+        # a registry is created only on a first run: not when the warehouse remembers its versions
+        mlflow_tracking.require_registry(cfg.model.name, registry.predicted_versions(warehouse.get(), cfg.model.name))
         experiment_id = mlflow_tracking.setup()
         with mlflow.start_run(
             experiment_id=experiment_id,

@@ -117,8 +117,8 @@ class MlflowResource(dg.ConfigurableResource):
         "(proxied artifacts with `mlflow server --serve-artifacts`)")
     experiment: str = "sofar"
     probe_timeout_s: float = Field(5.0, gt=0, description="the reachability probe of a tracking server")
-    http_max_retries: int = Field(2, ge=0, description="mlflow's retries per request (its default: 7)")
-    http_timeout_s: int = Field(30, ge=1, description="mlflow's timeout per request (its default: 120 s)")
+    http_max_retries: int = Field(1, ge=0, description="mlflow's retries per request (its default: 7)")
+    http_timeout_s: int = Field(15, ge=1, description="mlflow's timeout per request (its default: 120 s)")
 
     def _check_reachable(self, *, create: bool) -> None:
         import requests
@@ -149,14 +149,59 @@ class MlflowResource(dg.ConfigurableResource):
         # mlflow reads these per request; bounded here so an outage is an error in seconds
         os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(self.http_max_retries)
         os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(self.http_timeout_s)
+        os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"  # mlflow's 2: 2, 4, 8 s between retries
         self._check_reachable(create=create)
         if create and self.tracking_uri.startswith("sqlite:///"):
             Path(self.tracking_uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.registry_uri or self.tracking_uri)
 
+    def _sqlite_path(self) -> Path | None:
+        uri = self.registry_uri or self.tracking_uri
+        return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+    def require_registry(self, name: str, predicted: dict[str, int]) -> None:
+        """A registry that has existed must still be there: with prediction rows from versions of
+        ``name`` in the warehouse (``predicted``, see ``registry.predicted_versions``), a missing
+        sqlite file or a registry without ``name`` is :class:`MlflowUnavailable` naming it, before
+        anything is created. With no such rows, training creates the registry (a first run)."""
+        from mlflow.exceptions import MlflowException
+
+        from sofar_assets.lib import registry
+
+        if not predicted:
+            return
+        path = self._sqlite_path()
+        if path is not None and not path.is_file():
+            raise MlflowUnavailable(registry.lost_registry_message(f"{path} (missing file)", name, predicted))
+        try:
+            self.client().get_registered_model(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            raise MlflowUnavailable(registry.lost_registry_message(self.registry_uri or self.tracking_uri, name,
+                                                                   predicted)) from None
+
+    def init_registry(self, name: str) -> bool:
+        """``sofar init-registry``: create the registry (and ``name`` in it) explicitly; False
+        when ``name`` was already registered (nothing changed)."""
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        self.setup()
+        client = MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
+        try:
+            client.get_registered_model(name)
+            return False
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        client.create_registered_model(name, tags={"created_by": "sofar init-registry"})
+        return True
+
     def setup(self) -> str:
-        """Point mlflow at this server/registry and return the experiment id (created if missing)."""
+        """Point mlflow at this server/registry and return the experiment id (created if missing).
+        Training calls :meth:`require_registry` first: a registry is created only on a first run."""
         import mlflow
 
         self._point(create=True)
@@ -175,11 +220,55 @@ class MlflowResource(dg.ConfigurableResource):
                                         tags={links.EXPERIMENT_KIND_TAG: links.CLASSIC_ML_KIND})
 
     def client(self):
-        """A client on the existing tracking store and registry (read path: creates nothing)."""
+        """A client on the existing tracking store and registry (read path: creates nothing).
+
+        Every call is bounded (``http_timeout_s``, ``http_max_retries``); a server that does not
+        answer is :class:`MlflowUnavailable` naming it, not a traceback after minutes."""
         from mlflow import MlflowClient
 
         self._point(create=False)
-        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.registry_uri or self.tracking_uri)
+        registry = self.registry_uri or self.tracking_uri
+        return BoundedClient(MlflowClient(tracking_uri=self.tracking_uri, registry_uri=registry),
+                             servers=f"{self.tracking_uri}" + (f" / {registry}" if registry != self.tracking_uri else ""),
+                             timeout_s=self.http_timeout_s, retries=self.http_max_retries)
+
+
+_UNANSWERED = ("timed out", "timeout", "max retries exceeded", "connection aborted", "connection refused",
+               "remotedisconnected", "connectionerror")
+
+
+class BoundedClient:
+    """An ``MlflowClient`` whose calls that get no answer from the server raise
+    :class:`MlflowUnavailable` with one line naming the server, the call and the bound."""
+
+    def __init__(self, client, *, servers: str, timeout_s: int, retries: int):
+        self._client, self._servers, self._timeout_s, self._retries = client, servers, timeout_s, retries
+
+    def __getattr__(self, name: str):
+        import functools
+
+        from mlflow.exceptions import MlflowException
+
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def bounded(*args, **kwargs):
+            try:
+                return attr(*args, **kwargs)
+            except MlflowException as exc:
+                text = str(exc).lower()
+                if "api request to" not in text or not any(m in text for m in _UNANSWERED):
+                    raise
+                raise MlflowUnavailable(
+                    f"MLflow server {self._servers} did not answer {name} (waited {self._timeout_s} s per request, "
+                    f"{1 + self._retries} {'try' if self._retries == 0 else 'tries'}; storage.mlflow.http_timeout_s / "
+                    "http_max_retries): check the "
+                    "server and its database"
+                ) from None
+
+        return bounded
 
 
 class ImageStoreResource(dg.ConfigurableResource):
@@ -210,6 +299,8 @@ def build_resources(cfg: SofarConfig) -> dict[str, object]:
             registry_uri=cfg.storage.mlflow.registry_uri,
             artifact_location=cfg.mlflow_artifact_location,
             experiment=cfg.storage.mlflow.experiment,
+            http_timeout_s=cfg.storage.mlflow.http_timeout_s,
+            http_max_retries=cfg.storage.mlflow.http_max_retries,
         ),
         "image_store": ImageStoreResource(cache_dir=cfg.cache_dir),
         "io_manager": io_manager,

@@ -160,6 +160,27 @@ def rollback_target(client, name: str, current: str) -> str | None:
     return None
 
 
+# -- a registry that existed ----------------------------------------------------------------------
+def predicted_versions(wh, name: str, *, table: str = "predictions") -> dict[str, int]:
+    """``{model_version: rows}`` of ``name``'s rows in the predictions table: the warehouse's
+    memory of a registry (one ``GROUP BY`` in the warehouse; empty when there is no table)."""
+    if not wh.table_exists(table):
+        return {}
+    counts = wh.count_by(table, "prediction_date", dt.date(1900, 1, 1), dt.date(9999, 1, 1),
+                         by=["model_name", "model_version"])
+    mine = counts[counts["model_name"] == name]
+    return {str(v): int(n) for v, n in zip(mine["model_version"], mine["n"], strict=True) if v is not None}
+
+
+def lost_registry_message(where: str, name: str, versions: dict[str, int]) -> str:
+    """The error for a registry that is gone while the warehouse holds rows of its versions."""
+    top = max(versions, key=lambda v: int(v) if str(v).isdigit() else 0)
+    return (f"MLflow registry {where} has no model {name!r}, but the warehouse holds {sum(versions.values())} "
+            f"prediction rows from its versions (up to v{top}): the registry that scored them is gone. Restore it "
+            "from a backup; or, knowing that new versions restart at 1 (rows saying model_version=1 would then "
+            "name another model), start a new one explicitly with `sofar init-registry`. Nothing was created.")
+
+
 # -- the gate's evidence: what the registry holds ----------------------------------------------------
 GATE_CONFIG_TAG = "gate_config"
 """Version tag: the ``gate:`` settings (JSON) the version was trained under; every later
