@@ -495,8 +495,10 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 description=f"v{version} did not pass the promotion gate ({source}): {sorted(failed)}; "
                 "the champion stays.", metadata={k: dg.MetadataValue.json(v) for k, v in failed.items()},
             )
+        user = context.run.tags.get("user", "dagster")
+        user = user if registry.text_problem(user) is None else ascii(user)  # one line, before the move
         previous = registry.set_champion(client, name, version)
-        registry.record_promotion(client, name, version, previous, by=context.run.tags.get("user", "dagster"),
+        registry.record_promotion(client, name, version, previous, by=user,
                                   reason="passed the promotion gate on model_evaluation",
                                   via=f"champion_model (run {context.run_id[:8]})", gate=f"passed under {source}")
         context.log.info(f"{name}@{registry.CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")

@@ -26,9 +26,9 @@ import pandas as pd
 
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
-from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
+from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.lib import daily, drift, ood, plots, registry, review, storage
 from sofar_assets.lib.conformal import LabelSets
 from sofar_assets.lib.packaging import load_registered

@@ -129,7 +129,7 @@ def set_champion(client, name: str, version: str, *, rollback: bool = False) -> 
     Returns the previous champion version (or None)."""
     version = parse_version(version)
     previous = champion_version(client, name)
-    stack = champion_stack(client, name) if previous is not None else []
+    stack = champion_stack(client, name)
     if previous is not None and (not stack or stack[-1] != previous):
         stack.append(previous)  # a registry older than the stack, or an alias moved in the MLflow UI
     if rollback and version in stack:
