@@ -30,9 +30,9 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_p
 def _executor(cfg: SofarConfig):
     kind = cfg.storage.executor
     if kind == "k8s":
-        from dagster_k8s import k8s_job_executor
+        from sofar_assets.defs.k8s import sofar_k8s_executor
 
-        return k8s_job_executor
+        return sofar_k8s_executor(cfg)
     if kind == "multiprocess":
         return dg.multiprocess_executor
     # DuckDB allows one writer: locally every step of a run executes in one process, in order.

@@ -45,3 +45,9 @@ def git_commit() -> str:
         return "unknown"
     except OSError:
         return "unknown"
+
+
+def gpu_required() -> bool:
+    """True inside a step pod that was given a GPU (``SOFAR_REQUIRE_GPU=1``, set by the op tags of
+    defs/k8s.py): there, a torch that sees no CUDA is a broken driver or image, not a CPU machine."""
+    return os.environ.get("SOFAR_REQUIRE_GPU", "").strip() == "1"
