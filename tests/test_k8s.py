@@ -745,3 +745,34 @@ def test_a_gpu_step_that_sees_no_cuda_fails_at_once_naming_build_and_driver(cfg,
         with pytest.raises(GpuMissingError, match=rf"torch .* built for CUDA {re.escape(str(torch.version.cuda))}"
                                                   r".*; driver: .+; torch says: "):
             resolve_device(device)
+
+
+# --------------------------------------------------------------------------- pools
+
+WAREHOUSE_WRITES = re.compile(r"\.(write_table|replace_day|append_rows|replace_partition)\(|\bcommit_day\(")
+
+
+def test_every_gpu_step_and_every_warehouse_write_is_in_its_pool(defs, launcher):
+    """Generic over every op of every prod job: the GPU comes from the rendered pod, a warehouse
+    write from the op's own code (a call of the warehouse's write methods or lib/daily.commit_day)."""
+    import inspect
+
+    from sofar_assets.defs.k8s import POOL_GPU, POOL_WAREHOUSE_WRITE
+
+    seen = {POOL_GPU: set(), POOL_WAREHOUSE_WRITE: set()}
+    for job_name, step, _ in prod_steps(defs):
+        op = defs.resolve_job_def(job_name).get_node(step.node_handle).definition
+        pod = render_step(launcher, job_name, step).spec.template.spec
+        holds_gpu = GPU_RESOURCE in (pod.containers[0].resources.limits or {})
+        writes = bool(WAREHOUSE_WRITES.search(inspect.getsource(op.compute_fn.decorated_fn)))
+        assert not (holds_gpu and writes), f"{step.key}: holds a GPU while it writes the warehouse"
+        if holds_gpu:
+            assert op.pool == POOL_GPU, f"{step.key} holds a GPU but its pool is {op.pool!r}"
+            seen[POOL_GPU].add(op.name)
+        if writes:
+            assert op.pool == POOL_WAREHOUSE_WRITE, f"{step.key} writes the warehouse but its pool is {op.pool!r}"
+            seen[POOL_WAREHOUSE_WRITE].add(op.name)
+    assert {"sofar_classifier", "ood_calibration", "model_evaluation", "score_shard"} <= seen[POOL_GPU]
+    assert {"sofar_dataset", "commit_days"} <= seen[POOL_WAREHOUSE_WRITE]
+    tradeoff = defs.resolve_assets_def("tradeoff_report")
+    assert tradeoff.op.pool == POOL_GPU  # its own job (tradeoff_job), also on a GPU
