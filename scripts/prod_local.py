@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the package, and the tests' BigQuery emulator
@@ -99,7 +100,9 @@ def upload_demo_data(cfg: SofarConfig, gcs_client, wh, schedule_day: dt.date, wo
         for i, f in enumerate(files):
             uri = f"{UPLOADS_PREFIX}/{day.isoformat()}/{f.name}"
             _gcs_put(gcs_client, uri, f.read_bytes())
-            at = dt.datetime.combine(day, dt.time(8), tzinfo=dt.UTC) + dt.timedelta(minutes=37 * i)
+            # spread over 08:00-24:00 of the partitions' day (Asia/Seoul in prod): each photo in its own day
+            at = (dt.datetime.combine(day, dt.time(8), tzinfo=ZoneInfo(cfg.partitions.timezone))
+                  + dt.timedelta(minutes=16 * 60 * i // len(files)))
             uploads.append({"image_id": f"{day.isoformat()}/{f.name}", "image_uri": uri, "uploaded_at": at})
         per_day[day] = len(files)
     wh.write_table(cfg.uploads.table, pd.DataFrame(uploads), IMAGE_UPLOADS)
@@ -149,8 +152,6 @@ def stop_schedule(dagster: Dagster) -> None:
 
 def last_tick_time(cfg: SofarConfig, now: dt.datetime) -> dt.datetime:
     """The latest ``schedule_hour`` o'clock at or before ``now`` in the partitions' timezone."""
-    from zoneinfo import ZoneInfo
-
     local = now.astimezone(ZoneInfo(cfg.partitions.timezone))
     tick = local.replace(hour=cfg.partitions.schedule_hour, minute=0, second=0, microsecond=0)
     return tick if tick <= local else tick - dt.timedelta(days=1)

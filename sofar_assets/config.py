@@ -304,6 +304,9 @@ class PartitionsConfig(_Strict):
         None, ge=1, description="None: a backfill range is one run; N: runs of up to N days each (fan-out)"
     )
     timezone: str = Field("UTC", description="IANA time zone of the daily partitions, e.g. Asia/Seoul")
+    late_upload_days: int = Field(
+        7, ge=0, description="re-run a committed day of the last N days that has more uploads now than it "
+        "was committed with (defs/late_uploads.py); 0: never")
 
     @field_validator("timezone")
     @classmethod
