@@ -14,6 +14,7 @@ submitted through the webserver's GraphQL API as the UI does: ``launchRun`` for
 ``train_and_promote``, ``launchPartitionBackfill`` for a 9-day backfill of
 ``daily_predictions`` (fanned out by ``partitions.backfill_days_per_run: 7`` into 2 runs),
 then one real tick of ``daily_predictions_job_schedule`` evaluated by the daemon's scheduler.
+It ends with ``sofar doctor`` (sofar_assets/doctor.py) against the stack, as an operator runs it.
 Exit status 0 only when every check passed; the stack is stopped on any exit (also Ctrl-C).
 """
 
@@ -368,6 +369,16 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
         in_pg = {run_id: status for run_id, _, status in rows}
         checks(all(in_pg.get(r) == "SUCCESS" for r in expected) and len(backfill_runs) >= 2 and len(sched_runs) == 1,
                f"Dagster runs in PostgreSQL, all SUCCESS: train 1, backfill {len(backfill_runs)}, schedule {len(sched_runs)}")
+
+        # ----------------------------------------------------------------- the preflight, as an operator runs it
+        import subprocess
+
+        doc = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "doctor"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env=stack.env(**dagster.env, SOFAR_CONFIG=str(CONFIG)))
+        for line in doc.stdout.splitlines():
+            log(f"  sofar doctor | {line}")
+        last = (doc.stdout.strip().splitlines() or [doc.stderr.strip()[-300:]])[-1]
+        checks(doc.returncode == 0 and "Traceback" not in doc.stderr, f"sofar doctor against the stack: {last}")
 
         wall = time.monotonic() - t_start
         summary = [
