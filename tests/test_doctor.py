@@ -190,3 +190,23 @@ def test_gpu_here_without_cuda_is_one_fail_line_naming_the_build(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     (check,) = doctor.gpu_here(cfg, lambda: None)
     assert not check.ok and f"built for CUDA {torch.version.cuda}" in check.detail
+
+
+def test_sofar_doctor_locally_says_what_to_do_without_a_traceback(tmp_path, demo_data, monkeypatch, capsys):
+    """The CLI hook on the demo setup: DuckDB, a sqlite registry that does not exist yet, and a fresh
+    Dagster instance without pool limits: exit 1, one FAIL line per pool, nothing raised."""
+    from conftest import write_config
+
+    from sofar_assets.cli import main
+
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry: {enabled: false}\n")
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    monkeypatch.setenv("SOFAR_CONFIG", str(write_config(tmp_path, demo_data)))
+    assert main(["doctor"]) == 1
+    out = capsys.readouterr()
+    assert "Traceback" not in out.out + out.err
+    assert "OK    warehouse: DuckDB file" in out.out and "OK    time zone: partitions are UTC days" in out.out
+    assert "FAIL  pool gpu: no limit on this Dagster instance: `dagster instance concurrency set gpu N`" in out.out
+    assert "FAIL  pool warehouse_write: no limit" in out.out
