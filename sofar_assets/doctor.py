@@ -4,7 +4,7 @@ Run before the first run of a deployment (and after changing one): each line is 
 was found, or ``FAIL`` with what to do. Nothing is written: permissions are asked of IAM
 (``testIamPermissions``), not tried on production tables. A check that raises becomes a FAIL
 line naming the error (no traceback). ``--gpu`` adds a Kubernetes Job on the GPU node pool that
-runs :func:`gpu_here` there (torch sees the GPU and runs one forward pass of the champion).
+runs :func:`check_gpu_here` there (torch sees the GPU and runs one forward pass of the champion).
 
 The clients are parameters so that tests can point the checks at the local stack (PostgreSQL,
 MLflow server with basic auth, GCS and BigQuery emulators) and break one piece at a time.
@@ -281,7 +281,7 @@ def report(checks: list[Check], out) -> bool:
 GPU_JOB_NAME = "sofar-doctor-gpu"
 
 
-def gpu_here(cfg: SofarConfig, client_factory: Callable[[], object]) -> list[Check]:
+def check_gpu_here(cfg: SofarConfig, client_factory: Callable[[], object]) -> list[Check]:
     """In the GPU pod: torch sees the GPU (else the named CUDA build and driver), and one forward
     pass of the champion runs on it (or, with no champion yet, of the untrained architecture)."""
     import time
@@ -411,7 +411,7 @@ def main(cfg: SofarConfig, *, gpu: bool = False, gpu_here: bool = False, out=Non
     out = out or sys.stdout
     if gpu_here:
         clients = default_clients(cfg)
-        return 0 if report(_guard("GPU", lambda: gpu_here(cfg, clients["mlflow"])), out) else 1
+        return 0 if report(_guard("GPU", lambda: check_gpu_here(cfg, clients["mlflow"])), out) else 1
     checks = run_checks(cfg)
     if gpu:
         image = settings.current_image()

@@ -188,16 +188,19 @@ def test_gpu_here_without_cuda_is_one_fail_line_naming_the_build(monkeypatch):
 
     cfg = parse_config(yaml.safe_load((REPO / "config" / "prod.yaml").read_text()), base_dir=REPO / "config")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    (check,) = doctor.gpu_here(cfg, lambda: None)
+    (check,) = doctor.check_gpu_here(cfg, lambda: None)
     assert not check.ok and f"built for CUDA {torch.version.cuda}" in check.detail
+    out = io.StringIO()  # what the --gpu Job's pod runs and prints
+    assert doctor.main(cfg, gpu_here=True, out=out) == 1
+    assert out.getvalue().startswith("FAIL  GPU: this step was given a GPU") and "Traceback" not in out.getvalue()
 
 
 def test_sofar_doctor_locally_says_what_to_do_without_a_traceback(tmp_path, demo_data, monkeypatch, capsys):
     """The CLI hook on the demo setup: DuckDB, a sqlite registry that does not exist yet, and a fresh
     Dagster instance without pool limits: exit 1, one FAIL line per pool, nothing raised."""
-    from conftest import write_config
-
     from sofar_assets.cli import main
+
+    from conftest import write_config
 
     home = tmp_path / "dagster_home"
     home.mkdir()
