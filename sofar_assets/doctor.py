@@ -379,9 +379,9 @@ def run_gpu_job(cfg: SofarConfig, image: str, out) -> list[Check]:
                                         f"{GPU_JOB_NAME}")]
     pod = pods[0]
     if pod.status.phase == "Pending":
-        from sofar_assets.defs.k8s import _pod_waiting_reason
+        from sofar_assets.defs.k8s import pod_waiting_reason
 
-        return [Check("GPU job", False, f"pod {pod.metadata.name} never started: {_pod_waiting_reason(pod)}")]
+        return [Check("GPU job", False, f"pod {pod.metadata.name} never started: {pod_waiting_reason(pod)}")]
     logs = core.read_namespaced_pod_log(pod.metadata.name, ns)
     lines = [ln for ln in logs.splitlines() if ln.startswith(("OK  ", "FAIL"))]
     for ln in lines:

@@ -114,7 +114,7 @@ def step_k8s_config(cfg: SofarConfig) -> dict:
     return {"job_metadata": {"annotations": {START_TIMEOUT_ANNOTATION: str(cfg.kubernetes.start_timeout_s)}}}
 
 
-def _pod_waiting_reason(pod) -> str:
+def pod_waiting_reason(pod) -> str:
     """Why a Pending pod is not running, in Kubernetes' own words."""
     status = pod.status
     for cond in (status.conditions or []) if status else []:
@@ -154,7 +154,7 @@ def start_problem(api, job_name: str, namespace: str, default_timeout_s: int, no
         waited = now - pod.metadata.creation_timestamp
         if waited > limit:
             return (f"step pod {pod.metadata.name} has not started after {int(waited.total_seconds())} s "
-                    f"(kubernetes.start_timeout_s: {timeout}): {_pod_waiting_reason(pod)}")
+                    f"(kubernetes.start_timeout_s: {timeout}): {pod_waiting_reason(pod)}")
     return None
 
 
