@@ -14,6 +14,7 @@ submitted through the webserver's GraphQL API as the UI does: ``launchRun`` for
 ``train_and_promote``, ``launchPartitionBackfill`` for a 9-day backfill of
 ``daily_predictions`` (fanned out by ``partitions.backfill_days_per_run: 7`` into 2 runs),
 then one real tick of ``daily_predictions_job_schedule`` evaluated by the daemon's scheduler.
+It ends with ``sofar doctor`` (sofar_assets/doctor.py) against the stack, as an operator runs it.
 Exit status 0 only when every check passed; the stack is stopped on any exit (also Ctrl-C).
 """
 
@@ -27,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
+from zoneinfo import ZoneInfo
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the package, and the tests' BigQuery emulator
@@ -99,7 +101,9 @@ def upload_demo_data(cfg: SofarConfig, gcs_client, wh, schedule_day: dt.date, wo
         for i, f in enumerate(files):
             uri = f"{UPLOADS_PREFIX}/{day.isoformat()}/{f.name}"
             _gcs_put(gcs_client, uri, f.read_bytes())
-            at = dt.datetime.combine(day, dt.time(8), tzinfo=dt.UTC) + dt.timedelta(minutes=37 * i)
+            # spread over 08:00-24:00 of the partitions' day (Asia/Seoul in prod): each photo in its own day
+            at = (dt.datetime.combine(day, dt.time(8), tzinfo=ZoneInfo(cfg.partitions.timezone))
+                  + dt.timedelta(minutes=16 * 60 * i // len(files)))
             uploads.append({"image_id": f"{day.isoformat()}/{f.name}", "image_uri": uri, "uploaded_at": at})
         per_day[day] = len(files)
     wh.write_table(cfg.uploads.table, pd.DataFrame(uploads), IMAGE_UPLOADS)
@@ -149,8 +153,6 @@ def stop_schedule(dagster: Dagster) -> None:
 
 def last_tick_time(cfg: SofarConfig, now: dt.datetime) -> dt.datetime:
     """The latest ``schedule_hour`` o'clock at or before ``now`` in the partitions' timezone."""
-    from zoneinfo import ZoneInfo
-
     local = now.astimezone(ZoneInfo(cfg.partitions.timezone))
     tick = local.replace(hour=cfg.partitions.schedule_hour, minute=0, second=0, microsecond=0)
     return tick if tick <= local else tick - dt.timedelta(days=1)
@@ -367,6 +369,16 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
         in_pg = {run_id: status for run_id, _, status in rows}
         checks(all(in_pg.get(r) == "SUCCESS" for r in expected) and len(backfill_runs) >= 2 and len(sched_runs) == 1,
                f"Dagster runs in PostgreSQL, all SUCCESS: train 1, backfill {len(backfill_runs)}, schedule {len(sched_runs)}")
+
+        # ----------------------------------------------------------------- the preflight, as an operator runs it
+        import subprocess
+
+        doc = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "doctor"], cwd=REPO, capture_output=True,
+                             text=True, timeout=600, env=stack.env(**dagster.env, SOFAR_CONFIG=str(CONFIG)))
+        for line in doc.stdout.splitlines():
+            log(f"  sofar doctor | {line}")
+        last = (doc.stdout.strip().splitlines() or [doc.stderr.strip()[-300:]])[-1]
+        checks(doc.returncode == 0 and "Traceback" not in doc.stderr, f"sofar doctor against the stack: {last}")
 
         wall = time.monotonic() - t_start
         summary = [

@@ -565,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("summary", help="rows per day, the champion and the OOD count (what `make run` prints)")
     sub.add_parser("init-registry", help="create the MLflow registry explicitly (training never recreates a "
                    "registry the warehouse holds prediction rows from)")
+    p = sub.add_parser("doctor", help="preflight of the configured environment: one line per check, OK or "
+                       "what to do (warehouse, staging bucket, permissions, MLflow, pools, time zone)")
+    p.add_argument("--gpu", action="store_true", help="also run a Kubernetes Job on the GPU node pool: torch "
+                   "sees the GPU and runs one forward pass of the champion")
+    p.add_argument("--gpu-here", action="store_true", help=argparse.SUPPRESS)  # what that Job runs
     p = sub.add_parser("export-weights", help="write the packaged Lite0 ImageNet weights as safetensors "
                        "(the image's build step: model.weights_file)")
     p.add_argument("path", type=Path)
@@ -599,6 +604,10 @@ def main(argv: list[str] | None = None) -> int:
                 summary()
             case "init-registry":
                 init_registry()
+            case "doctor":
+                from sofar_assets.doctor import main as doctor_main
+
+                return doctor_main(_config(), gpu=args.gpu, gpu_here=args.gpu_here)
             case "export-weights":
                 from sofar_assets.lib.models import export_offline_weights
 

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from sofar_assets.lib import storage
+from sofar_assets.lib import gke, storage
 from sofar_assets.lib.warehouse.names import check_dataset, check_identifier, check_project
 
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -272,6 +272,32 @@ class KubernetesConfig(_Strict):
     gpu_tolerations: list[dict[str, str]] = Field(
         default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     )
+    gpu_machine: str | None = Field(
+        None, description="machine type of the GPU node pool (e.g. g2-standard-8): every GPU step's pod is "
+        "checked at load to fit its allocatable (lib/gke.py); null: not checked")
+    start_timeout_s: int = Field(
+        1800, ge=60, description="a step pod still Pending (unschedulable, image not pulled) after this fails "
+        "the step, saying why (defs/k8s.py)")
+    cache_subdir: str = Field(
+        "sofar", description="the folder on the cache share that an init container creates, owned by the "
+        "pods' user; storage.cache is mounted from it")
+    cache_init_image: str = Field(
+        "busybox:1.37", description="image of that init container (mkdir + chown); a private cluster "
+        "mirrors it into its Artifact Registry")
+
+    @field_validator("gpu_machine")
+    @classmethod
+    def _known_machine(cls, v: str | None) -> str | None:
+        if v is not None and v not in gke.MACHINES:
+            raise ValueError(f"unknown GPU machine type {v!r}; known: {', '.join(gke.MACHINES)} (lib/gke.py)")
+        return v
+
+    @field_validator("cache_subdir")
+    @classmethod
+    def _plain_subdir(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"{v!r} must be one plain folder name (letters, digits, . _ -)")
+        return v
 
 
 class PartitionsConfig(_Strict):
@@ -282,6 +308,9 @@ class PartitionsConfig(_Strict):
         None, ge=1, description="None: a backfill range is one run; N: runs of up to N days each (fan-out)"
     )
     timezone: str = Field("UTC", description="IANA time zone of the daily partitions, e.g. Asia/Seoul")
+    late_upload_days: int = Field(
+        7, ge=0, description="re-run a committed day of the last N days that has more uploads now than it "
+        "was committed with (defs/late_uploads.py); 0: never")
 
     @field_validator("timezone")
     @classmethod
@@ -461,7 +490,39 @@ def parse_config(data: dict, *, base_dir: Path, source: str = "<memory>") -> Sof
         cfg = SofarConfig.model_validate({**data, "base_dir": base_dir, "source_file": source})
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, source)) from None
+    problems = gpu_pod_problems(cfg)
+    if problems:
+        raise ConfigError("\n  ".join([f"{source}: step pods do not fit kubernetes.gpu_machine", *problems]))
     return cfg
+
+
+GPU_STEPS = ("train", "inference")  # the settings of the steps that hold a GPU (training also: tradeoff)
+
+
+def gpu_pod_problems(cfg: SofarConfig) -> list[str]:
+    """Each GPU step's pod against ``kubernetes.gpu_machine``: its requests must fit one node's
+    allocatable (lib/gke.py), and the node selector must pick GPUs that machine carries."""
+    k8s = cfg.kubernetes
+    if k8s.gpu_machine is None:
+        return []
+    machine = gke.MACHINES[k8s.gpu_machine]
+    problems = []
+    accelerator = k8s.gpu_node_selector.get("cloud.google.com/gke-accelerator")
+    if accelerator is not None and accelerator not in machine.accelerators:
+        problems.append(f"kubernetes.gpu_node_selector: {accelerator!r} is not a GPU a {machine.name} carries "
+                        f"({', '.join(machine.accelerators)})")
+    for section in GPU_STEPS:
+        settings = getattr(cfg, section)
+        if settings.device == "cpu":
+            continue
+        size = gke.pod_size(settings.num_workers, settings.batch_size, cfg.model.image_size)
+        why = gke.misfit(size, machine)
+        if why is not None:
+            fit = gke.max_workers(machine, settings.batch_size, cfg.model.image_size)
+            hint = (f"set {section}.num_workers: {fit}" if fit >= 0 else "the main process alone does not fit")
+            problems.append(f"{section}.num_workers: {settings.num_workers} workers + the main process {why}; "
+                            f"{hint}, or choose a larger kubernetes.gpu_machine")
+    return problems
 
 
 def load_config(path: str | Path, *, check_paths: bool = True) -> SofarConfig:

@@ -15,6 +15,7 @@ import dagster as dg
 from sofar_assets.config import SofarConfig, load_config
 from sofar_assets.defs.corrections import build_corrections_assets
 from sofar_assets.defs.data import build_dataset_asset, build_raw_label_asset
+from sofar_assets.defs.late_uploads import build_late_upload_sensor
 from sofar_assets.defs.model import build_model_assets
 from sofar_assets.defs.predictions import build_prediction_assets
 from sofar_assets.defs.resources import build_resources
@@ -31,9 +32,9 @@ warnings.filterwarnings("ignore", category=dg.BetaWarning, message=".*backfill_p
 def _executor(cfg: SofarConfig):
     kind = cfg.storage.executor
     if kind == "k8s":
-        from dagster_k8s import k8s_job_executor
+        from sofar_assets.defs.k8s import sofar_k8s_executor
 
-        return k8s_job_executor
+        return sofar_k8s_executor(cfg)
     if kind == "multiprocess":
         return dg.multiprocess_executor
     # DuckDB allows one writer: locally every step of a run executes in one process, in order.
@@ -58,6 +59,7 @@ def build_definitions(cfg: SofarConfig) -> dg.Definitions:
         asset_checks=gate_checks,
         jobs=[training_job, predictions_job, tradeoff_job],
         schedules=[schedule],
+        sensors=[build_late_upload_sensor(cfg, predictions_job)],
         resources=build_resources(cfg),
         executor=_executor(cfg),
     )

@@ -45,3 +45,19 @@ def git_commit() -> str:
         return "unknown"
     except OSError:
         return "unknown"
+
+
+def gpu_required() -> bool:
+    """True inside a step pod that was given a GPU (``SOFAR_REQUIRE_GPU=1``, set by the op tags of
+    defs/k8s.py): there, a torch that sees no CUDA is a broken driver or image, not a CPU machine."""
+    return os.environ.get("SOFAR_REQUIRE_GPU", "").strip() == "1"
+
+
+def gcs_emulator_host() -> str | None:
+    """``$STORAGE_EMULATOR_HOST`` (google-cloud-storage talks to that emulator): the local stack."""
+    return os.environ.get("STORAGE_EMULATOR_HOST") or None
+
+
+def current_image() -> str | None:
+    """``$DAGSTER_CURRENT_IMAGE``: the image of the code server (the Dagster chart sets it)."""
+    return os.environ.get("DAGSTER_CURRENT_IMAGE") or None

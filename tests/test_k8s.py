@@ -31,14 +31,28 @@ from dagster._core.execution.api import create_execution_plan
 from dagster._core.instance.config import dagster_instance_config_schema
 from dagster_k8s import K8sRunLauncher
 from dagster_k8s.container_context import K8sContainerContext
-from dagster_k8s.job import construct_dagster_k8s_job, get_user_defined_k8s_config
+from dagster_k8s.job import (
+    UserDefinedDagsterK8sConfig,
+    construct_dagster_k8s_job,
+    get_user_defined_k8s_config,
+)
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 from kubernetes.utils import parse_quantity
 
 from sofar_assets.config import ConfigError, load_config, parse_config
 from sofar_assets.definitions import build_definitions
 from sofar_assets.defs.data import DECODE_THREADS
-from sofar_assets.defs.k8s import GPU_RESOURCE, K8S_CONFIG_TAG, PREFETCH_FACTOR, RUNS_MODEL_TAG, step_tags
+from sofar_assets.defs.k8s import (
+    GPU_RESOURCE,
+    K8S_CONFIG_TAG,
+    PREFETCH_FACTOR,
+    REQUIRE_GPU_ENV,
+    RUNS_MODEL_TAG,
+    START_TIMEOUT_ANNOTATION,
+    step_k8s_config,
+    step_tags,
+)
+from sofar_assets.lib import gke
 
 ROOT = Path(__file__).resolve().parents[1]
 PROD_CONFIG = ROOT / "config" / "prod.yaml"
@@ -114,10 +128,14 @@ def launcher(values, tmp_path_factory):
 # --------------------------------------------------------------------------- rendering
 
 
-def render_step(launcher: K8sRunLauncher, job_name: str, step) -> kubernetes.client.V1Job:
-    """The Job ``K8sStepHandler.launch_step`` creates for ``step`` (dagster_k8s/executor.py)."""
+def render_step(launcher: K8sRunLauncher, job_name: str, step, cfg=None) -> kubernetes.client.V1Job:
+    """The Job ``K8sStepHandler.launch_step`` creates for ``step`` (dagster_k8s/executor.py): the run
+    launcher's config, then the executor's ``step_k8s_config`` (``sofar_k8s_executor``), then the op tags."""
     run = dg.DagsterRun(job_name=job_name, run_id="0123456789abcdef")
+    cfg = cfg or load_config(PROD_CONFIG, check_paths=False)
     context = K8sContainerContext.create_for_run(run, launcher, include_run_tags=False)
+    context = context.merge(K8sContainerContext(run_k8s_config=UserDefinedDagsterK8sConfig.from_dict(
+        step_k8s_config(cfg))))
     context = context.merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(step.tags)))
     return construct_dagster_k8s_job(
         job_config=context.get_k8s_job_config(IMAGE, launcher),
@@ -235,7 +253,37 @@ def step_problems(cfg, defs, launcher, steps=None) -> list[str]:
         elif cache.persistent_volume_claim.claim_name != cfg.kubernetes.cache_claim:
             problems.append(f"{where}: cache claim {cache.persistent_volume_claim.claim_name!r} is not "
                             f"kubernetes.cache_claim {cfg.kubernetes.cache_claim!r}")
+        else:
+            problems += [f"{where}: {p}" for p in cache_problems(cfg, job, cache.name)]
     return problems
+
+
+def _dockerfile_uid() -> int:
+    return int(re.search(r"useradd [^\n]*--uid (\d+)", DOCKERFILE.read_text()).group(1))
+
+
+def cache_problems(cfg, job, volume: str) -> list[str]:
+    """The cache share is root-owned NFS (Filestore) and fsGroup does not apply to NFS: the step
+    container (the image's non-root user) must mount a folder that an init container running as
+    root created and gave to that user, on the same volume, before the step starts."""
+    pod = job.spec.template.spec
+    uid = _dockerfile_uid()
+    mount = next(m for m in pod.containers[0].volume_mounts if m.name == volume)
+    if not mount.sub_path:
+        return [f"the cache share's root is mounted at {mount.mount_path}: uid {uid} cannot write a fresh share"]
+    for init in pod.init_containers or []:
+        share = next((m for m in init.volume_mounts or [] if m.name == volume and not m.sub_path), None)
+        if share is None:
+            continue
+        folder = f"{share.mount_path.rstrip('/')}/{mount.sub_path}"
+        script = " ".join(init.command or []) + " " + " ".join(init.args or [])
+        runs_as = init.security_context.run_as_user if init.security_context else None
+        if runs_as != 0:
+            return [f"init container {init.name} runs as {runs_as}, not root: it cannot chown on the share"]
+        if f"mkdir -p {folder}" not in script or f"chown {uid}:{uid} {folder}" not in script:
+            return [f"init container {init.name} does not create {folder} owned by {uid}: {script!r}"]
+        return []
+    return [f"no init container creates the cache folder {mount.sub_path!r} on the share"]
 
 
 def _env_value_in_values(values: dict, name: str) -> str | None:
@@ -267,10 +315,10 @@ def test_model_steps_on_cuda_request_a_gpu_on_a_gpu_node(cfg, defs, launcher):
         assert pod.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}, key
     for key in ("sofar_dataset", "champion_model", "raw_labels__defect"):
         assert GPU_RESOURCE not in (rendered[key].spec.template.spec.containers[0].resources.limits or {}), key
-    # 8 DataLoader workers of 16 x 448 x 448 x 3 uint8 batches: far above Kubernetes' 64 MB default shm
+    # 6 DataLoader workers of 16 x 224 x 224 x 3 uint8 batches: above Kubernetes' 64 MB default shm
     train = rendered["sofar_classifier"]
     assert int(parse_quantity(_mounted(train, "/dev/shm").empty_dir.size_limit)) > 64 * 2**20
-    assert int(parse_quantity(train.spec.template.spec.containers[0].resources.requests["cpu"])) >= 9
+    assert int(parse_quantity(train.spec.template.spec.containers[0].resources.requests["cpu"])) == 7
 
 
 def test_a_model_step_added_without_gpu_tags_fails_the_check(cfg, defs, launcher):
@@ -301,7 +349,7 @@ def test_a_cpu_configured_model_step_asks_for_no_gpu(cfg):
     tags = step_tags(cpu, gpu=True, workers=4)
     resources = tags[K8S_CONFIG_TAG]["container_config"]["resources"]
     assert GPU_RESOURCE not in resources["requests"] and "node_selector" not in tags[K8S_CONFIG_TAG]["pod_spec_config"]
-    assert tags[RUNS_MODEL_TAG] == "true" and resources["requests"]["cpu"] == "5"
+    assert tags[RUNS_MODEL_TAG] == "true" and parse_quantity(resources["requests"]["cpu"]) == 5
 
 
 def test_the_run_pod_gets_the_config_and_secrets_too(launcher, values):
@@ -519,3 +567,212 @@ def test_config_weights_file_is_checked_with_the_paths(tmp_path):
     assert load_config(path).weights_file == str(tmp_path / "w" / "lite0.safetensors")
     assert parse_config({**data, "model": {}}, base_dir=tmp_path).weights_file is None
     assert os.path.isabs(load_config(PROD_CONFIG, check_paths=False).cache_dir)
+
+
+# --------------------------------------------------------------------------- pods that schedule on GKE
+
+
+def test_gke_allocatable_follows_the_documented_reservations():
+    """Hand-computed from GKE's formula (CPU 6/1/0.5/0.25 %; memory 25/20/10/6/2 % + 100 MiB eviction)."""
+    g2_8 = gke.allocatable(gke.MACHINES["g2-standard-8"])
+    assert g2_8.cpu_m == 8000 - (60 + 10 + 2 * 5 + 4 * 2.5)  # 7910m
+    assert g2_8.memory_mi == int(32768 - (0.25 * 4096 + 0.20 * 4096 + 0.10 * 8192 + 0.06 * 16384) - 100)
+    n1_4 = gke.allocatable(gke.MACHINES["n1-standard-4"])
+    assert n1_4.cpu_m == 3920  # GKE's own example for a 4-core node
+    big = gke.allocatable(gke.Machine("x", 64, 256, ()))
+    assert big.memory_mi == int(262144 - (1024 + 819.2 + 819.2 + 0.06 * 114688 + 0.02 * 131072) - 100)
+
+
+def _pod_request(pod, resource: str) -> float:
+    """A pod's effective request: the larger of the containers' sum and any one init container."""
+    def req(c):
+        return float(parse_quantity(((c.resources and c.resources.requests) or {}).get(resource, "0")))
+    return max([sum(req(c) for c in pod.containers), *(req(c) for c in pod.init_containers or [])])
+
+
+def _cfg_for(machine: str, accelerator: str) -> object:
+    raw = yaml.safe_load(PROD_CONFIG.read_text())
+    m = gke.MACHINES[machine]
+    for section in ("train", "inference"):
+        batch = raw[section].get("batch_size", 16)
+        raw[section]["num_workers"] = min(8, gke.max_workers(m, batch, raw["model"]["image_size"]))
+    raw["kubernetes"].update(gpu_machine=machine, gpu_node_selector={"cloud.google.com/gke-accelerator": accelerator})
+    return parse_config(raw, base_dir=PROD_CONFIG.parent, source=str(PROD_CONFIG))
+
+
+@pytest.mark.parametrize("machine,accelerator", [("g2-standard-8", "nvidia-l4"), ("g2-standard-12", "nvidia-l4"),
+                                                 ("n1-standard-8", "nvidia-tesla-t4")])
+def test_every_gpu_step_pod_fits_its_node(launcher, machine, accelerator):
+    cfg = _cfg_for(machine, accelerator)
+    node = gke.allocatable(gke.MACHINES[machine])
+    cpu_room = (node.cpu_m - gke.DAEMONSET_CPU_M) / 1000
+    memory_room = (node.memory_mi - gke.DAEMONSET_MEMORY_MI) * 2**20
+    gpu_steps = 0
+    for job_name, step, _ in prod_steps(build_definitions(cfg)):
+        pod = render_step(launcher, job_name, step, cfg).spec.template.spec
+        if GPU_RESOURCE not in (pod.containers[0].resources.limits or {}):
+            continue
+        gpu_steps += 1
+        assert pod.node_selector["cloud.google.com/gke-accelerator"] == accelerator
+        assert _pod_request(pod, "cpu") <= cpu_room, (machine, step.key)
+        assert _pod_request(pod, "memory") <= memory_room, (machine, step.key)
+        assert float(parse_quantity(pod.containers[0].resources.limits["memory"])) <= memory_room, step.key
+    assert gpu_steps >= 4
+    if machine == "g2-standard-12":  # a bigger node gets more workers, not the g2-standard-8's
+        assert cfg.train.num_workers == 8
+
+
+def test_prod_config_fits_its_gpu_machine_and_more_workers_is_a_load_error():
+    raw = yaml.safe_load(PROD_CONFIG.read_text())
+    assert raw["kubernetes"]["gpu_machine"] == "g2-standard-8"
+    assert parse_config(raw, base_dir=PROD_CONFIG.parent).train.num_workers == 6
+    raw["train"]["num_workers"] = 8  # the landed value: 9 vCPU on an 8-vCPU node, Pending forever
+    with pytest.raises(ConfigError, match=r"train\.num_workers: 8 workers \+ the main process needs 9 vCPU > 7\.41 "
+                                          r"that a g2-standard-8 node.*set train\.num_workers: 6"):
+        parse_config(raw, base_dir=PROD_CONFIG.parent, source="prod.yaml")
+    raw["train"]["num_workers"] = 6
+    raw["kubernetes"]["gpu_node_selector"] = {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
+    with pytest.raises(ConfigError, match=r"'nvidia-tesla-t4' is not a GPU a g2-standard-8 carries"):
+        parse_config(raw, base_dir=PROD_CONFIG.parent)
+    raw["kubernetes"]["gpu_machine"] = "g2-standard-7"
+    with pytest.raises(ConfigError, match=r"kubernetes\.gpu_machine: unknown GPU machine type 'g2-standard-7'"):
+        parse_config(raw, base_dir=PROD_CONFIG.parent)
+
+
+# --------------------------------------------------------------------------- a bounded start
+
+
+def test_every_step_job_carries_a_start_timeout_of_at_most_30_minutes(cfg, defs, launcher):
+    for job_name, step, _ in prod_steps(defs):
+        job = render_step(launcher, job_name, step)
+        assert int(job.metadata.annotations[START_TIMEOUT_ANNOTATION]) <= 1800, step.key
+    assert cfg.kubernetes.start_timeout_s == 1800
+
+
+def _pending_pod(name: str, age: dt.timedelta, now: dt.datetime, message: str | None):
+    conditions = [kubernetes.client.V1PodCondition(type="PodScheduled", status="False", reason="Unschedulable",
+                                                   message=message)] if message else None
+    return kubernetes.client.V1Pod(
+        metadata=kubernetes.client.V1ObjectMeta(name=name, creation_timestamp=now - age),
+        status=kubernetes.client.V1PodStatus(phase="Pending", conditions=conditions))
+
+
+class _FakeK8s:
+    """dagster-k8s' DagsterKubernetesClient as the step handler uses it (no cluster)."""
+
+    def __init__(self, pods, annotations=None, now=None):
+        self.pods, self.deleted = pods, []
+        job = kubernetes.client.V1Job(metadata=kubernetes.client.V1ObjectMeta(
+            name="dagster-step-x", annotations=annotations, creation_timestamp=now))
+        self.batch_api = type("B", (), {"read_namespaced_job": lambda _s, name, ns: job})()
+
+    def get_pods_in_job(self, job_name, namespace):
+        return self.pods
+
+    def delete_job(self, job_name, namespace):
+        self.deleted.append(job_name)
+
+
+def test_a_pod_that_cannot_schedule_fails_the_step_saying_why(cfg, monkeypatch, tmp_path):
+    from dagster._core.executor.step_delegating.step_handler.base import CheckStepHealthResult
+
+    from sofar_assets.defs.k8s import StartBoundedStepHandler, start_problem
+
+    now = dt.datetime(2026, 12, 6, 12, tzinfo=dt.UTC)
+    why = "0/3 nodes are available: 1 Insufficient cpu, 2 node(s) had untolerated taint {nvidia.com/gpu: }"
+    ann = {START_TIMEOUT_ANNOTATION: "1800"}
+    young = _FakeK8s([_pending_pod("p", dt.timedelta(minutes=29), now, why)], ann)
+    assert start_problem(young, "dagster-step-x", "dagster", 9999, now) is None
+    old = _FakeK8s([_pending_pod("p", dt.timedelta(minutes=31), now, why)], ann)
+    assert start_problem(old, "dagster-step-x", "dagster", 9999, now) == (
+        "step pod p has not started after 1860 s (kubernetes.start_timeout_s: 1800): unschedulable: " + why)
+    running = _pending_pod("p", dt.timedelta(hours=5), now, None)
+    running.status.phase = "Running"  # a long training step is not a start problem
+    assert start_problem(_FakeK8s([running], ann), "dagster-step-x", "dagster", 60, now) is None
+    no_pod = _FakeK8s([], ann, now=now - dt.timedelta(hours=1))
+    assert "has created no pod in 1800 s" in start_problem(no_pod, "dagster-step-x", "dagster", 60, now)
+
+    # the executor of the prod Definitions wraps dagster-k8s' handler with this check
+    monkeypatch.setattr(kubernetes.config, "load_incluster_config", lambda *a, **k: None)
+    executor_def = build_definitions(cfg).executor
+    init = dg.InitExecutorContext(job=dg.reconstructable(_any_job), executor_def=executor_def,
+                                  executor_config=executor_def.config_schema.resolve_config({}).value["config"],
+                                  instance=dg.DagsterInstance.ephemeral(tempdir=str(tmp_path)))
+    executor = executor_def.executor_creation_fn(init)
+    handler = executor._step_handler
+    assert isinstance(handler, StartBoundedStepHandler)
+    assert type(handler._inner).__name__ == "K8sStepHandler" and handler._default_timeout_s == 1800
+
+    class Inner:  # the wrapped handler's side of a health check
+        name = "K8sStepHandler"
+        _api_client = _FakeK8s([_pending_pod("p", dt.timedelta(hours=2), dt.datetime.now(dt.UTC), why)],
+                               ann)
+
+        def check_step_health(self, ctx):
+            return CheckStepHealthResult.healthy()
+
+        def _get_k8s_step_job_name(self, ctx):
+            return "dagster-step-x"
+
+        def _get_container_context(self, ctx):
+            return K8sContainerContext(namespace="dagster")
+
+    bounded = StartBoundedStepHandler(Inner(), 1800)
+    result = bounded.check_step_health(None)
+    assert not result.is_healthy and why in result.unhealthy_reason
+    assert Inner._api_client.deleted == ["dagster-step-x"]  # the GPU pool stops scaling up for it
+
+
+@dg.job
+def _any_job():
+    pass
+
+
+# --------------------------------------------------------------------------- no silent CPU fallback
+
+
+def test_a_gpu_step_that_sees_no_cuda_fails_at_once_naming_build_and_driver(cfg, defs, launcher, monkeypatch):
+    from sofar_assets.lib.devices import GpuMissingError, resolve_device
+
+    for job_name, step, _ in prod_steps(defs):
+        container = render_step(launcher, job_name, step).spec.template.spec.containers[0]
+        has_gpu = GPU_RESOURCE in (container.resources.limits or {})
+        assert (_env(container).get(REQUIRE_GPU_ENV) == "1") == has_gpu, step.key
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # what a pod with a broken driver sees
+    assert resolve_device("auto").type == "cpu"  # outside a GPU pod: the CPU, as before
+    monkeypatch.setenv(REQUIRE_GPU_ENV, "1")
+    for device in ("auto", "cpu", "cuda"):
+        with pytest.raises(GpuMissingError, match=rf"torch .* built for CUDA {re.escape(str(torch.version.cuda))}"
+                                                  r".*; driver: .+; torch says: "):
+            resolve_device(device)
+
+
+# --------------------------------------------------------------------------- pools
+
+WAREHOUSE_WRITES = re.compile(r"\.(write_table|replace_day|append_rows|replace_partition)\(|\bcommit_day\(")
+
+
+def test_every_gpu_step_and_every_warehouse_write_is_in_its_pool(defs, launcher):
+    """Generic over every op of every prod job: the GPU comes from the rendered pod, a warehouse
+    write from the op's own code (a call of the warehouse's write methods or lib/daily.commit_day)."""
+    import inspect
+
+    from sofar_assets.defs.k8s import POOL_GPU, POOL_WAREHOUSE_WRITE
+
+    seen = {POOL_GPU: set(), POOL_WAREHOUSE_WRITE: set()}
+    for job_name, step, _ in prod_steps(defs):
+        op = defs.resolve_job_def(job_name).get_node(step.node_handle).definition
+        pod = render_step(launcher, job_name, step).spec.template.spec
+        holds_gpu = GPU_RESOURCE in (pod.containers[0].resources.limits or {})
+        writes = bool(WAREHOUSE_WRITES.search(inspect.getsource(op.compute_fn.decorated_fn)))
+        assert not (holds_gpu and writes), f"{step.key}: holds a GPU while it writes the warehouse"
+        if holds_gpu:
+            assert op.pool == POOL_GPU, f"{step.key} holds a GPU but its pool is {op.pool!r}"
+            seen[POOL_GPU].add(op.name)
+        if writes:
+            assert op.pool == POOL_WAREHOUSE_WRITE, f"{step.key} writes the warehouse but its pool is {op.pool!r}"
+            seen[POOL_WAREHOUSE_WRITE].add(op.name)
+    assert {"sofar_classifier", "ood_calibration", "model_evaluation", "score_shard"} <= seen[POOL_GPU]
+    assert {"sofar_dataset", "commit_days"} <= seen[POOL_WAREHOUSE_WRITE]
+    tradeoff = defs.resolve_assets_def("tradeoff_report")
+    assert tradeoff.op.pool == POOL_GPU  # its own job (tradeoff_job), also on a GPU

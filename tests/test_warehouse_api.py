@@ -5,6 +5,7 @@ exact BigQuery jobs of the production path (recorded by a fake client)."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 
 import pandas as pd
@@ -223,12 +224,16 @@ class _Job:
 
 
 class RecordingClient:
-    """Records every BigQuery call the warehouse makes (no network)."""
+    """Records every BigQuery call the warehouse makes (no network). Load jobs are checked against
+    the REST contract (tests/bq_contract.py) on the body the library itself would send."""
 
-    def __init__(self, datasets=("sofar",)):
+    project = "sofar-prod"
+
+    def __init__(self, datasets=("sofar",), location: str | None = "asia-northeast3"):
         self.calls: list[tuple[str, object, object]] = []
         self.tables: dict[str, object] = {}
         self.datasets = set(datasets)
+        self.location = location  # every dataset's location, as `bq show` would report it
 
     def _log(self, name, target, config=None):
         self.calls.append((name, target, config))
@@ -263,11 +268,28 @@ class RecordingClient:
         self._log("update_table", table, fields)
         return table
 
+    def _check_load(self, source_uris, destination, job_config, location):
+        """The ``jobs.insert`` body google-cloud-bigquery builds for this call, against the contract."""
+        from bq_contract import check_load_job
+        from google.cloud.bigquery import LoadJobConfig, TableReference
+        from google.cloud.bigquery.job import LoadJob
+
+        assert isinstance(job_config, LoadJobConfig), type(job_config)
+        ref = TableReference.from_string(destination, default_project=self.project)
+        body = LoadJob("job-1", source_uris, ref, client=self, job_config=job_config).to_api_repr()
+        base = f"{ref.project}.{ref.dataset_id}.{ref.table_id.split('$')[0]}"
+        table = self.tables.get(base)
+        check_load_job(body, job_location=location, dataset_location=self.location,
+                       table=table.to_api_repr() if table is not None else None)
+        return body
+
     def load_table_from_file(self, fh, destination, job_config=None, location=None):
+        self._check_load(None, destination, job_config, location)
         self._log("load_table_from_file", destination, job_config)
         return _Job(pq.ParquetFile(fh).metadata.num_rows)
 
     def load_table_from_uri(self, uris, destination, job_config=None, location=None):
+        self._check_load(list(uris), destination, job_config, location)
         self._log("load_table_from_uri", (tuple(uris), destination), job_config)
         return _Job(42)
 
@@ -318,6 +340,68 @@ def test_production_gcs_files_are_one_load_from_uri(tmp_path):
     assert load[1] == (tuple(uris), "sofar-prod.sofar.predictions$20261101")
     with pytest.raises(ValueError, match="not both"):
         wh.replace_day(PREDICTIONS, D1, [uris[0], spooled(tmp_path, D1, rows(D1, ["a"]))])
+
+
+def _production_load(tmp_path):
+    """The client and the (uris, destination, config) of one production day write into GCS files."""
+    client = RecordingClient()
+    wh = BigQueryWarehouse("sofar-prod", "sofar", location="asia-northeast3", client=client)
+    uris = ["gs://sofar-ml/state/staging/predictions/2026-11-01/r/shard-0-of-1.parquet"]
+    wh.replace_day(PREDICTIONS, D1, uris)
+    (load,) = [c for c in client.calls if c[0] == "load_table_from_uri"]
+    (_, (sent_uris, destination), config) = load
+    return client, list(sent_uris), destination, config
+
+
+def _retyped(config, **load_fields):
+    from google.cloud import bigquery
+
+    api = config.to_api_repr()
+    api["load"].update(load_fields)
+    return bigquery.LoadJobConfig.from_api_repr(api)
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"writeDisposition": "WRITE_TRUNCATED"}, "writeDisposition: 'WRITE_TRUNCATED'"),
+    ({"sourceFormat": "PARQET"}, "sourceFormat: 'PARQET'"),
+    ({"schemaUpdateOptions": ["ALLOW_FIELD_ADITION"]}, "schemaUpdateOptions: 'ALLOW_FIELD_ADITION'"),
+    ({"writeDisposition": "WRITE_EMPTY"}, "Schema update options should only be specified"),
+    ({"timePartitioning": {"type": "DAY", "field": "uploaded_at"}}, "time partitioning"),
+    ({"timePartitioning": {"type": "MONTH", "field": "prediction_date"}}, "Incompatible table partitioning"),
+    ({"writeDispositon": "WRITE_TRUNCATE"}, "Unknown name 'writeDispositon'"),
+    ({"clustering": {"fields": ["top1_labl"]}}, "clustering fields"),
+])
+def test_the_fake_refuses_what_bigquery_refuses_in_the_job_config(tmp_path, change, error):
+    client, uris, destination, config = _production_load(tmp_path)
+    client.load_table_from_uri(uris, destination, job_config=config, location="asia-northeast3")  # as sent: OK
+    with pytest.raises(AssertionError, match=re.escape(error)):
+        client.load_table_from_uri(uris, destination, job_config=_retyped(config, **change), location="asia-northeast3")
+
+
+@pytest.mark.parametrize("destination,uris,location,error", [
+    ("sofar-prod.sofar.predictions$2026-11-01", None, "asia-northeast3", 'Invalid table ID "predictions$2026-11-01"'),
+    ("sofar-prod.sofar.predictions$20261301", None, "asia-northeast3", "Invalid partition decorator $20261301"),
+    ("sofar-prod.sofar.predictions$202611", None, "asia-northeast3", "Invalid partition decorator $202611"),
+    ("sofar-prod.sofar.predictons$20261101", None, "asia-northeast3", "Not found: Table sofar-prod:sofar.predictons"),
+    (None, ["gcs://sofar-ml/state/x.parquet"], "asia-northeast3", "must be a Google Cloud Storage location"),
+    (None, None, "asia-northeast1", "was not found in location asia-northeast1"),
+])
+def test_the_fake_refuses_what_bigquery_refuses_in_the_call(tmp_path, destination, uris, location, error):
+    client, sent_uris, sent_destination, config = _production_load(tmp_path)
+    with pytest.raises(AssertionError, match=re.escape(error)):
+        client.load_table_from_uri(uris or sent_uris, destination or sent_destination, job_config=config,
+                                   location=location)
+
+
+def test_the_production_load_body_is_the_documented_one(tmp_path):
+    """The REST body of the day write, field by field (REST names: the library's to_api_repr)."""
+    client, uris, destination, config = _production_load(tmp_path)
+    body = client._check_load(uris, destination, config, "asia-northeast3")["configuration"]["load"]
+    assert body["destinationTable"] == {"projectId": "sofar-prod", "datasetId": "sofar", "tableId": "predictions$20261101"}
+    assert body["sourceUris"] == uris and body["sourceFormat"] == "PARQUET"
+    assert body["writeDisposition"] == "WRITE_TRUNCATE" and body["schemaUpdateOptions"] == ["ALLOW_FIELD_ADDITION"]
+    assert body["timePartitioning"] == {"type": "DAY", "field": "prediction_date"}
+    assert body["clustering"] == {"fields": ["top1_label", "is_ood"]}
 
 
 def test_production_never_creates_the_dataset(tmp_path):

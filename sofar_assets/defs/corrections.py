@@ -54,6 +54,7 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         owners=OWNERS,
         code_version="1",
         op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
+        pool="warehouse_write",
         check_specs=[dg.AssetCheckSpec(
             "corrections_valid", asset=CORRECTIONS_ASSET_KEY,
             description="Every latest verdict names a known photo, a class or 'irrelevant', and a readable image "

@@ -76,6 +76,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         ),
         metadata={"task": task_name, "source": source},
         op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
+        pool="warehouse_write",
     )
     def _raw_labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource) -> dg.MaterializeResult:
         wh = warehouse.get()
@@ -131,6 +132,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
         code_version="1",
         check_specs=[dg.AssetCheckSpec(name, asset="sofar_dataset", description=desc) for name, desc in DATASET_CHECKS],
         op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
+        pool="warehouse_write",
     )
     def sofar_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource):
         """The concatenated SOFAR dataset: every task's images in ONE label vocabulary.

@@ -232,7 +232,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             },
         )
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3",
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3", pool="gpu",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def ood_calibration(
         context: dg.AssetExecutionContext, sofar_classifier: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
@@ -333,7 +333,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "ood_auroc_by_score": {name: {m: ood.auroc(pb.test_scores[m], v) for m, v in by.items()}
                                        for name, by in pb.ood_scores.items()}}
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3",
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3", pool="gpu",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def model_evaluation(
         context: dg.AssetExecutionContext, ood_calibration: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,

@@ -129,7 +129,7 @@ def build_prediction_assets(cfg: SofarConfig):
         for k in range(shards):
             yield dg.DynamicOutput(unit | {"shard": k}, mapping_key=f"shard_{k}")
 
-    @dg.op(tags=step_tags(cfg, gpu=cfg.inference.device != "cpu", workers=cfg.inference.num_workers))
+    @dg.op(pool="gpu", tags=step_tags(cfg, gpu=cfg.inference.device != "cpu", workers=cfg.inference.num_workers))
     def score_shard(context: dg.OpExecutionContext, unit: dict, warehouse: WarehouseResource,
                     mlflow_tracking: MlflowResource) -> dict:
         """Score shard k of n of every day of the run in one streaming pass; stage each day's rows."""
@@ -173,7 +173,7 @@ def build_prediction_assets(cfg: SofarConfig):
         return {"shard": k, "model_version": unit["model_version"], "days": {d.isoformat(): t.as_dict() | {"file": staged.get(d, (None, None))[1]}
                                      for d, t in tallies.items()}}
 
-    @dg.op(out={"result": dg.Out(dg.Nothing),
+    @dg.op(pool="warehouse_write", out={"result": dg.Out(dg.Nothing),
                 **{f"daily_predictions_{c}": dg.Out(dg.Nothing, is_required=False) for c in CHECKS}})
     def commit_days(context: dg.AssetExecutionContext, shard_results: list, warehouse: WarehouseResource):
         """Commit each day once all its shards are in; read back; checks; per-partition metadata."""
