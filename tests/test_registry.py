@@ -23,7 +23,8 @@ NAME = "sofar-classifier"
 
 @pytest.fixture
 def client(tmp_path):
-    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)  # not the process-wide registry other tests set
     c.create_experiment("sofar", artifact_location=(tmp_path / "artifacts").as_uri())
     c.create_registered_model(NAME)
     return c
