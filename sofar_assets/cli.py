@@ -145,6 +145,7 @@ def status(days: int) -> None:
 # -- show -----------------------------------------------------------------------------------------
 def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int) -> None:
     from sofar_assets.lib import storage
+    from sofar_assets.lib.names import shown
     from sofar_assets.lib.review import review_candidates, review_sheet_png, rows_text, select_for_review
 
     cfg = _config()
@@ -174,7 +175,7 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
     errors = wh.query(f"SELECT image_id, error FROM {{table:{table}}} WHERE prediction_date = DATE "
                       f"'{day.isoformat()}' AND error IS NOT NULL ORDER BY image_id LIMIT 50")
     for image_id, error in zip(errors["image_id"], errors["error"], strict=True):
-        print(f"error row {image_id}: {error}")
+        print(f"error row {shown(image_id)}: {shown(error, 400)}")  # names may hold escape codes
     if total - n_scored > len(errors):
         print(f"... {total - n_scored - len(errors)} more error rows")
     print(f"review sheet: {out}")

@@ -23,6 +23,7 @@ from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib import corrections as corr
 from sofar_assets.lib import field_accuracy as fa
 from sofar_assets.lib.drift import trailing_window
+from sofar_assets.lib.names import shown
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, RAW_CORRECTIONS
 
 FIELD_CHECK = "field_accuracy_vs_trailing_7_days"
@@ -77,7 +78,7 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         wh.write_table(RAW_CORRECTIONS.name, raw, schema=RAW_CORRECTIONS)
         errors = raw[raw["error"].notna()]
         for err in errors["error"].head(50):
-            context.log.warning(f"correction rejected: {err}")
+            context.log.warning(f"correction rejected: {shown(err, 400)}")
         superseded = int(latest["verdicts"].sum() - len(latest)) if len(latest) else 0
         context.log.info(f"{len(raw)} photo(s) with a verdict ({superseded} older verdict(s) superseded), "
                          f"{len(errors)} rejected")

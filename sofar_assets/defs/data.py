@@ -14,6 +14,7 @@ from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import storage
 from sofar_assets.lib.images import sha256_hex
+from sofar_assets.lib.names import md_text, shown
 from sofar_assets.lib.plots import contact_sheet_png, png_to_markdown
 from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET, raw_labels_schema, raw_labels_table
 
@@ -93,7 +94,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         wh.write_table(raw_table_name(task_name), raw, schema=raw_labels_schema(task_name))
         errors = raw[raw["error"].notna()]
         for err in errors["error"]:
-            context.log.warning(f"unreadable: {err}")
+            context.log.warning(f"unreadable: {shown(err, 400)}")
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(raw),
@@ -101,7 +102,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
                 "per_label": dg.MetadataValue.json(raw[raw["error"].isna()]["label"].value_counts().to_dict()),
                 "unreadable": len(errors),
                 "unreadable_files": dg.MetadataValue.md(
-                    "\n".join(f"- `{e}`" for e in errors["error"]) or "none"
+                    "\n".join(f"- {md_text(e, 400)}" for e in errors["error"]) or "none"
                 ),
             }
         )
@@ -183,7 +184,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
                 passed=errors.empty,
                 severity=dg.AssetCheckSeverity.WARN,
                 metadata={"unreadable": len(errors), "files": dg.MetadataValue.md(
-                    "\n".join(f"- `{e}`" for e in errors["error"]) or "none")},
+                    "\n".join(f"- {md_text(e, 400)}" for e in errors["error"]) or "none")},
             ),
             dg.AssetCheckResult(
                 check_name="min_images_per_class_and_split",
@@ -206,7 +207,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
                 check_name="label_conflicts",
                 passed=True,
                 metadata={"multi_label_images": len(multi), "conflicts": dg.MetadataValue.md(
-                    "\n".join(f"- `{u}`: {lab.replace('|', ' + ')}" for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
+                    "\n".join(f"- {md_text(u)}: {lab.replace('|', ' + ')}" for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
                     or "none")},
             ),
         ]

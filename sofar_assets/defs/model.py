@@ -22,6 +22,7 @@ from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.gate import GATE_CHECKS, failed_checks, gate_results
 from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.models import ModelSpec
+from sofar_assets.lib.names import shown
 from sofar_assets.lib.packaging import load_registered, log_and_register
 from sofar_assets.lib.training import (
     TrainConfig,
@@ -95,7 +96,7 @@ def _ood_set_features(model, cfg: SofarConfig, image_store, context,
         arrays, errors = calibration.read_images(uris, cfg.model.image_size,
                                                  cache=image_store.cache(cfg.model.image_size))
         for err in errors:
-            context.log.warning(f"OOD set {name!r}: image skipped: {err}")
+            context.log.warning(f"OOD set {name!r}: image skipped: {shown(err, 400)}")
         if not arrays:
             context.log.warning(f"OOD set {name!r} has no readable images; skipped")
             continue

@@ -30,6 +30,7 @@ from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.lib import daily, drift, ood, plots, registry, review, storage
 from sofar_assets.lib.conformal import LabelSets
+from sofar_assets.lib.names import md_frame
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
@@ -70,7 +71,7 @@ def review_metadata(wh, day: dt.date, facts: dict) -> dict:
         f"{day}: {facts['rows']} rows, {facts['ood_rows']} OOD-flagged, {facts['error_rows']} errors; "
         f"review queue {sum(counts.values())}, first {len(queue)}"))
     return md | {"review_sheet": dg.MetadataValue.md(plots.png_to_markdown(sheet, f"review {day}")),
-                 "review_rows": dg.MetadataValue.md(queue.drop(columns=["image_uri"]).to_markdown(index=False))}
+                 "review_rows": dg.MetadataValue.md(md_frame(queue.drop(columns=["image_uri"])).to_markdown(index=False))}
 
 
 def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
