@@ -24,6 +24,7 @@ import getpass
 import os
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 from sofar_assets.config import ConfigError, SofarConfig, check_folders, load_config, parse_config
@@ -169,7 +170,7 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
         root = cfg.root
         out = (Path(root) if not storage.is_gcs(root) else Path.cwd()) / "review" / f"{day.isoformat()}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(review_sheet_png(picked, storage.read_bytes, title=title))
+    out.write_bytes(review_sheet_png(picked, partial(storage.read_bytes, within=cfg.upload_roots), title=title))
     print(title)
     print(rows_text(picked))
     errors = wh.query(f"SELECT image_id, error FROM {{table:{table}}} WHERE prediction_date = DATE "
@@ -211,7 +212,7 @@ def review_day(day: dt.date, *, limit: int, out: Path | None) -> None:
     print(rows_text(queue))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(review_sheet_png(queue, storage.read_bytes, title=title))
+        out.write_bytes(review_sheet_png(queue, partial(storage.read_bytes, within=cfg.upload_roots), title=title))
         print(f"review sheet: {out}")
 
 

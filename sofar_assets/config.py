@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import os
 import re
 import types
 import typing
@@ -82,6 +83,11 @@ class TaskSource(_Strict):
         return list(self.labels.values())[-1] if self.labels else None
 
 
+def _is_filesystem_root(path: str) -> bool:
+    """Whether a local path names ``/`` however it is written (``/.``, ``//``, ``/tmp/..``)."""
+    return path.startswith("/") and os.path.normpath(path).lstrip("/") == ""
+
+
 class UploadsSource(_Strict):
     """Where the photos of each day come from."""
 
@@ -113,7 +119,8 @@ class UploadsSource(_Strict):
                 "table's image_uri values may point into (anything else becomes an error row, unread)"
             )
         for root in roots or []:
-            if root.strip().rstrip("/") in ("", "gs:", "~"):
+            local = not storage.is_gcs(root.strip())
+            if root.strip().rstrip("/") in ("", "gs:", "~") or (local and _is_filesystem_root(root.strip())):
                 raise ValueError(f"{root!r} would allow every file: name a folder or a bucket")
         return roots
 
@@ -328,6 +335,14 @@ class SofarConfig(_Strict):
                 raise ValueError("task name 'label_corrections' is reserved for the inspectors' corrections "
                                  "(asset raw_labels/label_corrections); choose another name")
         return tasks
+
+    @model_validator(mode="after")
+    def _roots_not_everything(self) -> SofarConfig:
+        for root in self.upload_roots:  # resolved: a relative root or a link may still lead to /
+            if not storage.is_gcs(root) and _is_filesystem_root(root):
+                raise ValueError(f"uploads: root {root!r} is the whole file system (it resolves to /): "
+                                 "name the folder the uploads live in")
+        return self
 
     # -- derived values ---------------------------------------------------------------
     def resolve(self, path: str) -> str:

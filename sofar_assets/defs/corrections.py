@@ -73,8 +73,9 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         wh = warehouse.get()
         latest = corr.latest_per_image(wh)
         reasons = corr.validate_stored(wh, latest, vocabulary)
-        raw = corr.scan(latest, reasons, vocabulary, file_inspector(image_store, cfg.model.image_size),
-                        cfg.upload_roots, threads=DECODE_THREADS)
+        inspect = file_inspector(image_store, cfg.model.image_size, max_bytes=cfg.inference.max_bytes,
+                                 within=cfg.upload_roots)  # the photos are uploads: read only under their roots
+        raw = corr.scan(latest, reasons, vocabulary, inspect, cfg.upload_roots, threads=DECODE_THREADS)
         wh.write_table(RAW_CORRECTIONS.name, raw, schema=RAW_CORRECTIONS)
         errors = raw[raw["error"].notna()]
         for err in errors["error"].head(50):

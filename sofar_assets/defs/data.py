@@ -44,12 +44,14 @@ def _task_items(cfg: SofarConfig, task: TaskSource, warehouse) -> list[tuple[str
     return [(cfg.resolve(u), str(lab)) for u, lab in zip(df["image_uri"], df["label"], strict=True)]
 
 
-def file_inspector(image_store: ImageStoreResource, size: int):
-    """Read, hash and decode one image, filling the preprocessed cache on the way."""
+def file_inspector(image_store: ImageStoreResource, size: int, *, max_bytes: int = storage.MAX_IMAGE_BYTES,
+                   within: list[str] | None = None):
+    """Read (at most ``max_bytes``; with ``within``, confined to those roots and never through a
+    link), hash and decode one image, filling the preprocessed cache on the way."""
     cache = image_store.cache(size)
 
     def inspect(uri: str) -> tuple[str, int, int, int]:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, max_bytes=max_bytes, within=within)
         sha = sha256_hex(data)
         # the one full decode: training and evaluation reuse the cached array wherever they share
         # this cache (one machine locally; a shared volume in production, see config/prod.yaml)
@@ -82,7 +84,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         wh = warehouse.get()
         items = _task_items(cfg, task, wh)
         context.log.info(f"{task_name}: {len(items)} files to read, hash and decode")
-        inspect = file_inspector(image_store, cfg.model.image_size)
+        inspect = file_inspector(image_store, cfg.model.image_size, max_bytes=cfg.inference.max_bytes)
         rows = []
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
             scanned = pool.map(lambda it: ds.scan_row(task_name, it[0], it[1], task.labels, inspect), items)

@@ -18,6 +18,7 @@ Steps pass small JSON-able dicts (file URIs and counts), never rows.
 """
 
 import datetime as dt
+import functools
 from collections.abc import Iterator
 from zoneinfo import ZoneInfo
 
@@ -58,7 +59,7 @@ def uploads_location(cfg: SofarConfig, day: dt.date) -> str:
     return f"table {cfg.uploads.table}, uploaded_at in [{start.isoformat()}, {end.isoformat()})"
 
 
-def review_metadata(wh, day: dt.date, facts: dict) -> dict:
+def review_metadata(wh, day: dt.date, facts: dict, read=storage.read_bytes) -> dict:
     """A partition's review queue (lib/review.py: OOD-flagged photos, then those whose label set
     holds other than one label, most uncertain first): its size per reason, and the first photos
     as a sheet with their top-2, label set and OOD score (``sofar review DAY`` draws the same)."""
@@ -67,7 +68,7 @@ def review_metadata(wh, day: dt.date, facts: dict) -> dict:
     queue = review.review_queue(wh, PREDICTIONS_TABLE, day, limit=REVIEW_QUEUE_ON_SHEET)
     if queue.empty:
         return md
-    sheet = review.review_sheet_png(queue, storage.read_bytes, thumb=96, title=(
+    sheet = review.review_sheet_png(queue, read, thumb=96, title=(
         f"{day}: {facts['rows']} rows, {facts['ood_rows']} OOD-flagged, {facts['error_rows']} errors; "
         f"review queue {sum(counts.values())}, first {len(queue)}"))
     return md | {"review_sheet": dg.MetadataValue.md(plots.png_to_markdown(sheet, f"review {day}")),
@@ -165,7 +166,8 @@ def build_prediction_assets(cfg: SofarConfig):
             ood_stats=stats, knn_k=ood.package_knn_k(meta),
             batch_size=inf.batch_size, num_workers=inf.num_workers, device=inf.device,
             read_bytes=storage.read_bytes, max_bytes=inf.max_bytes, reads_in_flight=inf.reads_in_flight,
-            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries},
+            # within: a local upload is opened without following links, under the roots it was checked in
+            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries, "within": cfg.upload_roots},
             log=context.log.info, log_every=inf.log_every,
         )
         for local, uri in staged.values():
@@ -186,7 +188,7 @@ def build_prediction_assets(cfg: SofarConfig):
             context.add_asset_metadata(  # THIS partition's own numbers and photos, not the run's totals
                 {"dagster/row_count": facts["rows"]}
                 | {k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate")}
-                | review_metadata(wh, day, facts),
+                | review_metadata(wh, day, facts, functools.partial(storage.read_bytes, within=cfg.upload_roots)),
                 partition_key=day.isoformat())
             context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s), "
                              f"{facts['error_rows']} errors, {facts['ood_rows']} OOD")

@@ -72,7 +72,10 @@ def _gcs_root(root: str) -> tuple[str, str]:
 
 
 def _local_roots(roots: Sequence[str]) -> list[str]:
-    return [os.path.realpath(r) for r in roots if not storage.is_gcs(r)]
+    """The real paths of the local roots; one that resolves to ``/`` (``/.``, a link to ``/``)
+    would allow every file and allows none."""
+    reals = (os.path.realpath(r) for r in roots if not storage.is_gcs(r))
+    return [r for r in reals if r != "/"]
 
 
 def refusal(uri: str, roots: Sequence[str]) -> str | None:
