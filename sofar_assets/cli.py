@@ -326,9 +326,11 @@ def _insert_task_line(text: str, entry: str) -> str | None:
 def add_task(name: str, folder: str, labels: list[str], positive: str | None) -> None:
     import yaml
 
+    from sofar_assets.config import parse_yaml, read_config_text
+
     path = config_path()
-    text = path.read_text()
-    data = yaml.safe_load(text) or {}
+    text = read_config_text(path)
+    data = parse_yaml(text, str(path)) or {}
     if name in (data.get("tasks") or {}):
         raise CliError(f"{path}: task {name!r} already exists; edit it there")
     folder_path = Path(folder).expanduser()
