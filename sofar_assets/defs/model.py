@@ -4,6 +4,7 @@ Assets hand each other small pointers (model name + version + run id), never wei
 weights live in MLflow, so lineage holds and a backfill knows exactly which version it used.
 """
 
+import functools
 import io
 
 import dagster as dg
@@ -47,7 +48,8 @@ def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, ima
         cfg.model.image_size,
         cache=image_store.cache(cfg.model.image_size),
         sha256s=list(rows["sha256"]),
-        read_bytes=storage.read_bytes,
+        # the size limit the ingest used (a plain partial: DataLoader workers pickle it)
+        read_bytes=functools.partial(storage.read_bytes, max_bytes=cfg.inference.max_bytes),
     )
 
 
