@@ -55,31 +55,53 @@ def child(folder: Path, budget: bool, workers: int, budget_mp: float | None) -> 
         images.DECODE_BUDGET = images.PixelBudget(10**15)  # the budget lifted: every decode at once
     elif budget_mp is not None:
         images.DECODE_BUDGET = images.PixelBudget(int(budget_mp * 1e6))
-    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, len(CLASSES)))
+    net = torch.nn.Sequential(
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, len(CLASSES))
+    )
     files = sorted(str(p) for p in folder.iterdir())
     out = folder.parent / f"spool-{budget}.parquet"
     tallies = daily.score_days(
-        net, [(DAY, ((f"{DAY}/{Path(f).name}", f) for f in files))],
+        net,
+        [(DAY, ((f"{DAY}/{Path(f).name}", f) for f in files))],
         open_spool=lambda day: ParquetSpool(PREDICTIONS, str(out)),
         columns={"model_name": "stub", "model_version": "1", "predicted_at": pd.Timestamp("2026-11-02")},
-        classes=CLASSES, image_size=32, threshold=0.0, batch_size=32, num_workers=workers, device="cpu",
-        max_bytes=50_000_000, reads_in_flight=32,
+        classes=CLASSES,
+        image_size=32,
+        threshold=0.0,
+        batch_size=32,
+        num_workers=workers,
+        device="cpu",
+        max_bytes=50_000_000,
+        reads_in_flight=32,
     )
     tally = tallies[DAY]
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # the largest worker (0 without)
-    print(json.dumps({"rows": tally.rows, "errors": tally.errors, "peak_rss_mib": max(own, kids) / 1024,
-                      "budget_peak_pixels": images.DECODE_BUDGET.peak if workers == 0 else None}))
+    print(
+        json.dumps(
+            {
+                "rows": tally.rows,
+                "errors": tally.errors,
+                "peak_rss_mib": max(own, kids) / 1024,
+                "budget_peak_pixels": images.DECODE_BUDGET.peak if workers == 0 else None,
+            }
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--links", type=int, default=16, help="links to the PNG in the day folder")
     ap.add_argument("--side", type=int, default=8900, help="the PNG's width and height in pixels")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: decode in the scoring process)")
+    ap.add_argument(
+        "--workers", type=int, default=0, help="DataLoader workers (0: decode in the scoring process)"
+    )
     ap.add_argument("--budget-mp", type=float, help="decode budget in megapixels (default: the code's)")
-    ap.add_argument("--quick", action="store_true",
-                    help="4 links to a 3,000 x 3,000 PNG under a 10 MP budget (for the tests)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="4 links to a 3,000 x 3,000 PNG under a 10 MP budget (for the tests)",
+    )
     ap.add_argument("--child", nargs=2, metavar=("FOLDER", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -98,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
         day.mkdir()
         for i in range(args.links):
             os.symlink(png, day / f"{i:03d}.png")
-        print(f"{args.links} links to one {size / 1e3:.0f} KB PNG of {args.side} x {args.side} pixels "
-              f"({args.side ** 2 / 1e6:.1f} MP each); decode budget {budget_mp:.0f} MP "
-              f"per process; reads_in_flight 32, workers {args.workers}")
+        print(
+            f"{args.links} links to one {size / 1e3:.0f} KB PNG of {args.side} x {args.side} pixels "
+            f"({args.side**2 / 1e6:.1f} MP each); decode budget {budget_mp:.0f} MP "
+            f"per process; reads_in_flight 32, workers {args.workers}"
+        )
         got = {}
         for mode in ("budget", "unbounded"):
             cmd = [sys.executable, __file__, "--child", str(day), mode, "--workers", str(args.workers)]
@@ -113,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             got[mode] = json.loads(run.stdout.strip().splitlines()[-1])
             g = got[mode]
             assert g["rows"] == args.links and g["errors"] == 0, g
-            held = "" if g["budget_peak_pixels"] is None else f", most pixels held {g['budget_peak_pixels'] / 1e6:.1f} MP"
+            held = (
+                ""
+                if g["budget_peak_pixels"] is None
+                else f", most pixels held {g['budget_peak_pixels'] / 1e6:.1f} MP"
+            )
             print(f"{mode:<10} peak RSS {g['peak_rss_mib']:8.0f} MiB{held}")
     a, b = got["budget"]["peak_rss_mib"], got["unbounded"]["peak_rss_mib"]
     print(f"RESULT peak_rss_mib_budget={a:.0f} peak_rss_mib_unbounded={b:.0f} ratio={b / a:.2f}")

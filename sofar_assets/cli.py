@@ -170,7 +170,8 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
         root = cfg.root
         out = (Path(root) if not storage.is_gcs(root) else Path.cwd()) / "review" / f"{day.isoformat()}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(review_sheet_png(picked, partial(storage.read_bytes, within=cfg.upload_roots), title=title))
+    read = partial(storage.read_bytes, within=cfg.upload_roots)  # uploads: under their roots, no links
+    out.write_bytes(review_sheet_png(picked, read, title=title))
     print(title)
     print(rows_text(picked))
     errors = wh.query(f"SELECT image_id, error FROM {{table:{table}}} WHERE prediction_date = DATE "
@@ -212,7 +213,8 @@ def review_day(day: dt.date, *, limit: int, out: Path | None) -> None:
     print(rows_text(queue))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(review_sheet_png(queue, partial(storage.read_bytes, within=cfg.upload_roots), title=title))
+        read = partial(storage.read_bytes, within=cfg.upload_roots)  # uploads: under their roots, no links
+        out.write_bytes(review_sheet_png(queue, read, title=title))
         print(f"review sheet: {out}")
 
 

@@ -513,7 +513,7 @@ def parse_yaml(text: str, source: str) -> object:
     except yaml.YAMLError as err:
         raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
     except RecursionError:
-        raise ConfigError(f"{source}: not a usable config: its lists or mappings are nested too deeply") from None
+        raise ConfigError(f"{source}: not a usable config: lists or mappings nested too deeply") from None
 
 
 def read_config_text(path: Path) -> str:
@@ -523,7 +523,8 @@ def read_config_text(path: Path) -> str:
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (set SOFAR_CONFIG to an existing YAML file)") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file (set SOFAR_CONFIG to a YAML file)") from None
+        raise ConfigError(f"{path}: is a folder, not a config file (set SOFAR_CONFIG to a YAML file)"
+                          ) from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading the config file") from None
     except OSError as err:
@@ -532,8 +533,8 @@ def read_config_text(path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise ConfigError(f"{path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8 (the config must be "
-                          "UTF-8 text, comments included)") from None
+        raise ConfigError(f"{path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8 (the config "
+                          "must be UTF-8 text, comments included)") from None
 
 
 def load_config(path: str | Path, *, check_paths: bool = True) -> SofarConfig:
@@ -543,7 +544,7 @@ def load_config(path: str | Path, *, check_paths: bool = True) -> SofarConfig:
     try:
         cfg = parse_config(data, base_dir=path.resolve().parent, source=str(path))
     except RecursionError:
-        raise ConfigError(f"{path}: not a usable config: its lists or mappings are nested too deeply") from None
+        raise ConfigError(f"{path}: not a usable config: lists or mappings nested too deeply") from None
     if check_paths:
         check_folders(cfg)
     return cfg

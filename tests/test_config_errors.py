@@ -15,11 +15,16 @@ from sofar_assets.settings import REPO_ROOT
 
 DEMO = (REPO_ROOT / "config" / "demo.yaml").read_bytes()
 CASES = {
-    "non_utf8_comment": (DEMO + b"# caf\xe9: a Latin-1 byte in a comment\n", r"line \d+: byte 0xe9 is not UTF-8"),
+    "non_utf8_comment": (
+        DEMO + b"# caf\xe9: a Latin-1 byte in a comment\n",
+        r"line \d+: byte 0xe9 is not UTF-8",
+    ),
     "nested_50000_deep": (b"tasks: " + b"[" * 50_000 + b"]" * 50_000 + b"\n", "nested too deeply"),
-    "duplicate_gate": (DEMO + b"\ngate:\n  max_ece: 0.05\ngate:\n  max_ece: 0.9\n",
-                       r"line (\d+), column 1: not valid YAML: duplicate key 'gate' \(first on line \d+, "
-                       r"again on line \1\)"),
+    "duplicate_gate": (
+        DEMO + b"\ngate:\n  max_ece: 0.05\ngate:\n  max_ece: 0.9\n",
+        r"line (\d+), column 1: not valid YAML: duplicate key 'gate' \(first on line \d+, "
+        r"again on line \1\)",
+    ),
     "duplicate_nested_key": (DEMO + b"\ngate: {max_ece: 0.05, max_ece: 0.9}\n", "duplicate key 'max_ece'"),
 }
 
@@ -46,8 +51,9 @@ def test_a_folder_is_not_a_config(tmp_path):
 def test_merge_keys_may_still_be_overridden(tmp_path):
     """``<<`` is how YAML says "these defaults, then my changes": not a duplicate."""
     path = tmp_path / "merge.yaml"
-    path.write_bytes(DEMO + b"\nx-gate: &strict {max_ece: 0.05, min_ood_auroc: 0.9}\n"
-                     b"gate: {<<: *strict, max_ece: 0.1}\n")
+    path.write_bytes(
+        DEMO + b"\nx-gate: &strict {max_ece: 0.05, min_ood_auroc: 0.9}\ngate: {<<: *strict, max_ece: 0.1}\n"
+    )
     with pytest.raises(ConfigError, match="x-gate: unknown key"):  # parsed fine; the extra key is named
         load_config(path, check_paths=False)
 
@@ -55,8 +61,14 @@ def test_merge_keys_may_still_be_overridden(tmp_path):
 @pytest.mark.parametrize("case", [*sorted(CASES), "folder"])
 def test_sofar_validate_prints_one_line_and_exits_2(tmp_path, case):
     target = tmp_path if case == "folder" else _write(tmp_path, case)
-    run = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "validate"], capture_output=True, text=True,
-                         env={**os.environ, "SOFAR_CONFIG": str(target)}, cwd=REPO_ROOT, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "sofar_assets.cli", "validate"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "SOFAR_CONFIG": str(target)},
+        cwd=REPO_ROOT,
+        timeout=120,
+    )
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert run.stderr.startswith(f"{target}: ")

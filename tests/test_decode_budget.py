@@ -90,11 +90,18 @@ def test_a_day_of_huge_pngs_decodes_within_the_budget(tmp_path, monkeypatch):
     net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2))
 
     tallies = daily.score_days(
-        net, [(day, ((f"{day}/{p.name}", str(p)) for p in sorted(folder.iterdir())))],
+        net,
+        [(day, ((f"{day}/{p.name}", str(p)) for p in sorted(folder.iterdir())))],
         open_spool=lambda d: ParquetSpool(PREDICTIONS, str(tmp_path / "spool.parquet")),
         columns={"model_name": "stub", "model_version": "1", "predicted_at": pd.Timestamp("2026-11-02")},
-        classes=["a", "b"], image_size=32, threshold=0.0, batch_size=32, num_workers=0, device="cpu",
-        max_bytes=50_000_000, reads_in_flight=32,
+        classes=["a", "b"],
+        image_size=32,
+        threshold=0.0,
+        batch_size=32,
+        num_workers=0,
+        device="cpu",
+        max_bytes=50_000_000,
+        reads_in_flight=32,
     )
 
     assert tallies[day].rows == 12 and tallies[day].errors == 0

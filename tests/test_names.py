@@ -64,12 +64,21 @@ def test_shown_escapes_visibly_and_bounds_a_megabyte_name():
 
 def _queue(uris: list[str]) -> pd.DataFrame:
     n = len(uris)
-    return pd.DataFrame({
-        "image_id": [f"2026-11-20/{Path(u).name}" for u in uris], "image_uri": uris,
-        "top1_label": ["dirt"] * n, "top1_prob": np.linspace(0.3, 0.6, n), "top2_label": ["normal"] * n,
-        "top2_prob": [0.2] * n, "label_set": ["dirt|normal"] * n, "label_set_size": [2] * n,
-        "ood_score": [1.0] * n, "is_ood": [True] * n, "reason": [review.OOD] * n,
-    })
+    return pd.DataFrame(
+        {
+            "image_id": [f"2026-11-20/{Path(u).name}" for u in uris],
+            "image_uri": uris,
+            "top1_label": ["dirt"] * n,
+            "top1_prob": np.linspace(0.3, 0.6, n),
+            "top2_label": ["normal"] * n,
+            "top2_prob": [0.2] * n,
+            "label_set": ["dirt|normal"] * n,
+            "label_set_size": [2] * n,
+            "ood_score": [1.0] * n,
+            "is_ood": [True] * n,
+            "reason": [review.OOD] * n,
+        }
+    )
 
 
 def test_review_sheet_and_rows_text_take_any_name(tmp_path):
@@ -91,6 +100,7 @@ def test_review_sheet_and_rows_text_take_any_name(tmp_path):
 
 # -- the whole path: a day of such names through commit_days, then `sofar show` / `sofar review` ---
 
+
 @pytest.fixture(scope="module")
 def hostile_day(pipeline, demo_data, tmp_path_factory):
     """A day of the demo's OOD documents and photos under hostile names, predicted."""
@@ -102,7 +112,7 @@ def hostile_day(pipeline, demo_data, tmp_path_factory):
     sources += sorted((demo_data / "uploads" / "2026-11-01").iterdir())
     for k, name in enumerate(HOSTILE):  # the names on OOD documents: they land in the review queue
         shutil.copy(sources[k % len(sources)], folder / name)
-    for k, src in enumerate(sources[len(HOSTILE):len(HOSTILE) + 4]):
+    for k, src in enumerate(sources[len(HOSTILE) : len(HOSTILE) + 4]):
         shutil.copy(src, folder / f"{k}\x1b[2J{src.name}")
     base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
     base["uploads"] = {"folder": str(tmp / "uploads")}
@@ -111,9 +121,14 @@ def hostile_day(pipeline, demo_data, tmp_path_factory):
     path.write_text(yaml.safe_dump(base))
     defs = build_definitions(load_config(path))
     instance = dg.DagsterInstance.ephemeral()
-    result = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets("daily_predictions"),
-                            partition_key=day.isoformat(), resources=defs.resources, instance=instance,
-                            raise_on_error=False)
+    result = dg.materialize(
+        _assets(defs),
+        selection=dg.AssetSelection.assets("daily_predictions"),
+        partition_key=day.isoformat(),
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=False,
+    )
     return {"day": day, "result": result, "path": path, "defs": defs, "instance": instance, "tmp": tmp}
 
 
@@ -130,7 +145,11 @@ def test_a_day_of_hostile_names_commits_with_metadata_and_checks(hostile_day):
     cells = {len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()}
     assert len(cells) == 1, "no name adds a cell to its row"
     assert {c.check_name for c in result.get_asset_check_evaluations()} >= {
-        "rows_match_uploads", "ood_rate_vs_trailing_7_days", "label_mix_vs_trailing_7_days", "uploads_found"}
+        "rows_match_uploads",
+        "ood_rate_vs_trailing_7_days",
+        "label_mix_vs_trailing_7_days",
+        "uploads_found",
+    }
     wh = hostile_day["defs"].resources["warehouse"].get()
     stored = wh.read_range("predictions", "prediction_date", day, day + dt.timedelta(days=1))
     assert {i.split("/", 1)[1] for i in stored["image_id"]} >= set(HOSTILE), "stored names are not altered"

@@ -40,6 +40,7 @@ def _sparse(path: Path, size: int) -> Path:
 
 # -- item 10: the check and the read are one ----------------------------------------------------------
 
+
 def test_a_folder_swapped_for_a_link_after_the_check_is_refused_not_followed(tmp_path):
     root, outside = tmp_path / "uploads", tmp_path / "outside"
     _png(root / "day" / "photo.png")
@@ -98,20 +99,26 @@ def test_roots_that_normalise_to_slash_allow_nothing(tmp_path, root):
 def test_a_config_root_that_normalises_to_slash_is_refused(tmp_path, root):
     data = tmp_path / "data"
     (data / "uploads").mkdir(parents=True)
-    path = write_config(tmp_path, data, uploads={"folder": None, "table": "image_uploads", "allowed_roots": [root]})
+    path = write_config(
+        tmp_path, data, uploads={"folder": None, "table": "image_uploads", "allowed_roots": [root]}
+    )
     with pytest.raises(ConfigError, match="would allow every file"):
         load_config(path, check_paths=False)
 
 
 def test_a_config_root_that_resolves_to_slash_is_refused(tmp_path):
     (tmp_path / "everything").symlink_to("/")
-    path = write_config(tmp_path, tmp_path, uploads={"folder": None, "table": "image_uploads",
-                                                          "allowed_roots": ["everything"]})
+    path = write_config(
+        tmp_path,
+        tmp_path,
+        uploads={"folder": None, "table": "image_uploads", "allowed_roots": ["everything"]},
+    )
     with pytest.raises(ConfigError, match="whole file system"):
         load_config(path, check_paths=False)
 
 
 # -- item 6: every image read is bounded -----------------------------------------------------------
+
 
 def test_reads_are_bounded_by_default(tmp_path):
     big = _sparse(tmp_path / "huge.png", storage.MAX_IMAGE_BYTES + 1)
@@ -133,6 +140,7 @@ def test_an_oversized_task_image_is_an_error_row_naming_it(tmp_path):
 
 # -- through the assets: the daily scoring and the corrections' photos --------------------------------
 
+
 @pytest.fixture
 def photos(demo_data) -> list[Path]:
     return sorted((demo_data / "uploads" / "2026-11-01").iterdir())[:2]
@@ -151,12 +159,19 @@ def _defs(pipeline, tmp_path, uploads_cfg: dict, **extra):
 
 
 def _predict(defs, day: dt.date, instance):
-    return dg.materialize(_assets(defs), selection=dg.AssetSelection.assets("daily_predictions"),
-                          partition_key=day.isoformat(), resources=defs.resources, instance=instance,
-                          raise_on_error=False)
+    return dg.materialize(
+        _assets(defs),
+        selection=dg.AssetSelection.assets("daily_predictions"),
+        partition_key=day.isoformat(),
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=False,
+    )
 
 
-def test_a_day_folder_swapped_for_a_link_mid_run_scores_nothing_outside(pipeline, tmp_path, photos, monkeypatch):
+def test_a_day_folder_swapped_for_a_link_mid_run_scores_nothing_outside(
+    pipeline, tmp_path, photos, monkeypatch
+):
     from sofar_assets.defs import predictions
 
     root, outside, day = tmp_path / "uploads", tmp_path / "outside", dt.date(2026, 11, 21)
@@ -177,8 +192,11 @@ def test_a_day_folder_swapped_for_a_link_mid_run_scores_nothing_outside(pipeline
 
     result = _predict(defs, day, dg.DagsterInstance.ephemeral())
 
-    rows = defs.resources["warehouse"].get().read_range("predictions", "prediction_date", day,
-                                                         day + dt.timedelta(days=1))
+    rows = (
+        defs.resources["warehouse"]
+        .get()
+        .read_range("predictions", "prediction_date", day, day + dt.timedelta(days=1))
+    )
     assert len(rows) == len(photos), "one row per upload"
     assert rows["error"].str.contains("outside the allowed roots", regex=False).all(), list(rows["error"])
     assert rows["top1_label"].isna().all(), "nothing outside the roots was scored"
@@ -196,12 +214,22 @@ def test_an_oversized_correction_photo_is_rejected_naming_it(pipeline, tmp_path,
     instance = dg.DagsterInstance.ephemeral()
     assert _predict(defs, day, instance).success
     wh = defs.resources["warehouse"].get()
-    corr.record(wh, [{"image_id": f"{day}/{n}", "label": "dirt", "where": "test"} for n in ("ok.jpg", "grows.jpg")],
-                cfg.vocabulary(), inspector="tester", what="test")
+    corr.record(
+        wh,
+        [{"image_id": f"{day}/{n}", "label": "dirt", "where": "test"} for n in ("ok.jpg", "grows.jpg")],
+        cfg.vocabulary(),
+        inspector="tester",
+        what="test",
+    )
     grown = _sparse(root / day.isoformat() / "grows.jpg", 60_000_000)  # replaced since it was scored
 
-    result = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets(["raw_labels", "label_corrections"]),
-                            resources=defs.resources, instance=instance, raise_on_error=False)
+    result = dg.materialize(
+        _assets(defs),
+        selection=dg.AssetSelection.assets(["raw_labels", "label_corrections"]),
+        resources=defs.resources,
+        instance=instance,
+        raise_on_error=False,
+    )
 
     assert result.success
     raw = wh.read_table("raw_labels_label_corrections").set_index("image_id")

@@ -73,8 +73,9 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         wh = warehouse.get()
         latest = corr.latest_per_image(wh)
         reasons = corr.validate_stored(wh, latest, vocabulary)
+        # the photos are uploads: read only under their roots, never through a link
         inspect = file_inspector(image_store, cfg.model.image_size, max_bytes=cfg.inference.max_bytes,
-                                 within=cfg.upload_roots)  # the photos are uploads: read only under their roots
+                                 within=cfg.upload_roots)
         raw = corr.scan(latest, reasons, vocabulary, inspect, cfg.upload_roots, threads=DECODE_THREADS)
         wh.write_table(RAW_CORRECTIONS.name, raw, schema=RAW_CORRECTIONS)
         errors = raw[raw["error"].notna()]

@@ -209,7 +209,8 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
                 check_name="label_conflicts",
                 passed=True,
                 metadata={"multi_label_images": len(multi), "conflicts": dg.MetadataValue.md(
-                    "\n".join(f"- {md_text(u)}: {lab.replace('|', ' + ')}" for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
+                    "\n".join(f"- {md_text(u)}: {lab.replace('|', ' + ')}"
+                              for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
                     or "none")},
             ),
         ]

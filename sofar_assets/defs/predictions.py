@@ -72,7 +72,8 @@ def review_metadata(wh, day: dt.date, facts: dict, read=storage.read_bytes) -> d
         f"{day}: {facts['rows']} rows, {facts['ood_rows']} OOD-flagged, {facts['error_rows']} errors; "
         f"review queue {sum(counts.values())}, first {len(queue)}"))
     return md | {"review_sheet": dg.MetadataValue.md(plots.png_to_markdown(sheet, f"review {day}")),
-                 "review_rows": dg.MetadataValue.md(md_frame(queue.drop(columns=["image_uri"])).to_markdown(index=False))}
+                 "review_rows": dg.MetadataValue.md(  # names escaped: a newline or '|' cannot break the table
+                     md_frame(queue.drop(columns=["image_uri"])).to_markdown(index=False))}
 
 
 def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -167,7 +168,8 @@ def build_prediction_assets(cfg: SofarConfig):
             batch_size=inf.batch_size, num_workers=inf.num_workers, device=inf.device,
             read_bytes=storage.read_bytes, max_bytes=inf.max_bytes, reads_in_flight=inf.reads_in_flight,
             # within: a local upload is opened without following links, under the roots it was checked in
-            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries, "within": cfg.upload_roots},
+            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries,
+                         "within": cfg.upload_roots},
             log=context.log.info, log_every=inf.log_every,
         )
         for local, uri in staged.values():
@@ -182,13 +184,14 @@ def build_prediction_assets(cfg: SofarConfig):
         wh = warehouse.get()
         days = run_days(context)
         per_day, failures = {}, []
+        read_upload = functools.partial(storage.read_bytes, within=cfg.upload_roots)  # the review sheets
         for day in days:
             facts = daily.commit_day(wh, PREDICTIONS, day, [r["days"][day.isoformat()] for r in shard_results])
             per_day[day.isoformat()] = facts
             context.add_asset_metadata(  # THIS partition's own numbers and photos, not the run's totals
                 {"dagster/row_count": facts["rows"]}
                 | {k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate")}
-                | review_metadata(wh, day, facts, functools.partial(storage.read_bytes, within=cfg.upload_roots)),
+                | review_metadata(wh, day, facts, read_upload),
                 partition_key=day.isoformat())
             context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s), "
                              f"{facts['error_rows']} errors, {facts['ood_rows']} OOD")

@@ -84,12 +84,14 @@ def _text_columns(df, columns) -> list:
 def md_frame(df, columns=None):
     """A copy of ``df`` whose text ``columns`` (default: every text column) are :func:`md_text`:
     for ``DataFrame.to_markdown``."""
-    return df.assign(**{str(c): df[c].map(md_text, na_action="ignore").astype(object)
-                        for c in _text_columns(df, columns)})
+    return df.assign(
+        **{str(c): df[c].map(md_text, na_action="ignore").astype(object) for c in _text_columns(df, columns)}
+    )
 
 
 def shown_frame(df, columns=None):
     """A copy of ``df`` whose text ``columns`` (default: every text column) are :func:`shown`:
     for ``DataFrame.to_string`` in a terminal."""
-    return df.assign(**{str(c): df[c].map(shown, na_action="ignore").astype(object)
-                        for c in _text_columns(df, columns)})
+    return df.assign(
+        **{str(c): df[c].map(shown, na_action="ignore").astype(object) for c in _text_columns(df, columns)}
+    )

@@ -192,6 +192,7 @@ def rows_text(rows: pd.DataFrame) -> str:
         table["label_set"] = table["label_set"].map(lambda v: "{}" if v == "" else v).fillna("-")
     cols = ["reason", "image", "top1_label", "top1_prob", "top2_label", "top2_prob", "label_set", "ood_score",
             "is_ood"]
-    table = shown_frame(table[[c for c in cols if c in table.columns]], ["image"])  # no escape codes reach a terminal
+    # names escaped: no escape code reaches a terminal, no newline breaks a row
+    table = shown_frame(table[[c for c in cols if c in table.columns]], ["image"])
     return table.to_string(
         index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")

@@ -168,8 +168,8 @@ def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int) -
     return data
 
 
-def read_bytes(uri: str, *, max_bytes: int | None = MAX_IMAGE_BYTES, timeout_s: float = 30.0, retries: int = 3,
-               within: Sequence[str] | None = None) -> bytes:
+def read_bytes(uri: str, *, max_bytes: int | None = MAX_IMAGE_BYTES, timeout_s: float = 30.0,
+               retries: int = 3, within: Sequence[str] | None = None) -> bytes:
     """Return the raw bytes at ``uri``; raise :class:`ImageReadError` naming the URI and the reason.
 
     Local paths: only regular files (links are followed, then the target must be a regular

@@ -58,16 +58,21 @@ class LocalOnly:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host", "")
         if host.lower() not in self.hosts:
-            return (f"Host {shown(host)!r} is not this server's address ({', '.join(sorted(self.hosts))}); "
-                    "open the UI at that address")
+            return (
+                f"Host {shown(host)!r} is not this server's address ({', '.join(sorted(self.hosts))}); "
+                "open the UI at that address"
+            )
         origin = headers.get("origin")
         if origin is not None and origin.lower() not in self.origins:
             return f"a request from {shown(origin)!r}: only pages of this server may call it"
         site = headers.get("sec-fetch-site")
         if site in ("cross-site", "same-site"):
-            navigation = (scope["type"] == "http" and scope.get("method") in ("GET", "HEAD")
-                          and headers.get("sec-fetch-mode") == "navigate"
-                          and not scope.get("path", "").startswith("/graphql"))
+            navigation = (
+                scope["type"] == "http"
+                and scope.get("method") in ("GET", "HEAD")
+                and headers.get("sec-fetch-mode") == "navigate"
+                and not scope.get("path", "").startswith("/graphql")
+            )
             if not navigation:
                 return f"a {site} request: only pages of this server may call it"
         return None
@@ -85,9 +90,16 @@ class LocalOnly:
             await send({"type": "websocket.close", "code": 1008, "reason": why[:120]})
             return
         body = f"refused: {why}\n".encode()
-        await send({"type": "http.response.start", "status": 403,
-                    "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                                (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 403,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -96,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=3000)
     ap.add_argument("--allow-host", action="append", default=[], help="another name the UI is opened under")
-    ap.add_argument("--no-daemon", action="store_true", help="the webserver only (no schedules, no run queue)")
+    ap.add_argument(
+        "--no-daemon", action="store_true", help="the webserver only (no schedules, no run queue)"
+    )
     args, workspace = ap.parse_known_args(argv)
 
     import dagster_webserver.cli as web
@@ -111,8 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_daemon:
         daemon = subprocess.Popen([sys.executable, "-m", "dagster._daemon", "run", *workspace])
     try:
-        return web.cli.main(args=["--host", args.host, "--port", str(args.port), *workspace],
-                            prog_name="dagster-webserver", standalone_mode=False) or 0
+        return (
+            web.cli.main(
+                args=["--host", args.host, "--port", str(args.port), *workspace],
+                prog_name="dagster-webserver",
+                standalone_mode=False,
+            )
+            or 0
+        )
     finally:
         if daemon is not None:
             daemon.terminate()
