@@ -11,6 +11,7 @@ import datetime as dt
 import difflib
 import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -516,15 +517,22 @@ def parse_yaml(text: str, source: str) -> object:
         raise ConfigError(f"{source}: not a usable config: lists or mappings nested too deeply") from None
 
 
+MAX_CONFIG_BYTES = 1_000_000
+
+
 def read_config_text(path: Path) -> str:
     """The text of the config file at ``path``, or :class:`ConfigError` saying in one line why not."""
     try:
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{path}: is a folder, not a config file (set SOFAR_CONFIG to a YAML file)")
+        if not stat.S_ISREG(st.st_mode):  # a pipe would block the read forever
+            raise ConfigError(f"{path}: is {storage.file_kind(st.st_mode)}, not a config file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes is not a config file (at most {MAX_CONFIG_BYTES})")
         data = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found (set SOFAR_CONFIG to an existing YAML file)") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file (set SOFAR_CONFIG to a YAML file)"
-                          ) from None
     except PermissionError:
         raise ConfigError(f"{path}: permission denied reading the config file") from None
     except OSError as err:

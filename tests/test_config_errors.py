@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,30 @@ def test_load_config_names_the_file_and_the_problem(tmp_path, case):
 def test_a_folder_is_not_a_config(tmp_path):
     with pytest.raises(ConfigError, match="is a folder, not a config file"):
         load_config(tmp_path)
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except ConfigError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_a_pipe_or_a_huge_file_is_not_read(tmp_path):
+    os.mkfifo(tmp_path / "pipe.yaml")
+    got = []
+    # in a thread: a read of the pipe would block forever (no writer), and the test must fail, not hang
+    reader = threading.Thread(
+        target=lambda: got.append(_error(lambda: load_config(tmp_path / "pipe.yaml"))), daemon=True
+    )
+    reader.start()
+    reader.join(30)
+    assert got and "is a named pipe, not a config file" in got[0], "the pipe was opened"
+    with open(tmp_path / "huge.yaml", "wb") as f:
+        f.truncate(10**9)  # sparse: no disk
+    with pytest.raises(ConfigError, match="1000000000 bytes is not a config file"):
+        load_config(tmp_path / "huge.yaml")
 
 
 def test_merge_keys_may_still_be_overridden(tmp_path):
