@@ -23,7 +23,7 @@ from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib import corrections as corr
 from sofar_assets.lib import field_accuracy as fa
 from sofar_assets.lib.drift import trailing_window
-from sofar_assets.lib.names import shown
+from sofar_assets.lib.names import md_text, shown
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, RAW_CORRECTIONS
 
 FIELD_CHECK = "field_accuracy_vs_trailing_7_days"
@@ -95,7 +95,7 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
             check_results=[dg.AssetCheckResult(
                 check_name="corrections_valid", passed=errors.empty, severity=dg.AssetCheckSeverity.WARN,
                 metadata={"rejected": len(errors), "rows": dg.MetadataValue.md(
-                    "\n".join(f"- {e}" for e in errors["error"].head(200)) or "none")},
+                    "\n".join(f"- {md_text(e, 400)}" for e in errors["error"].head(200)) or "none")},
             )],
         )
 
