@@ -70,8 +70,9 @@ test-stack: install
 bench: install
 	$(PY) bench/run_all.py
 
+# the webserver behind a local-only guard (foreign Host / Origin / cross-site refused), and the daemon
 ui: install demo-data
-	$(DG) dev -m sofar_assets.definitions -h 127.0.0.1 -p 3000
+	$(PY) -m sofar_assets.stack.ui --host 127.0.0.1 --port 3000 -m sofar_assets.definitions
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     ("decode throughput (issue: dataset)", ["bench_decode.py"]),
+    ("decode memory of a day of huge-raster PNGs (issue 23)", ["bench_decode_memory.py"]),
     ("training throughput (issue: classifier)", ["bench_train.py"]),
     ("inference and efficiency (issue: daily table)", ["bench_inference.py"]),
     ("Dagster overhead on one day (issue: daily table)", ["bench_dagster_overhead.py"]),

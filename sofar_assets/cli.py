@@ -25,6 +25,7 @@ import getpass
 import os
 import re
 import sys
+from functools import partial
 from pathlib import Path
 
 from sofar_assets.config import ConfigError, SofarConfig, check_folders, load_config, parse_config
@@ -146,6 +147,7 @@ def status(days: int) -> None:
 # -- show -----------------------------------------------------------------------------------------
 def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int) -> None:
     from sofar_assets.lib import storage
+    from sofar_assets.lib.names import shown
     from sofar_assets.lib.review import review_candidates, review_sheet_png, rows_text, select_for_review
 
     cfg = _config()
@@ -169,13 +171,14 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
         root = cfg.root
         out = (Path(root) if not storage.is_gcs(root) else Path.cwd()) / "review" / f"{day.isoformat()}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(review_sheet_png(picked, storage.read_bytes, title=title))
+    read = partial(storage.read_bytes, within=cfg.upload_roots)  # uploads: under their roots, no links
+    out.write_bytes(review_sheet_png(picked, read, title=title))
     print(title)
     print(rows_text(picked))
     errors = wh.query(f"SELECT image_id, error FROM {{table:{table}}} WHERE prediction_date = DATE "
                       f"'{day.isoformat()}' AND error IS NOT NULL ORDER BY image_id LIMIT 50")
     for image_id, error in zip(errors["image_id"], errors["error"], strict=True):
-        print(f"error row {image_id}: {error}")
+        print(f"error row {shown(image_id)}: {shown(error, 400)}")  # names may hold escape codes
     if total - n_scored > len(errors):
         print(f"... {total - n_scored - len(errors)} more error rows")
     print(f"review sheet: {out}")
@@ -211,7 +214,8 @@ def review_day(day: dt.date, *, limit: int, out: Path | None) -> None:
     print(rows_text(queue))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(review_sheet_png(queue, storage.read_bytes, title=title))
+        read = partial(storage.read_bytes, within=cfg.upload_roots)  # uploads: under their roots, no links
+        out.write_bytes(review_sheet_png(queue, read, title=title))
         print(f"review sheet: {out}")
 
 
@@ -342,9 +346,11 @@ def _insert_task_line(text: str, entry: str) -> str | None:
 def add_task(name: str, folder: str, labels: list[str], positive: str | None) -> None:
     import yaml
 
+    from sofar_assets.config import parse_yaml, read_config_text
+
     path = config_path()
-    text = path.read_text()
-    data = yaml.safe_load(text) or {}
+    text = read_config_text(path)
+    data = parse_yaml(text, str(path)) or {}
     if name in (data.get("tasks") or {}):
         raise CliError(f"{path}: task {name!r} already exists; edit it there")
     folder_path = Path(folder).expanduser()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import datetime as dt
 import difflib
+import os
 import re
+import stat
 import types
 import typing
 from pathlib import Path
@@ -82,6 +84,11 @@ class TaskSource(_Strict):
         return list(self.labels.values())[-1] if self.labels else None
 
 
+def _is_filesystem_root(path: str) -> bool:
+    """Whether a local path names ``/`` however it is written (``/.``, ``//``, ``/tmp/..``)."""
+    return path.startswith("/") and os.path.normpath(path).lstrip("/") == ""
+
+
 class UploadsSource(_Strict):
     """Where the photos of each day come from."""
 
@@ -113,7 +120,8 @@ class UploadsSource(_Strict):
                 "table's image_uri values may point into (anything else becomes an error row, unread)"
             )
         for root in roots or []:
-            if root.strip().rstrip("/") in ("", "gs:", "~"):
+            local = not storage.is_gcs(root.strip())
+            if root.strip().rstrip("/") in ("", "gs:", "~") or (local and _is_filesystem_root(root.strip())):
                 raise ValueError(f"{root!r} would allow every file: name a folder or a bucket")
         return roots
 
@@ -362,6 +370,14 @@ class SofarConfig(_Strict):
                                  "(asset raw_labels/label_corrections); choose another name")
         return tasks
 
+    @model_validator(mode="after")
+    def _roots_not_everything(self) -> SofarConfig:
+        for root in self.upload_roots:  # resolved: a relative root or a link may still lead to /
+            if not storage.is_gcs(root) and _is_filesystem_root(root):
+                raise ValueError(f"uploads: root {root!r} is the whole file system (it resolves to /): "
+                                 "name the folder the uploads live in")
+        return self
+
     # -- derived values ---------------------------------------------------------------
     def resolve(self, path: str) -> str:
         """A config path as an absolute local path or an untouched ``gs://`` URI."""
@@ -525,18 +541,83 @@ def gpu_pod_problems(cfg: SofarConfig) -> list[str]:
     return problems
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the
+    last silently: a later ``gate:`` block would override a stricter one). ``<<`` merge keys may
+    still be overridden, which is what they are for."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[object, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:  # an unhashable key: PyYAML reports it itself
+                    continue
+                if first is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first}, again on line {line})",
+                        key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, source: str) -> object:
+    """The YAML document in ``text``; :class:`ConfigError` naming ``source`` (and the line) when it
+    is not valid YAML, repeats a key, or nests too deeply to read."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        what = "; ".join(str(x) for x in (err.context, err.problem) if x)
+        raise ConfigError(f"{source}: {where}not valid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: not valid YAML: {' '.join(str(err).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: not a usable config: lists or mappings nested too deeply") from None
+
+
+MAX_CONFIG_BYTES = 1_000_000
+
+
+def read_config_text(path: Path) -> str:
+    """The text of the config file at ``path``, or :class:`ConfigError` saying in one line why not."""
+    try:
+        st = path.stat()
+        if stat.S_ISDIR(st.st_mode):
+            raise ConfigError(f"{path}: is a folder, not a config file (set SOFAR_CONFIG to a YAML file)")
+        if not stat.S_ISREG(st.st_mode):  # a pipe would block the read forever
+            raise ConfigError(f"{path}: is {storage.file_kind(st.st_mode)}, not a config file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: {st.st_size} bytes is not a config file (at most {MAX_CONFIG_BYTES})")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (set SOFAR_CONFIG to an existing YAML file)") from None
+    except PermissionError:
+        raise ConfigError(f"{path}: permission denied reading the config file") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the config file: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}: line {line}: byte 0x{data[err.start]:02x} is not UTF-8 (the config "
+                          "must be UTF-8 text, comments included)") from None
+
+
 def load_config(path: str | Path, *, check_paths: bool = True) -> SofarConfig:
     """Read and validate a config file; with ``check_paths`` also that local folders exist."""
     path = Path(path)
+    data = parse_yaml(read_config_text(path), str(path)) or {}
     try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found (set SOFAR_CONFIG to an existing YAML file)") from None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    cfg = parse_config(data, base_dir=path.resolve().parent, source=str(path))
+        cfg = parse_config(data, base_dir=path.resolve().parent, source=str(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: not a usable config: lists or mappings nested too deeply") from None
     if check_paths:
         check_folders(cfg)
     return cfg

@@ -23,6 +23,7 @@ from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib import corrections as corr
 from sofar_assets.lib import field_accuracy as fa
 from sofar_assets.lib.drift import trailing_window
+from sofar_assets.lib.names import md_text, shown
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, RAW_CORRECTIONS
 
 FIELD_CHECK = "field_accuracy_vs_trailing_7_days"
@@ -73,12 +74,14 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         wh = warehouse.get()
         latest = corr.latest_per_image(wh)
         reasons = corr.validate_stored(wh, latest, vocabulary)
-        raw = corr.scan(latest, reasons, vocabulary, file_inspector(image_store, cfg.model.image_size),
-                        cfg.upload_roots, threads=DECODE_THREADS)
+        # the photos are uploads: read only under their roots, never through a link
+        inspect = file_inspector(image_store, cfg.model.image_size, max_bytes=cfg.inference.max_bytes,
+                                 within=cfg.upload_roots)
+        raw = corr.scan(latest, reasons, vocabulary, inspect, cfg.upload_roots, threads=DECODE_THREADS)
         wh.write_table(RAW_CORRECTIONS.name, raw, schema=RAW_CORRECTIONS)
         errors = raw[raw["error"].notna()]
         for err in errors["error"].head(50):
-            context.log.warning(f"correction rejected: {err}")
+            context.log.warning(f"correction rejected: {shown(err, 400)}")
         superseded = int(latest["verdicts"].sum() - len(latest)) if len(latest) else 0
         context.log.info(f"{len(raw)} photo(s) with a verdict ({superseded} older verdict(s) superseded), "
                          f"{len(errors)} rejected")
@@ -93,7 +96,7 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
             check_results=[dg.AssetCheckResult(
                 check_name="corrections_valid", passed=errors.empty, severity=dg.AssetCheckSeverity.WARN,
                 metadata={"rejected": len(errors), "rows": dg.MetadataValue.md(
-                    "\n".join(f"- {e}" for e in errors["error"].head(200)) or "none")},
+                    "\n".join(f"- {md_text(e, 400)}" for e in errors["error"].head(200)) or "none")},
             )],
         )
 

@@ -14,6 +14,7 @@ from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import storage
 from sofar_assets.lib.images import sha256_hex
+from sofar_assets.lib.names import md_text, shown
 from sofar_assets.lib.plots import contact_sheet_png, png_to_markdown
 from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET, raw_labels_schema, raw_labels_table
 
@@ -43,12 +44,14 @@ def _task_items(cfg: SofarConfig, task: TaskSource, warehouse) -> list[tuple[str
     return [(cfg.resolve(u), str(lab)) for u, lab in zip(df["image_uri"], df["label"], strict=True)]
 
 
-def file_inspector(image_store: ImageStoreResource, size: int):
-    """Read, hash and decode one image, filling the preprocessed cache on the way."""
+def file_inspector(image_store: ImageStoreResource, size: int, *, max_bytes: int = storage.MAX_IMAGE_BYTES,
+                   within: list[str] | None = None):
+    """Read (at most ``max_bytes``; with ``within``, confined to those roots and never through a
+    link), hash and decode one image, filling the preprocessed cache on the way."""
     cache = image_store.cache(size)
 
     def inspect(uri: str) -> tuple[str, int, int, int]:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, max_bytes=max_bytes, within=within)
         sha = sha256_hex(data)
         # the one full decode: training and evaluation reuse the cached array wherever they share
         # this cache (one machine locally; a shared volume in production, see config/prod.yaml)
@@ -82,7 +85,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         wh = warehouse.get()
         items = _task_items(cfg, task, wh)
         context.log.info(f"{task_name}: {len(items)} files to read, hash and decode")
-        inspect = file_inspector(image_store, cfg.model.image_size)
+        inspect = file_inspector(image_store, cfg.model.image_size, max_bytes=cfg.inference.max_bytes)
         rows = []
         with ThreadPoolExecutor(DECODE_THREADS) as pool:
             scanned = pool.map(lambda it: ds.scan_row(task_name, it[0], it[1], task.labels, inspect), items)
@@ -94,7 +97,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         wh.write_table(raw_table_name(task_name), raw, schema=raw_labels_schema(task_name))
         errors = raw[raw["error"].notna()]
         for err in errors["error"]:
-            context.log.warning(f"unreadable: {err}")
+            context.log.warning(f"unreadable: {shown(err, 400)}")
         return dg.MaterializeResult(
             metadata={
                 "dagster/row_count": len(raw),
@@ -102,7 +105,7 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
                 "per_label": dg.MetadataValue.json(raw[raw["error"].isna()]["label"].value_counts().to_dict()),
                 "unreadable": len(errors),
                 "unreadable_files": dg.MetadataValue.md(
-                    "\n".join(f"- `{e}`" for e in errors["error"]) or "none"
+                    "\n".join(f"- {md_text(e, 400)}" for e in errors["error"]) or "none"
                 ),
             }
         )
@@ -185,7 +188,7 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
                 passed=errors.empty,
                 severity=dg.AssetCheckSeverity.WARN,
                 metadata={"unreadable": len(errors), "files": dg.MetadataValue.md(
-                    "\n".join(f"- `{e}`" for e in errors["error"]) or "none")},
+                    "\n".join(f"- {md_text(e, 400)}" for e in errors["error"]) or "none")},
             ),
             dg.AssetCheckResult(
                 check_name="min_images_per_class_and_split",
@@ -208,7 +211,8 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
                 check_name="label_conflicts",
                 passed=True,
                 metadata={"multi_label_images": len(multi), "conflicts": dg.MetadataValue.md(
-                    "\n".join(f"- `{u}`: {lab.replace('|', ' + ')}" for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
+                    "\n".join(f"- {md_text(u)}: {lab.replace('|', ' + ')}"
+                              for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
                     or "none")},
             ),
         ]

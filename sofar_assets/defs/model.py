@@ -4,6 +4,7 @@ Assets hand each other small pointers (model name + version + run id), never wei
 weights live in MLflow, so lineage holds and a backfill knows exactly which version it used.
 """
 
+import functools
 import io
 
 import dagster as dg
@@ -22,6 +23,7 @@ from sofar_assets.lib.devices import resolve_device
 from sofar_assets.lib.gate import GATE_CHECKS, gate_results
 from sofar_assets.lib.images import ImageDataset
 from sofar_assets.lib.models import ModelSpec
+from sofar_assets.lib.names import shown
 from sofar_assets.lib.packaging import load_registered, log_and_register
 from sofar_assets.lib.training import (
     TrainConfig,
@@ -46,7 +48,8 @@ def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, ima
         cfg.model.image_size,
         cache=image_store.cache(cfg.model.image_size),
         sha256s=list(rows["sha256"]),
-        read_bytes=storage.read_bytes,
+        # the size limit the ingest used (a plain partial: DataLoader workers pickle it)
+        read_bytes=functools.partial(storage.read_bytes, max_bytes=cfg.inference.max_bytes),
     )
 
 
@@ -95,7 +98,7 @@ def _ood_set_features(model, cfg: SofarConfig, image_store, context,
         arrays, errors = calibration.read_images(uris, cfg.model.image_size,
                                                  cache=image_store.cache(cfg.model.image_size))
         for err in errors:
-            context.log.warning(f"OOD set {name!r}: image skipped: {err}")
+            context.log.warning(f"OOD set {name!r}: image skipped: {shown(err, 400)}")
         if not arrays:
             context.log.warning(f"OOD set {name!r} has no readable images; skipped")
             continue

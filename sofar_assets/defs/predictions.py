@@ -18,6 +18,7 @@ Steps pass small JSON-able dicts (file URIs and counts), never rows.
 """
 
 import datetime as dt
+import functools
 from collections.abc import Iterator
 from zoneinfo import ZoneInfo
 
@@ -31,6 +32,7 @@ from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.lib import daily, drift, ood, plots, registry, review, storage
 from sofar_assets.lib.conformal import LabelSets
+from sofar_assets.lib.names import md_frame
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
@@ -58,7 +60,7 @@ def uploads_location(cfg: SofarConfig, day: dt.date) -> str:
     return f"table {cfg.uploads.table}, uploaded_at in [{start.isoformat()}, {end.isoformat()})"
 
 
-def review_metadata(wh, day: dt.date, facts: dict) -> dict:
+def review_metadata(wh, day: dt.date, facts: dict, read=storage.read_bytes) -> dict:
     """A partition's review queue (lib/review.py: OOD-flagged photos, then those whose label set
     holds other than one label, most uncertain first): its size per reason, and the first photos
     as a sheet with their top-2, label set and OOD score (``sofar review DAY`` draws the same)."""
@@ -67,11 +69,12 @@ def review_metadata(wh, day: dt.date, facts: dict) -> dict:
     queue = review.review_queue(wh, PREDICTIONS_TABLE, day, limit=REVIEW_QUEUE_ON_SHEET)
     if queue.empty:
         return md
-    sheet = review.review_sheet_png(queue, storage.read_bytes, thumb=96, title=(
+    sheet = review.review_sheet_png(queue, read, thumb=96, title=(
         f"{day}: {facts['rows']} rows, {facts['ood_rows']} OOD-flagged, {facts['error_rows']} errors; "
         f"review queue {sum(counts.values())}, first {len(queue)}"))
     return md | {"review_sheet": dg.MetadataValue.md(plots.png_to_markdown(sheet, f"review {day}")),
-                 "review_rows": dg.MetadataValue.md(queue.drop(columns=["image_uri"]).to_markdown(index=False))}
+                 "review_rows": dg.MetadataValue.md(  # names escaped: a newline or '|' cannot break the table
+                     md_frame(queue.drop(columns=["image_uri"])).to_markdown(index=False))}
 
 
 def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime]:
@@ -165,7 +168,9 @@ def build_prediction_assets(cfg: SofarConfig):
             ood_stats=stats, knn_k=ood.package_knn_k(meta),
             batch_size=inf.batch_size, num_workers=inf.num_workers, device=inf.device,
             read_bytes=storage.read_bytes, max_bytes=inf.max_bytes, reads_in_flight=inf.reads_in_flight,
-            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries},
+            # within: a local upload is opened without following links, under the roots it was checked in
+            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries,
+                         "within": cfg.upload_roots},
             log=context.log.info, log_every=inf.log_every,
         )
         for local, uri in staged.values():
@@ -180,13 +185,14 @@ def build_prediction_assets(cfg: SofarConfig):
         wh = warehouse.get()
         days = run_days(context)
         per_day, failures = {}, []
+        read_upload = functools.partial(storage.read_bytes, within=cfg.upload_roots)  # the review sheets
         for day in days:
             facts = daily.commit_day(wh, PREDICTIONS, day, [r["days"][day.isoformat()] for r in shard_results])
             per_day[day.isoformat()] = facts
             context.add_asset_metadata(  # THIS partition's own numbers and photos, not the run's totals
                 {"dagster/row_count": facts["rows"]}
                 | {k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate")}
-                | review_metadata(wh, day, facts),
+                | review_metadata(wh, day, facts, read_upload),
                 partition_key=day.isoformat())
             context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s), "
                              f"{facts['error_rows']} errors, {facts['ood_rows']} OOD")

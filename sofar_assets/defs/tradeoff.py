@@ -21,6 +21,7 @@ from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.lib import dataset as ds
 from sofar_assets.lib import plots, registry, storage, tradeoff
 from sofar_assets.lib.multitask import save_multitask
+from sofar_assets.lib.names import shown
 from sofar_assets.lib.training import TrainConfig
 from sofar_assets.settings import git_commit
 
@@ -61,7 +62,7 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
         for name, oset in cfg.ood_sets.items():
             rows, errors = tradeoff.readable_images(storage.list_files(cfg.resolve(oset.folder)), cache)
             for err in errors:
-                context.log.warning(f"OOD set {name!r}: skipped {err}")
+                context.log.warning(f"OOD set {name!r}: skipped {shown(err, 400)}")
             ood_sets[name], unreadable[name] = rows, len(errors)
         spec = model_spec(cfg, len(classes))  # the champion's network, weights_file included
         try:

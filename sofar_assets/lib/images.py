@@ -8,12 +8,16 @@ draft fast path), a disk cache of the preprocessed arrays and a torch ``Dataset`
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import hashlib
 import io
 import os
 import re
 import tempfile
-from collections.abc import Callable, Sequence
+import threading
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -195,8 +199,89 @@ def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
 
 
 def load_image_array(data: bytes, source: str, size: int) -> np.ndarray:
-    """Bytes to the model's uint8 (size, size, 3) input: the single train/serve preprocess."""
-    return resize_center_crop(decode_image(data, source, target_size=size), size)
+    """Bytes to the model's uint8 (size, size, 3) input: the single train/serve preprocess.
+
+    The full-size raster exists only while :data:`DECODE_BUDGET` holds its pixels (see below)."""
+    with DECODE_BUDGET.hold(decoded_pixels(data, size)):
+        return resize_center_crop(decode_image(data, source, target_size=size), size)
+
+
+# -- decode memory: a budget of pixels in flight per process ---------------------------------------
+# A file's size says nothing about its raster: a 231 KB PNG of 8,900 x 8,900 pixels passes the
+# 80-megapixel limit and needs ~300 MB to decode and resize, and a worker decodes up to
+# `inference.reads_in_flight` (32) images at once. Every decode of load_image_array first reserves
+# its pixel count (read from the header; a JPEG's is the reduced draft size) and keeps it until the
+# full-size raster is gone, so one process never holds more than DECODE_PIXELS_IN_FLIGHT decoded
+# pixels (~4 bytes each at the peak), however the day's images are sized. An image larger than
+# the budget decodes alone. Waiters are served in arrival order, so a big image is not starved.
+
+DECODE_PIXELS_IN_FLIGHT = 100_000_000
+"""Decoded pixels one process holds at once (~5 bytes each at the peak: about 500 MB; the 80 MP
+limit fits)."""
+
+# Pillow allocates a raster in blocks of 16 MB by default. glibc serves blocks under its mmap
+# threshold (at most 32 MB) from per-thread arenas and keeps them after they are freed, so 32
+# decode threads taking turns under the budget still grew the process to 3.1 GB (8 links to one
+# 79 MP PNG, measured). Blocks of 64 MB are always mmap-ed and go back to the system on free
+# (1.3 GB for the same day): what the budget bounds is then what the process holds. This is
+# Pillow's own PILLOW_BLOCK_SIZE setting, applied here so every process that decodes has it.
+_BLOCK_BYTES = 64 * 1024 * 1024
+if Image.core.get_block_size() < _BLOCK_BYTES:
+    Image.core.set_block_size(_BLOCK_BYTES)
+
+
+class PixelBudget:
+    """A counting semaphore of pixels, first come first served (thread-safe, per process)."""
+
+    def __init__(self, pixels: int):
+        if pixels <= 0:
+            raise ValueError(f"a pixel budget must be positive, got {pixels}")
+        self.capacity = int(pixels)
+        self.in_use = 0
+        self.peak = 0  # the most pixels held at once (for tests and benchmarks)
+        self._cond = threading.Condition()
+        self._queue: collections.deque[object] = collections.deque()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int) -> Iterator[int]:
+        """Reserve ``pixels`` (at most the whole budget) for the ``with`` block."""
+        need = max(0, min(int(pixels), self.capacity))
+        ticket = object()
+        with self._cond:
+            self._queue.append(ticket)
+            try:
+                self._cond.wait_for(lambda: self._queue[0] is ticket and self.in_use + need <= self.capacity)
+            finally:
+                self._queue.remove(ticket)
+                self._cond.notify_all()  # the next in line may fit too
+            self.in_use += need
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield need
+        finally:
+            with self._cond:
+                self.in_use -= need
+                self._cond.notify_all()
+
+
+DECODE_BUDGET = PixelBudget(DECODE_PIXELS_IN_FLIGHT)
+
+
+def decoded_pixels(data: bytes, target_size: int | None = None) -> int:
+    """How many pixels decoding ``data`` produces, from its header only (Pillow's lazy open): the
+    stored raster, or a JPEG's reduced draft size when ``target_size`` lets it decode smaller (the
+    request :func:`decode_image` makes). 0 for bytes without a readable header: the decode then
+    fails before it allocates a raster."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            if target_size is not None and isinstance(img, JpegImagePlugin.JpegImageFile):
+                img.draft("RGB", (target_size, target_size))
+            width, height = img.size
+    except Exception:  # a bomb over Pillow's own limit, an unknown format: decode_image names it
+        return 0
+    return width * height
 
 
 class PreprocessCache:

@@ -20,6 +20,7 @@ import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
 from sofar_assets.lib.images import decode_image
+from sofar_assets.lib.names import shown, shown_frame
 from sofar_assets.lib.plots import _fit_thumb
 
 OOD = "ood"
@@ -169,7 +170,7 @@ def review_sheet_png(rows: pd.DataFrame, read_bytes: Callable[[str], bytes], *, 
                 draw.text((x0 + 4, y0 + thumb // 2), cell, fill=(0, 0, 0), font=font)
             else:
                 sheet.paste(cell, (x0, y0))
-            name = str(row["image_uri"]).rsplit("/", 1)[-1]
+            name = shown(str(row["image_uri"]).rsplit("/", 1)[-1])  # one line: a name may hold a newline
             for i, text in enumerate([name, *_caption(row)]):
                 while text and draw.textlength(text, font=font) > thumb:
                     text = text[:-2] + "…"
@@ -186,10 +187,12 @@ def rows_text(rows: pd.DataFrame) -> str:
     """The selected rows as a plain table for a terminal (``sofar show``, ``sofar review``)."""
     if rows.empty:
         return "(no rows to review)"
-    shown = rows.assign(image=rows["image_id"].fillna(rows["image_uri"]))
-    if "label_set" in shown.columns:  # an empty set is "{}", a missing one "-"
-        shown["label_set"] = shown["label_set"].map(lambda v: "{}" if v == "" else v).fillna("-")
+    table = rows.assign(image=rows["image_id"].fillna(rows["image_uri"]))
+    if "label_set" in table.columns:  # an empty set is "{}", a missing one "-"
+        table["label_set"] = table["label_set"].map(lambda v: "{}" if v == "" else v).fillna("-")
     cols = ["reason", "image", "top1_label", "top1_prob", "top2_label", "top2_prob", "label_set", "ood_score",
             "is_ood"]
-    return shown[[c for c in cols if c in shown.columns]].to_string(
+    # names escaped: no escape code reaches a terminal, no newline breaks a row
+    table = shown_frame(table[[c for c in cols if c in table.columns]], ["image"])
+    return table.to_string(
         index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")

@@ -5,21 +5,29 @@ goes through google-cloud-storage (installed with dagster-gcp). Only the functio
 the store, so the rest of the code never cares where bytes live.
 
 Reads are bounded: only regular files are read (a pipe, a device such as ``/dev/zero`` or a
-link to one is refused before a byte is read), never more than ``max_bytes + 1`` bytes, and
-``gs://`` downloads carry a timeout and a bounded retry.
+link to one is refused before a byte is read), never more than ``max_bytes + 1`` bytes
+(:data:`MAX_IMAGE_BYTES` unless the caller says otherwise), and ``gs://`` downloads carry a
+timeout and a bounded retry. A read confined to allowed roots (``within``) resolves the path,
+checks it, then opens it without following a link at any component, so a folder swapped for a
+link between the check and the read is refused instead of followed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+MAX_IMAGE_BYTES = 50_000_000
+"""What :func:`read_bytes` reads at most unless told otherwise (the default of ``inference.max_bytes``)."""
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 class ImageReadError(OSError):
@@ -69,20 +77,63 @@ def _too_large(size: int | None, max_bytes: int) -> str:
     return f"too large: {size} bytes > max_bytes={max_bytes}"
 
 
-def _read_local(uri: str, max_bytes: int | None) -> bytes:
+def _open_regular(uri: str) -> int:
     # stat first (it follows links): a device or a pipe is refused without being opened, since
     # opening some devices has side effects and opening a pipe blocks until a writer appears.
     st = os.stat(uri)
     if not stat.S_ISREG(st.st_mode):
         raise ImageReadError(uri, f"is {file_kind(st.st_mode)}, not a regular file; refused without reading")
-    if max_bytes is not None and st.st_size > max_bytes:
-        raise ImageReadError(uri, _too_large(st.st_size, max_bytes))
     # O_NONBLOCK: if the path was swapped for a pipe since the stat, open() still returns at once
-    fd = os.open(uri, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    return os.open(uri, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC)
+
+
+def within_root(real: str, root_real: str) -> bool:
+    """Whether the real path ``real`` is ``root_real`` or lies below it (both already resolved)."""
+    return real == root_real or real.startswith(root_real.rstrip("/") + "/")
+
+
+def _open_confined(uri: str, roots: Sequence[str]) -> int:
+    """Open ``uri`` only if its real path lies under one of the local ``roots``, without following
+    a link at any component of that real path (``openat`` one component at a time, each with
+    ``O_NOFOLLOW``): a component swapped for a link after the check makes the open fail."""
+    real = os.path.realpath(uri)
+    root_reals = [os.path.realpath(r) for r in roots if not is_gcs(r)]
+    if not any(within_root(real, r) and r != "/" for r in root_reals):
+        raise ImageReadError(uri, f"outside the allowed roots ({', '.join(roots)}); refused without reading")
+    parts = real.split("/")[1:]
+    if not parts or not parts[-1] or any(p in ("", ".", "..") for p in parts):
+        raise ImageReadError(uri, "not a file path")
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW | _CLOEXEC
+    fd = os.open("/", dir_flags)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, dir_flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+        st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):  # a link here too: it was not one when realpath looked
+            raise ImageReadError(uri, f"is {file_kind(st.st_mode)} (at {real}), not a regular file; "
+                                 "refused without reading")
+        return os.open(parts[-1], os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW | _CLOEXEC, dir_fd=fd)
+    except ImageReadError:
+        raise
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise ImageReadError(uri, f"a component of {real} became a symbolic link or stopped being a folder "
+                             "while it was opened; links are not followed here, refused") from None
+    finally:
+        os.close(fd)
+
+
+def _read_local(uri: str, max_bytes: int | None, within: Sequence[str] | None = None) -> bytes:
+    fd = _open_regular(uri) if within is None else _open_confined(uri, within)
     with os.fdopen(fd, "rb", buffering=0) as f:
         st = os.fstat(f.fileno())  # what was actually opened
         if not stat.S_ISREG(st.st_mode):
             raise ImageReadError(uri, f"is {file_kind(st.st_mode)}, not a regular file; refused without reading")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise ImageReadError(uri, _too_large(st.st_size, max_bytes))
         if max_bytes is None:
             return f.read()
         chunks, total = [], 0
@@ -117,19 +168,23 @@ def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int) -
     return data
 
 
-def read_bytes(uri: str, *, max_bytes: int | None = None, timeout_s: float = 30.0, retries: int = 3) -> bytes:
+def read_bytes(uri: str, *, max_bytes: int | None = MAX_IMAGE_BYTES, timeout_s: float = 30.0,
+               retries: int = 3, within: Sequence[str] | None = None) -> bytes:
     """Return the raw bytes at ``uri``; raise :class:`ImageReadError` naming the URI and the reason.
 
     Local paths: only regular files (links are followed, then the target must be a regular
     file); a directory, pipe, device or socket is refused without reading. ``max_bytes``
+    (default :data:`MAX_IMAGE_BYTES`; ``None`` only for callers that bound the size otherwise)
     refuses anything larger ("too large: ..."), reading at most ``max_bytes + 1`` bytes.
+    ``within`` (local roots): the path's real path must lie under one of them, and it is opened
+    without following any link, so it cannot be redirected between the check and the read.
     ``gs://``: one ranged download with a ``timeout_s`` per attempt and bounded retries.
     The error text never contains file bytes.
     """
     try:
         if is_gcs(uri):
             return _read_gcs(uri, max_bytes, timeout_s, retries)
-        return _read_local(uri, max_bytes)
+        return _read_local(uri, max_bytes, within)
     except ImageReadError:
         raise
     except FileNotFoundError:

@@ -11,6 +11,10 @@ outside the allowed roots is ever read.
   roots after normalisation (``..`` and symlinks resolved for local paths; bucket + prefix for
   ``gs://``). ``~``, relative paths and other schemes are refused.
 
+Checking is not enough on its own: the scoring step reads ``Upload.path`` with
+``storage.read_bytes(..., within=roots)``, which resolves and checks it again and opens it
+without following any link, so a folder swapped for a link after this listing is refused.
+
 Names are stored safely: a file name that is not valid UTF-8 keeps its real path in
 ``Upload.path`` (to read it) and is stored backslash-escaped in ``image_id``/``image_uri``.
 No error text here contains file bytes.
@@ -72,7 +76,10 @@ def _gcs_root(root: str) -> tuple[str, str]:
 
 
 def _local_roots(roots: Sequence[str]) -> list[str]:
-    return [os.path.realpath(r) for r in roots if not storage.is_gcs(r)]
+    """The real paths of the local roots; one that resolves to ``/`` (``/.``, a link to ``/``)
+    would allow every file and allows none."""
+    reals = (os.path.realpath(r) for r in roots if not storage.is_gcs(r))
+    return [r for r in reals if r != "/"]
 
 
 def refusal(uri: str, roots: Sequence[str]) -> str | None:
