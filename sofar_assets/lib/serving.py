@@ -156,3 +156,28 @@ class SofarPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         return self.service.predict(pd.DataFrame(model_input))
+
+
+# --------------------------------------------------------------------------- reload on alias move
+
+CHAMPION_ANNOTATION = "sofar.ai/champion-version"
+
+
+def sync_rollout(apps_api, namespace: str, deployment: str, champion_version: str) -> str | None:
+    """Roll the serving Deployment onto a moved ``@champion``.
+
+    The server loads ``models:/<name>@champion`` when a pod starts; this writes the champion's
+    version into the pod template's :data:`CHAMPION_ANNOTATION`, which Kubernetes turns into a
+    rolling update (new pods load the new version and take traffic once their readiness probe
+    passes; old pods serve until then). ``apps_api`` is a ``kubernetes.client.AppsV1Api``.
+    Returns the annotation's previous value ("" if none) when it patched, None when the
+    Deployment already runs ``champion_version``.
+    """
+    dep = apps_api.read_namespaced_deployment(deployment, namespace)
+    annotations = (dep.spec.template.metadata.annotations if dep.spec.template.metadata else None) or {}
+    current = annotations.get(CHAMPION_ANNOTATION)
+    if current == str(champion_version):
+        return None
+    apps_api.patch_namespaced_deployment(deployment, namespace, {
+        "spec": {"template": {"metadata": {"annotations": {CHAMPION_ANNOTATION: str(champion_version)}}}}})
+    return current or ""
