@@ -45,6 +45,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tree(pid: int) -> set[int]:
+    """``pid`` and its descendants (Linux /proc)."""
+    parents = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parents[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    tree, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        tree.add(p)
+        todo += [c for c, pp in parents.items() if pp == p and c not in tree]
+    return tree
+
+
+def _tree_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) used so far by ``pid`` and its descendants: unlike wall time,
+    what a request costs does not grow with the machine's load."""
+    total = 0
+    for p in _tree(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and its descendants (Linux /proc; 0 elsewhere)."""
+    try:
+        total = 0
+        for p in _tree(pid):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        return total
+    except OSError:
+        return 0
+
+
 def register(tmp: Path, bank: int) -> str:
     """A registered, calibrated champion in a sqlite registry under ``tmp``; returns the tracking URI."""
     import mlflow
@@ -74,8 +117,10 @@ def register(tmp: Path, bank: int) -> str:
     return uri
 
 
-def serve_latency(tracking_uri: str, photos: list[bytes], rounds: int, core: int, tmp: Path) -> np.ndarray:
-    """Seconds per request (one photo each) against a real `mlflow models serve` on one core."""
+def serve_latency(tracking_uri: str, photos: list[bytes], rounds: int, core: int,
+                  tmp: Path) -> tuple[np.ndarray, int, float]:
+    """Seconds per request (one photo each) against a real `mlflow models serve` on one core, the
+    server's resident memory (bytes, its process tree) after them and its CPU ms per request."""
     import requests
 
     port = _free_port()
@@ -109,6 +154,7 @@ def serve_latency(tracking_uri: str, photos: list[bytes], rounds: int, core: int
         for body in bodies[:5]:  # warm-up
             session.post(f"{url}/invocations", json=body, timeout=60).raise_for_status()
         times = []
+        cpu0 = _tree_cpu_s(proc.pid)
         for _ in range(rounds):
             for body in bodies:
                 t = time.perf_counter()
@@ -118,7 +164,8 @@ def serve_latency(tracking_uri: str, photos: list[bytes], rounds: int, core: int
                 row = r.json()["predictions"][0]
                 if row["error"] is not None:
                     raise RuntimeError(f"photo {row['image_id']}: {row['error']}")
-        return np.asarray(times)
+        cpu_ms = (_tree_cpu_s(proc.pid) - cpu0) / len(times) * 1000
+        return np.asarray(times), _tree_rss(proc.pid), cpu_ms
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
@@ -158,6 +205,20 @@ def throughput(photos: list[bytes], rounds: int, tracking_uri: str) -> dict:
             predictors[k].probs_and_scores(torch.from_numpy(arrays))
             e2e[k].append(len(photos) / (time.perf_counter() - t))
     med = {f"{kind}_{k}": float(np.median(v)) for kind, d in (("net", net), ("e2e", e2e)) for k, v in d.items()}
+    # the served pyfunc in this process, no HTTP: what the server spends per photo
+    import pandas as pd
+
+    pyfunc = mlflow.pyfunc.load_model("models:/bench@champion")
+    frames = [pd.DataFrame({"image": [p], "image_id": [str(i)]}) for i, p in enumerate(photos)]
+    pyfunc.predict(frames[0])
+    times = []
+    for _ in range(rounds):
+        for f in frames:
+            t = time.perf_counter()
+            pyfunc.predict(f)
+            times.append(time.perf_counter() - t)
+    med["pyfunc_p50_ms"] = float(np.percentile(times, 50) * 1000)
+    med["pyfunc_p95_ms"] = float(np.percentile(times, 95) * 1000)
     return med
 
 
@@ -185,13 +246,17 @@ def main(argv: list[str] | None = None) -> int:
         uri = register(tmp, args.bank)
         print(f"registered + ONNX export in {time.perf_counter() - t:.1f} s", flush=True)
         os.sched_setaffinity(0, client_cores)
-        lat = serve_latency(uri, photos, rounds, core, tmp) * 1000
+        lat, rss, cpu_ms = serve_latency(uri, photos, rounds, core, tmp)
+        lat = lat * 1000
         os.sched_setaffinity(0, {core})
         tp = throughput(photos, rounds, uri)
     p50, p95 = np.percentile(lat, 50), np.percentile(lat, 95)
     ratio = tp["net_ort"] / tp["net_eager"]
     print(f"\nsingle-photo latency over HTTP, {len(lat)} requests: p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
-          f"max {lat.max():.1f} ms")
+          f"max {lat.max():.1f} ms; server RSS {rss / 2**20:.0f} MiB")
+    print(f"server CPU time per request (what a request costs on a core of its own; load-independent): "
+          f"{cpu_ms:.1f} ms")
+    print(f"the same pyfunc in process, no HTTP: p50 {tp['pyfunc_p50_ms']:.1f} ms, p95 {tp['pyfunc_p95_ms']:.1f} ms")
     print("batch throughput per core (images/s, median of rounds):")
     print(f"  network only (batch of {len(photos)}): ORT {tp['net_ort']:.1f}, eager {tp['net_eager']:.1f} "
           f"-> ort_vs_eager {ratio:.2f}")
