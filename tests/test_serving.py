@@ -258,3 +258,65 @@ def test_a_champion_move_rolls_the_deployment_once():
     assert sync_rollout(apps, "sofar-serving", "sofar-serving", "3") is None  # no move, no rollout
     assert sync_rollout(apps, "sofar-serving", "sofar-serving", "4") == "3"
     assert [p[2]["spec"]["template"]["metadata"]["annotations"][CHAMPION_ANNOTATION] for p in apps.patches] == ["3", "4"]
+
+
+# --------------------------------------------------------------------------- inference.runtime
+
+
+def test_runtime_onnx_scores_like_torch_and_says_what_is_missing(tmp_path, samples):
+    """``inference.runtime: onnx`` gives the torch rows (labels equal, scores to 1e-4) through the
+    same predict_images; a package without model.onnx or an unknown runtime is a clear error."""
+    from sofar_assets.config import ConfigError, parse_config
+    from sofar_assets.lib.inference import predict_frame
+    from sofar_assets.lib.models import ModelSpec, build_model
+    from sofar_assets.lib.packaging import load_package, save_package
+    from sofar_assets.lib.predictor import make_runner
+
+    torch.manual_seed(0)
+    spec = ModelSpec(num_classes=3, backbone="test_efficientnet", pretrained=False, image_size=64)
+    save_package(build_model(spec), spec, ["a", "b", "c"], tmp_path / "pkg")
+    model, meta = load_package(tmp_path / "pkg")
+    items = [(p.name, str(p)) for p in sample_photos(samples)[:6]]
+    kw = {"classes": ["a", "b", "c"], "image_size": 64, "threshold": 0.3, "score_method": "energy",
+          "temperature": 1.7, "num_workers": 0, "device": "cpu"}
+    ref = predict_frame(model, items, **kw)
+    got = predict_frame(make_runner(model, meta, "onnx"), items, **kw)
+    assert list(got["top1_label"]) == list(ref["top1_label"]) and list(got["is_ood"]) == list(ref["is_ood"])
+    for col in SCORES:
+        np.testing.assert_allclose(got[col], ref[col], atol=1e-4)
+    with pytest.raises(ValueError, match="no model.onnx"):
+        make_runner(model, {**meta, "onnx_model": None}, "onnx")
+    with pytest.raises(ValueError, match="unknown inference runtime 'tensorrt'"):
+        make_runner(model, meta, "tensorrt")
+    with pytest.raises(ConfigError, match="runtime"):
+        parse_config({"tasks": {}, "inference": {"runtime": "tensorrt"}}, base_dir=tmp_path)
+
+
+def test_calibration_travels_in_the_package_and_a_copied_version_keeps_the_owners(tmp_path):
+    """write_calibration puts calibration.json (with the version's name and number) into the
+    version's own package; a re-calibration by that version replaces it; a version registered
+    from another version's logged model (the same package) does not overwrite it."""
+    import mlflow
+
+    from sofar_assets.lib import registry
+    from sofar_assets.lib.models import ModelSpec, build_model
+    from sofar_assets.lib.packaging import load_registered, log_and_register, write_calibration_artifact
+
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        exp = mlflow.create_experiment("cal", artifact_location=(tmp_path / "art").as_uri())
+        spec = ModelSpec(num_classes=3, backbone="test_efficientnet", image_size=32, pretrained=False)
+        with mlflow.start_run(experiment_id=exp):
+            log_and_register(build_model(spec), spec, ["a", "b", "c"], "demo")
+        client = mlflow.MlflowClient()
+        registry.write_calibration(client, "demo", "1", registry.Calibration("max_logit", 1.3, 0.5))
+        registry.write_calibration(client, "demo", "1", registry.Calibration("energy", 1.4, 0.25))
+        copy = client.create_model_version("demo", client.get_model_version("demo", "1").source)
+        assert not write_calibration_artifact(client, "demo", copy.version,
+                                              registry.Calibration("max_logit", 9.0, 9.0).as_artifact())
+        _, meta = load_registered("models:/demo/1")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert meta["calibration"] == {"model_name": "demo", "model_version": "1", "score_method": "energy",
+                                   "temperature": 1.4, "threshold": 0.25, "target_tpr": None, "label_sets": None}

@@ -105,21 +105,37 @@ def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
     return model, meta
 
 
-def write_calibration_artifact(client, name: str, version: str, calibration: dict) -> None:
+def write_calibration_artifact(client, name: str, version: str, calibration: dict) -> bool:
     """Add ``calibration.json`` (``calibration`` plus ``model_name`` and ``model_version``) to the
     package artifact of registered version ``name``/``version``, so the model carries what it
-    needs to score (the version's tags say the same for people and the registry UI)."""
+    needs to score (the version's tags say the same for people and the registry UI).
+
+    Returns False, writing nothing, for a version that is not a logged model (a version created
+    by hand from some other source: it has no package, and serving it fails on load, naming the
+    missing ``calibration.json``), and for a version registered from ANOTHER version's logged
+    model (``create_model_version(source=v1.source)``): the package is shared and keeps the
+    calibration of the version it was logged for, so its rows name that version.
+    """
     mv = client.get_model_version(name, str(version))
     model_id = getattr(mv, "model_id", None)
     if not model_id and str(mv.source).startswith("models:/m-"):  # sqlite stores leave model_id empty
         model_id = str(mv.source).removeprefix("models:/").split("/", 1)[0]
     if not model_id:
-        raise ValueError(f"{name} v{version} has no logged model (registered by an MLflow older than 3?): "
-                         "cannot add its calibration artifact")
+        return False
+    package = f"artifacts/{PYFUNC_ARTIFACT}"
+    if any(f.path.endswith(CALIBRATION_FILE) for f in client.list_logged_model_artifacts(model_id, package)):
+        with tempfile.TemporaryDirectory(prefix="sofar-cal-") as tmp:
+            root = client.get_logged_model(model_id).artifact_location.rstrip("/")
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root}/{package}/{CALIBRATION_FILE}", dst_path=tmp, tracking_uri=client.tracking_uri)
+            owner = json.loads(Path(local).read_text())
+        if (owner.get("model_name"), owner.get("model_version")) != (name, str(version)):
+            return False  # another version's package: it keeps its own calibration
     payload = {**calibration, "model_name": name, "model_version": str(version)}
     with tempfile.TemporaryDirectory(prefix="sofar-cal-") as tmp:
         Path(tmp, CALIBRATION_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
-        client.log_model_artifacts(model_id, tmp, artifact_path=f"artifacts/{PYFUNC_ARTIFACT}")
+        client.log_model_artifacts(model_id, tmp, artifact_path=package)
+    return True
 
 
 def _pip_requirements() -> list[str]:
