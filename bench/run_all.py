@@ -19,6 +19,7 @@ BENCHES = [
     ("Dagster overhead on one day (issue: daily table)", ["bench_dagster_overhead.py"]),
     ("a day of many photos: time, memory, reads in flight (issue: scale)", ["bench_scale.py"]),
     ("pipeline part of make run (issue: foundation)", ["bench_pipeline.py"]),
+    ("the champion served: HTTP latency on one core, ORT vs eager (issue: serving)", ["bench_serving.py"]),
     ("recipe vs frozen-feature probe, 5-fold CV on the real photos (issue: model quality)", ["bench_recipe.py"]),
 ]
 

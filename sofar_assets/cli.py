@@ -524,6 +524,29 @@ def _user() -> str:
         return "unknown"
 
 
+def serving_sync(namespace: str, deployment: str) -> None:
+    """Roll the serving Deployment onto the current @champion (deploy/serving/, run by its CronJob)."""
+    import kubernetes
+
+    from sofar_assets.lib import registry
+    from sofar_assets.lib.serving import sync_rollout
+
+    cfg = _config()
+    client = _client(cfg)
+    version = registry.champion_version(client, cfg.model.name)
+    if version is None:
+        raise CliError(f"no '{registry.CHAMPION}' alias on {cfg.model.name!r}: nothing to serve")
+    try:
+        kubernetes.config.load_incluster_config()
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config()
+    previous = sync_rollout(kubernetes.client.AppsV1Api(), namespace, deployment, version)
+    if previous is None:
+        print(f"{namespace}/{deployment} already serves {cfg.model.name} v{version}")
+    else:
+        print(f"{namespace}/{deployment}: rolling from v{previous or '?'} to {cfg.model.name} v{version}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sofar", description="Everyday commands for the SOFAR image-recognition pipeline. "
@@ -576,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="also run a Kubernetes Job on the GPU node pool: torch "
                    "sees the GPU and runs one forward pass of the champion")
     p.add_argument("--gpu-here", action="store_true", help=argparse.SUPPRESS)  # what that Job runs
+    p = sub.add_parser("serving-sync", help="roll the serving Deployment onto the current @champion "
+                       "(deploy/serving/; its CronJob runs this every minute)")
+    p.add_argument("--namespace", default="sofar-serving")
+    p.add_argument("--deployment", default="sofar-serving")
     p = sub.add_parser("export-weights", help="write the packaged Lite0 ImageNet weights as safetensors "
                        "(the image's build step: model.weights_file)")
     p.add_argument("path", type=Path)
@@ -614,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
                 from sofar_assets.doctor import main as doctor_main
 
                 return doctor_main(_config(), gpu=args.gpu, gpu_here=args.gpu_here)
+            case "serving-sync":
+                serving_sync(args.namespace, args.deployment)
             case "export-weights":
                 from sofar_assets.lib.models import export_offline_weights
 

@@ -268,6 +268,9 @@ class InferenceConfig(_Strict):
     read_retries: int = Field(3, ge=0, description="retries of a failed gs:// read")
     shards_per_day: int = Field(1, ge=1, description="a day's uploads split into this many steps (pods)")
     log_every: int = Field(10_000, ge=1, description="a progress line every N images")
+    runtime: Literal["torch", "onnx"] = Field(
+        "torch", description="torch: the PyTorch network on inference.device; onnx: the package's ONNX export on "
+        "ONNX Runtime on the CPU (a CPU-only cluster scores a day without GPUs)")
 
 
 class KubernetesConfig(_Strict):

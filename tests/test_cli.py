@@ -16,7 +16,6 @@ from pathlib import Path
 
 import dagster as dg
 import mlflow
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -300,6 +299,10 @@ def test_logging_a_model_prints_no_third_party_warnings(tmp_path, caplog):
     import logging
     import warnings
 
+    import pandas as pd
+    from PIL import Image
+
+    from sofar_assets.lib import registry
     from sofar_assets.lib.models import ModelSpec, build_model
     from sofar_assets.lib.packaging import load_registered, log_and_register
 
@@ -313,9 +316,15 @@ def test_logging_a_model_prints_no_third_party_warnings(tmp_path, caplog):
         with warnings.catch_warnings(record=True) as caught, mlflow.start_run(experiment_id=exp):
             warnings.simplefilter("always")
             reg = log_and_register(build_model(spec), spec, ["a", "b", "c"], "quiet-model")
+            registry.write_calibration(mlflow.MlflowClient(), "quiet-model", str(reg["version"]),
+                                       registry.Calibration("max_logit", 1.0, 0.0))
         _, meta = load_registered(reg["model_uri"])
         pyfunc = mlflow.pyfunc.load_model(reg["model_uri"])  # the logged code loads and predicts
-        assert pyfunc.predict(np.zeros((2, 3, 32, 32), np.float32)).shape == (2, 3)
+        photo = io.BytesIO()
+        Image.new("RGB", (40, 30), (200, 10, 10)).save(photo, format="JPEG")
+        rows = pyfunc.predict(pd.DataFrame({"image": [photo.getvalue(), b"junk"]}))
+        assert list(rows["model_version"]) == ["1", "1"] and rows["error"][0] is None
+        assert rows["error"][1].startswith("ImageDecodeError: 1:")
     finally:
         mlflow.set_tracking_uri(previous)
     assert meta["classes"] == ["a", "b", "c"]

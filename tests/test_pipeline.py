@@ -80,7 +80,8 @@ def test_model_is_registered_with_lineage_tags_and_loads_back(pipeline):
     lo, hi = md["val_score_range"].value
     assert lo <= threshold <= hi  # the threshold lies within the validation scores
     assert md["val_tpr"].value >= cfg.ood.target_tpr
-    # the registered version gives the same logits as the pyfunc flavour and on reload
+    # the registered version gives the same logits on reload, and the served pyfunc (ONNX Runtime)
+    # answers each photo with the calibrated probabilities of those logits
     model, meta = load_registered(f"models:/{cfg.model.name}/1")
     assert meta["classes"] == cfg.vocabulary()
     rows = data.head(4)
@@ -89,7 +90,13 @@ def test_model_is_registered_with_lineage_tags_and_loads_back(pipeline):
     with torch.inference_mode():
         ref = model(x).numpy()
     pyfunc = mlflow.pyfunc.load_model(f"models:/{cfg.model.name}/1")
-    np.testing.assert_allclose(pyfunc.predict(x.numpy()), ref, rtol=1e-4, atol=1e-4)
+    served = pyfunc.predict(pd.DataFrame({"image_uri": list(rows["image_uri"])}))
+    assert served["error"].str.startswith("UploadRefused").all()  # training photos lie outside the upload roots
+    served = pyfunc.predict(pd.DataFrame({"image": [storage.read_bytes(u) for u in rows["image_uri"]]}))
+    probs = ood.softmax(ref, float(tags["ood_temperature"]))
+    assert list(served["top1_label"]) == [cfg.vocabulary()[k] for k in probs.argmax(1)]
+    np.testing.assert_allclose(served["top1_prob"].astype(float), probs.max(1), atol=1e-4)
+    assert set(served["model_version"]) == {"1"} and served["error"].isna().all()
     again, _ = load_registered(f"models:/{cfg.model.name}/1")
     with torch.inference_mode():
         np.testing.assert_allclose(again(x).numpy(), ref, rtol=0, atol=0)

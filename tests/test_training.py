@@ -6,13 +6,16 @@ torch/timm are installed.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from sofar_assets.lib.models import ModelSpec, build_model
@@ -221,10 +224,22 @@ def test_package_round_trip(tmp_path):
     assert meta["format"] == "sofar-model/1" and meta["classes"] == ["normal", "defect", "dirt"]
     assert meta["spec"] == spec.to_dict() and meta["extra"] == {"val_macro_f1": 0.5}
     loaded, meta2 = load_package(tmp_path / "pkg")
-    assert meta2 == {**meta, "ood_stats": {}} and not loaded.training
+    onnx_model = meta2.pop("onnx_model")
+    assert meta2 == {**meta, "ood_stats": {}, "calibration": None} and not loaded.training
     x = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+        ref_logits, ref_feats = model.forward_features(x)
+    # the package's ONNX export (PMG here) gives the same logits and features on ONNX Runtime
+    from sofar_assets.lib.predictor import OnnxRunner
+
+    logits, feats = OnnxRunner(onnx_model)(torch.from_numpy((x.numpy() * 255).round().astype(np.uint8))
+                                           .permute(0, 2, 3, 1), features=True)
+    with torch.no_grad():
+        want, want_f = model.forward_features(torch.from_numpy((x.numpy() * 255).round() / 255).float())
+    np.testing.assert_allclose(logits, want.numpy(), atol=1e-4)
+    np.testing.assert_allclose(feats, want_f.numpy(), atol=1e-4)
+    assert ref_logits.shape == want.shape and ref_feats.shape == want_f.shape
     with pytest.raises(ValueError, match="3 class names|class names"):
         save_package(model, spec, ["a", "b"], tmp_path / "bad")
 
@@ -292,9 +307,29 @@ def test_mlflow_register_and_load_round_trip(mlflow_sqlite, tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(x), want, atol=1e-5)
 
-    pyfunc = mlflow.pyfunc.load_model("models:/sofar-clf/1")
-    pred = pyfunc.predict(x.numpy())
-    assert pred.shape == (4, 2) and np.allclose(pred, want.numpy(), atol=1e-5)
+    # the served pyfunc: photo bytes in, the prediction rows out, once the version is calibrated
+    from sofar_assets.lib import registry
+    from sofar_assets.lib.inference import predict_frame
+
+    with pytest.raises(Exception, match="no calibration.json"):
+        mlflow.pyfunc.load_model("models:/sofar-clf/1")
+    registry.write_calibration(client, "sofar-clf", "1", registry.Calibration("max_logit", 1.5, 0.0))
+    photos = []
+    for i in range(4):
+        buf = io.BytesIO()
+        Image.fromarray(val[i][0].permute(1, 2, 0).numpy()).save(buf, format="PNG")
+        photos.append(buf.getvalue())
+    pyfunc = mlflow.pyfunc.load_model("models:/sofar-clf/1", model_config={"runtime": "torch"})
+    rows = pyfunc.predict(pd.DataFrame({"image": photos, "image_id": list("abcd")}))
+    files = [tmp_path / f"{k}.png" for k in "abcd"]
+    for f, b in zip(files, photos, strict=True):
+        f.write_bytes(b)
+    daily = predict_frame(model, [(k, str(f)) for k, f in zip("abcd", files, strict=True)], classes=["horizontal", "vertical"],
+                          image_size=SIZE, threshold=0.0, temperature=1.5, num_workers=0, device="cpu")
+    assert list(rows["image_id"]) == list("abcd") and set(rows["model_version"]) == {"1"}
+    assert list(rows["top1_label"]) == list(daily["top1_label"])
+    np.testing.assert_allclose(rows["top1_prob"].astype(float), daily["top1_prob"], atol=1e-6)
+    np.testing.assert_allclose(rows["ood_score"].astype(float), daily["ood_score"], atol=1e-6)
 
     client.set_registered_model_alias("sofar-clf", "champion", "1")
     champ, _ = load_registered("models:/sofar-clf@champion")

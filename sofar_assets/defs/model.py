@@ -197,6 +197,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 extra={"dataset_hash": digest, "git_commit": git_commit(), "best_epoch": result.best_epoch,
                        "ood_knn_k": cfg.ood.knn_k},
                 ood_stats=ood.fit_feature_stats(result.train_features, result.train_labels),
+                model_config={"allowed_roots": cfg.upload_roots},  # the URIs the served model may read
                 tags={"dataset_hash": digest, "git_commit": git_commit(), "dagster_run_id": context.run_id,
                       "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id),
                       "val_macro_f1": f"{result.best_val_macro_f1:.4f}"},

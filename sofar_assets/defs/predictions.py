@@ -34,6 +34,7 @@ from sofar_assets.lib import daily, drift, ood, plots, registry, review, storage
 from sofar_assets.lib.conformal import LabelSets
 from sofar_assets.lib.names import md_frame
 from sofar_assets.lib.packaging import load_registered
+from sofar_assets.lib.predictor import make_runner
 from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
 
@@ -132,7 +133,10 @@ def build_prediction_assets(cfg: SofarConfig):
         for k in range(shards):
             yield dg.DynamicOutput(unit | {"shard": k}, mapping_key=f"shard_{k}")
 
-    @dg.op(pool="gpu", tags=step_tags(cfg, gpu=cfg.inference.device != "cpu", workers=cfg.inference.num_workers))
+    shard_holds_gpu = cfg.inference.device != "cpu" and cfg.inference.runtime == "torch"
+
+    @dg.op(pool="gpu" if shard_holds_gpu else None,
+           tags=step_tags(cfg, gpu=shard_holds_gpu, workers=cfg.inference.num_workers))
     def score_shard(context: dg.OpExecutionContext, unit: dict, warehouse: WarehouseResource,
                     mlflow_tracking: MlflowResource) -> dict:
         """Score shard k of n of every day of the run in one streaming pass; stage each day's rows."""
@@ -147,7 +151,8 @@ def build_prediction_assets(cfg: SofarConfig):
                 f"{missing} from its package's ood_stats.safetensors, and this version's package has none (registered "
                 "before feature scores existed?). Move @champion to a version trained since, or calibrate this one "
                 "with a logit score (ood.score: max_logit)."))
-        context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n}")
+        model = make_runner(model, meta, cfg.inference.runtime, cfg.inference.device)  # torch or ONNX Runtime
+        context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n} (runtime {cfg.inference.runtime})")
         wh = warehouse.get()
         days = [dt.date.fromisoformat(d) for d in unit["days"]]
         staged: dict[dt.date, tuple[str, str]] = {}  # day -> (local spool file, staging URI)

@@ -26,25 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sofar_assets.lib import ood, storage
-from sofar_assets.lib.conformal import LabelSets, set_labels
-from sofar_assets.lib.devices import resolve_device
+from sofar_assets.lib import storage
+from sofar_assets.lib.conformal import LabelSets
 from sofar_assets.lib.images import ImageDecodeError, load_image_array
+from sofar_assets.lib.predictor import PREDICTION_COLUMNS, Predictor, Scoring, frame, make_runner  # noqa: F401
 from sofar_assets.lib.uploads import safe_text
-
-PREDICTION_COLUMNS = (
-    "image_id",
-    "image_uri",
-    "top1_label",
-    "top1_prob",
-    "top2_label",
-    "top2_prob",
-    "label_set",
-    "label_set_size",
-    "ood_score",
-    "is_ood",
-    "error",
-)
 
 
 class Item(NamedTuple):
@@ -168,48 +154,7 @@ class _BatchSampler:
             return self.sent.popleft()
 
 
-def _frame(ids, uris, errors, good, probs, scores, threshold, classes,
-           label_sets: LabelSets | None = None) -> pd.DataFrame:
-    n = len(ids)
-    top1_label = np.full(n, None, dtype=object)
-    top2_label = np.full(n, None, dtype=object)
-    top1_prob = np.full(n, np.nan)
-    top2_prob = np.full(n, np.nan)
-    label_set = np.full(n, None, dtype=object)  # NULL: an error row, or a model without a rule
-    label_set_size = pd.array([None] * n, dtype="Int64")
-    ood_score = np.full(n, np.nan)
-    is_ood = np.zeros(n, dtype=bool)  # an error row is not an OOD verdict; its error says why
-    if good:
-        rows = np.asarray(good)
-        names = np.asarray(classes, dtype=object)
-        order = np.argsort(-probs, axis=1, kind="stable")  # ties: the lower class index first
-        top1_label[rows] = names[order[:, 0]]
-        top1_prob[rows] = probs[np.arange(len(rows)), order[:, 0]]
-        if probs.shape[1] > 1:
-            top2_label[rows] = names[order[:, 1]]
-            top2_prob[rows] = probs[np.arange(len(rows)), order[:, 1]]
-        ood_score[rows] = scores
-        is_ood[rows] = scores < threshold
-        if label_sets is not None:
-            text, sizes = set_labels(label_sets.mask(probs), probs, classes)
-            label_set[rows] = text
-            label_set_size[rows] = sizes
-    return pd.DataFrame(
-        {
-            "image_id": ids,
-            "image_uri": uris,
-            "top1_label": top1_label,
-            "top1_prob": top1_prob,
-            "top2_label": top2_label,
-            "top2_prob": top2_prob,
-            "label_set": label_set,
-            "label_set_size": label_set_size,
-            "ood_score": ood_score,
-            "is_ood": is_ood,
-            "error": np.asarray(errors, dtype=object),
-        },
-        columns=list(PREDICTION_COLUMNS),
-    )
+_frame = frame  # the rows of one batch: lib/predictor.py
 
 
 def predict_images(
@@ -254,7 +199,9 @@ def predict_images(
 
     Each DataLoader worker reads up to ``reads_in_flight`` images of its batch at once with
     ``read_bytes(uri)`` (``storage.read_bytes`` also gets ``max_bytes`` and ``read_kwargs``, its
-    timeout and retries). The model is put in eval mode and moved to ``device``. ``log`` receives
+    timeout and retries). ``model`` is a torch network (put in eval mode and moved to ``device``)
+    or a runner of lib/predictor.py (``make_runner``: e.g. the package's ONNX export on ONNX
+    Runtime); the scoring itself is :class:`~sofar_assets.lib.predictor.Predictor`'s. ``log`` receives
     a progress line every ``log_every`` images and a final ``predicted N/N images`` line with the
     rate (``total``, when known, gives the percentage and the ETA on the way).
     """
@@ -262,20 +209,10 @@ def predict_images(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if reads_in_flight < 1:
         raise ValueError(f"reads_in_flight must be >= 1, got {reads_in_flight}")
-    if score_method not in ood.METHODS:
-        raise ValueError(f"unknown OOD score method {score_method!r}; valid: {', '.join(ood.METHODS)}")
-    needs_features = score_method in ood.FEATURE_METHODS
-    missing = ood.missing_stats(score_method, ood_stats)
-    if missing:
-        raise ValueError(f"OOD score {score_method!r} needs the model package's feature statistics {missing}, "
-                         "which were not given")
-    if needs_features and not callable(getattr(model, "forward_features", None)):
-        raise ValueError(f"OOD score {score_method!r} needs penultimate features: "
-                         f"{type(model).__name__} has no forward_features")
+    predictor = Predictor(make_runner(model, device=device), Scoring(
+        classes, threshold, score_method, temperature, label_sets, ood_stats, knn_k))
     sampler = _BatchSampler(items, batch_size)
-    dev = resolve_device(device)
-    model.eval()
-    model.to(dev, memory_format=torch.channels_last)
+    dev = predictor.device
     loader = torch.utils.data.DataLoader(
         _Reads(int(image_size), read_bytes, int(max_bytes), int(reads_in_flight), read_kwargs),
         batch_sampler=sampler,
@@ -299,31 +236,12 @@ def predict_images(
 
     for good, x, errs in loader:
         batch = sampler.pop()
-        probs = scores = None
-        if good:
-            features = None
-            with torch.inference_mode():
-                x = x.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
-                if needs_features:
-                    out, feats = model.forward_features(x)
-                    features = feats.float().cpu().numpy()
-                else:
-                    out = model(x)
-                logits = out.float().cpu().numpy()
-            if logits.shape != (len(good), len(classes)):
-                raise ValueError(
-                    f"model returned logits of shape {logits.shape} for {len(good)} images, "
-                    f"but there are {len(classes)} classes"
-                )
-            probs = ood.softmax(logits, temperature)
-            scores = ood.score(logits, features, score_method, temperature, ood_stats, knn_k=knn_k)
         done += len(batch)
         errors += len(batch) - len(good)
         if log is not None and done >= next_log and (total is None or done < total):
             log(progress())
             next_log = (done // log_every + 1) * log_every
-        yield _frame([it.image_id for it in batch], [it.image_uri for it in batch], errs, good, probs, scores,
-                     threshold, classes, label_sets)
+        yield predictor.frame([it.image_id for it in batch], [it.image_uri for it in batch], errs, good, x)
     if log is not None and done:
         total = done  # the final line: every item is accounted for
         log(progress())

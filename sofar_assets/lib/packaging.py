@@ -1,22 +1,27 @@
 """Model packages (safetensors + JSON) and their MLflow registration.
 
 A package is a folder holding ``model.safetensors`` (the state dict), ``sofar_model.json``
-(format tag, :class:`ModelSpec`, class names, free-form extras) and, when given,
+(format tag, :class:`ModelSpec`, class names, free-form extras), ``model.onnx`` (the same
+network exported for ONNX Runtime, lib/predictor.py), ``calibration.json`` once the version is
+calibrated (:func:`write_calibration_artifact`: score method, temperature, threshold, label-set
+rule, and the registered name and version) and, when given,
 ``ood_stats.safetensors``: what the feature OOD scores need at prediction time (the kNN bank
 of normalised training features, the Mahalanobis class means and precision; see
 ``ood.fit_feature_stats``), loaded back as ``meta["ood_stats"]`` (numpy arrays). Loading one needs no pickle:
 the network is rebuilt from the spec and the tensors are loaded into it.
 
 In MLflow the package travels as the ``package`` artifact of a pyfunc model
-(:class:`SofarPyfunc`), logged as code (``pyfunc_model.py``), so nothing is pickled.
-:func:`load_registered` reads that artifact directly; ``mlflow.pyfunc.load_model`` works as well
-(it needs ``sofar_assets`` importable: the logged file imports this module).
+(:class:`~sofar_assets.lib.serving.SofarPyfunc`: photo bytes or URIs in, prediction rows
+out), logged as code (``pyfunc_model.py``), so nothing is pickled, with this package's code in
+the model's ``code_paths``: it loads (and ``mlflow models serve`` serves it) without this
+repository. :func:`load_registered` reads the package artifact directly.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -25,17 +30,22 @@ import torch
 from torch import nn
 
 from sofar_assets.lib.models import ModelSpec, build_model
+from sofar_assets.lib.serving import signature as serving_signature
 
 PACKAGE_FORMAT = "sofar-model/1"
 WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+CALIBRATION_FILE = "calibration.json"
 OOD_STATS_FILE = "ood_stats.safetensors"
 META_FILE = "sofar_model.json"
 PYFUNC_ARTIFACT = "package"
 
 
 def save_package(model: nn.Module, spec: ModelSpec, classes: list[str], directory: str | Path,
-                 extra: dict | None = None, ood_stats: dict[str, np.ndarray] | None = None) -> Path:
-    """Write ``model.safetensors`` + ``sofar_model.json`` (+ ``ood_stats.safetensors``) into ``directory``."""
+                 extra: dict | None = None, ood_stats: dict[str, np.ndarray] | None = None,
+                 onnx: bool = True) -> Path:
+    """Write ``model.safetensors`` + ``sofar_model.json`` (+ ``ood_stats.safetensors``, + with
+    ``onnx`` the ONNX export ``model.onnx``) into ``directory``."""
     from safetensors.numpy import save_file as save_numpy
     from safetensors.torch import save_file
 
@@ -49,6 +59,10 @@ def save_package(model: nn.Module, spec: ModelSpec, classes: list[str], director
     if ood_stats:
         save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ood_stats.items()},
                    str(directory / OOD_STATS_FILE))
+    if onnx:
+        from sofar_assets.lib.predictor import export_onnx
+
+        (directory / ONNX_FILE).write_bytes(export_onnx(model, spec.image_size))
     meta = {"format": PACKAGE_FORMAT, "spec": spec.to_dict(), "classes": list(classes), "extra": dict(extra or {})}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str))
     return directory
@@ -68,7 +82,9 @@ def read_meta(meta_path: Path, package_format: str, what: str) -> dict:
 def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the network from a package folder; returns (model in eval mode on CPU, meta).
 
-    ``meta["ood_stats"]`` holds the feature-score statistics (empty dict when the package has none).
+    ``meta["ood_stats"]`` holds the feature-score statistics (empty dict when the package has none),
+    ``meta["onnx_model"]`` the ONNX export's bytes (None without one) and ``meta["calibration"]``
+    the version's calibration (None before ``ood_calibration`` wrote it).
     """
     from safetensors.numpy import load_file as load_numpy
     from safetensors.torch import load_file
@@ -83,43 +99,52 @@ def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
     model.eval()
     stats_path = directory / OOD_STATS_FILE
     meta["ood_stats"] = load_numpy(str(stats_path)) if stats_path.is_file() else {}
+    onnx_path, cal_path = directory / ONNX_FILE, directory / CALIBRATION_FILE
+    meta["onnx_model"] = onnx_path.read_bytes() if onnx_path.is_file() else None
+    meta["calibration"] = json.loads(cal_path.read_text()) if cal_path.is_file() else None
     return model, meta
 
 
-class SofarPyfunc(mlflow.pyfunc.PythonModel):
-    """MLflow pyfunc wrapper: float32 NCHW in [0, 1] -> logits (numpy)."""
+def write_calibration_artifact(client, name: str, version: str, calibration: dict) -> bool:
+    """Add ``calibration.json`` (``calibration`` plus ``model_name`` and ``model_version``) to the
+    package artifact of registered version ``name``/``version``, so the model carries what it
+    needs to score (the version's tags say the same for people and the registry UI).
 
-    batch_size = 64
-
-    def load_context(self, context) -> None:
-        self.model, self.meta = load_package(context.artifacts[PYFUNC_ARTIFACT])
-
-    # np.ndarray hints: MLflow skips its type-hint schema inference (the signature is explicit)
-    # and no longer warns that `predict` has no type hints.
-    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(model_input, dtype=np.float32)))
-        if x.ndim != 4:
-            raise ValueError(f"expected a float32 NCHW array, got shape {tuple(x.shape)}")
-        with torch.no_grad():
-            out = [self.model(x[i : i + self.batch_size]) for i in range(0, x.shape[0], self.batch_size)]
-        if not out:
-            return np.zeros((0, len(self.meta["classes"])), np.float32)
-        return torch.cat(out).numpy().astype(np.float32)
-
-
-def _signature(spec: ModelSpec):
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    s = spec.image_size
-    return ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, s, s))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, spec.num_classes))]),
-    )
+    Returns False, writing nothing, for a version that is not a logged model (a version created
+    by hand from some other source: it has no package, and serving it fails on load, naming the
+    missing ``calibration.json``), and for a version registered from ANOTHER version's logged
+    model (``create_model_version(source=v1.source)``): the package is shared and keeps the
+    calibration of the version it was logged for, so its rows name that version.
+    """
+    mv = client.get_model_version(name, str(version))
+    model_id = getattr(mv, "model_id", None)
+    if not model_id and str(mv.source).startswith("models:/m-"):  # sqlite stores leave model_id empty
+        model_id = str(mv.source).removeprefix("models:/").split("/", 1)[0]
+    if not model_id:
+        return False
+    package = f"artifacts/{PYFUNC_ARTIFACT}"
+    if any(f.path.endswith(CALIBRATION_FILE) for f in client.list_logged_model_artifacts(model_id, package)):
+        with tempfile.TemporaryDirectory(prefix="sofar-cal-") as tmp:
+            root = client.get_logged_model(model_id).artifact_location.rstrip("/")
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{root}/{package}/{CALIBRATION_FILE}", dst_path=tmp, tracking_uri=client.tracking_uri)
+            owner = json.loads(Path(local).read_text())
+        if (owner.get("model_name"), owner.get("model_version")) != (name, str(version)):
+            return False  # another version's package: it keeps its own calibration
+    payload = {**calibration, "model_name": name, "model_version": str(version)}
+    with tempfile.TemporaryDirectory(prefix="sofar-cal-") as tmp:
+        Path(tmp, CALIBRATION_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
+        client.log_model_artifacts(model_id, tmp, artifact_path=package)
+    return True
 
 
 def _pip_requirements() -> list[str]:
+    import onnxruntime
+    import pandas
+    import PIL
     import safetensors
+    import scipy
+    import sklearn
     import timm
 
     def base(v: str) -> str:
@@ -131,13 +156,23 @@ def _pip_requirements() -> list[str]:
         f"timm=={base(timm.__version__)}",
         f"safetensors=={base(safetensors.__version__)}",
         f"numpy=={base(np.__version__)}",
+        f"onnxruntime=={base(onnxruntime.__version__)}",
+        f"pandas=={base(pandas.__version__)}",
+        f"pillow=={base(PIL.__version__)}",
+        f"scipy=={base(scipy.__version__)}",
+        f"scikit-learn=={base(sklearn.__version__)}",
     ]
 
 
 def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], registered_model_name: str, *,
                      extra: dict | None = None, tags: dict | None = None,
-                     ood_stats: dict[str, np.ndarray] | None = None) -> dict:
+                     ood_stats: dict[str, np.ndarray] | None = None, model_config: dict | None = None) -> dict:
     """Log the model as a pyfunc in the active run, register it and tag the new version.
+
+    The pyfunc is lib/serving.py's (photos in, prediction rows out) with this package's code in
+    ``code_paths``; ``model_config`` is its serving configuration (``allowed_roots``, ``runtime``,
+    ``threads``, ``max_bytes``). It answers once the version is calibrated
+    (:func:`write_calibration_artifact`).
 
     Returns ``{"model_uri": "models:/<name>/<version>", "version": int, "run_id": str}``.
     """
@@ -146,16 +181,20 @@ def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], regi
         raise RuntimeError("log_and_register must be called inside an active mlflow run")
     with tempfile.TemporaryDirectory(prefix="sofar-pkg-") as tmp:
         pkg = save_package(model, spec, classes, Path(tmp) / PYFUNC_ARTIFACT, extra, ood_stats)
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
-            artifacts={PYFUNC_ARTIFACT: str(pkg)},
-            registered_model_name=registered_model_name,
-            signature=_signature(spec),
-            # one blank image: MLflow validates serving with it instead of warning that none was given
-            input_example=np.zeros((1, 3, spec.image_size, spec.image_size), np.float32),
-            pip_requirements=_pip_requirements(),
-        )
+        with warnings.catch_warnings():
+            # no input example: the model answers only once calibrated (write_calibration_artifact),
+            # so MLflow could not run one now; the signature is explicit
+            warnings.filterwarnings("ignore", message=".*input example was not provided", category=UserWarning)
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
+                artifacts={PYFUNC_ARTIFACT: str(pkg)},
+                code_paths=[str(Path(__file__).resolve().parents[1])],  # sofar_assets: loads without the repo
+                model_config={"runtime": "onnx", "threads": 1, **(model_config or {})},
+                registered_model_name=registered_model_name,
+                signature=serving_signature(),
+                pip_requirements=_pip_requirements(),
+            )
     version = info.registered_model_version
     if version is None:
         raise RuntimeError(f"MLflow did not register a version of {registered_model_name!r}")

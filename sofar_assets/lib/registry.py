@@ -68,6 +68,12 @@ class Calibration:
     threshold: float
     label_sets: LabelSets | None = None
 
+    def as_artifact(self, target_tpr: float | None = None) -> dict:
+        """JSON-able; what ``calibration.json`` in the model package holds (lib/serving.py reads it)."""
+        return {"score_method": self.score_method, "temperature": float(self.temperature),
+                "threshold": float(self.threshold), "target_tpr": target_tpr,
+                "label_sets": self.label_sets.as_dict() if self.label_sets is not None else None}
+
     def as_tags(self, target_tpr: float | None = None) -> dict[str, str]:
         tags = {
             "ood_score_method": self.score_method,
@@ -306,6 +312,11 @@ def record_promotion(client, name: str, version: str, previous: str | None, *, b
 
 def write_calibration(client, name: str, version: str, calibration: Calibration, *,
                       target_tpr: float | None = None, extra: dict[str, str] | None = None) -> None:
+    """The calibration as the version's tags (for people, the UI and the gate) AND as
+    ``calibration.json`` in its model package (what the served model scores with)."""
+    from sofar_assets.lib.packaging import write_calibration_artifact
+
+    write_calibration_artifact(client, name, str(version), calibration.as_artifact(target_tpr))
     for key, value in {**calibration.as_tags(target_tpr), **(extra or {})}.items():
         client.set_model_version_tag(name, str(version), key, value)
 
