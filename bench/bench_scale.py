@@ -186,15 +186,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the two day sizes in (1)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating model-only / end-to-end rounds in (2)")
     ap.add_argument("--model-ms", type=float, default=2.0, help="simulated accelerator ms per image in (2)")
-    ap.add_argument("--quick", action="store_true", help="--days 1000,10000 --latency-images 1000")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: tiny days, one round (no figures)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child_day(args.work, args.child)
         return 0
-    if args.quick:
-        args.days, args.latency_images = "1000,10000", 1000
+    if args.quick:  # a smoke run (make test): seconds, figures meaningless
+        args.days, args.latency_images, args.photos, args.rounds, args.repeats = "200,600", 200, 50, 1, 1
     n1, n2 = (int(x) for x in args.days.split(","))
     inf = InferenceConfig()
     print(f"stub CNN at {IMAGE_SIZE} px, CPU, batch {inf.batch_size}, {inf.num_workers} DataLoader workers, "
