@@ -254,7 +254,12 @@ class InferenceConfig(_Strict):
     reads_in_flight: int = Field(32, ge=1, description="concurrent image reads per DataLoader worker (32: a default batch in one wave)")
     read_timeout_s: float = Field(30.0, gt=0, description="per read of a gs:// object")
     read_retries: int = Field(3, ge=0, description="retries of a failed gs:// read")
-    shards_per_day: int = Field(1, ge=1, description="a day's uploads split into this many steps (pods)")
+    shards_per_day: int | None = Field(
+        None, ge=1, description="a fixed number of steps (pods) per day; null (default): sized by the day "
+        "from images_per_shard and max_shards")
+    images_per_shard: int = Field(100_000, ge=1, description="a day gets ceil(uploads / this) shard steps (pods), "
+                                  "and quiet days of a backfill share one step up to this many images")
+    max_shards: int = Field(16, ge=1, description="at most this many shard steps per day")
     log_every: int = Field(10_000, ge=1, description="a progress line every N images")
 
 
