@@ -24,6 +24,7 @@ BENCHES = [
     ("a day of many photos: time, memory, reads in flight, 1M listing (issue: scale)", ["bench_scale.py"]),
     ("pipeline part of make run (issue: foundation)", ["bench_pipeline.py"]),
     ("recipe vs frozen-feature probe, 5-fold CV on the real photos (issue: model quality)", ["bench_recipe.py"]),
+    ("kNN OOD bank cap: AUROC of the capped vs the full bank, device vs numpy (issue: scale)", ["bench_knn_bank.py"]),
 ]
 
 

@@ -218,6 +218,11 @@ class OodConfig(_Strict):
     score: Literal["max_logit", "energy", "max_softmax", "mahalanobis", "knn"] = "knn"
     target_tpr: float = Field(0.95, gt=0, le=1)
     knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
+    knn_bank_max: int | None = Field(
+        10_000, ge=1, description="knn score: at most this many training features travel in the package "
+        "(~5 KB each at 1,280 features); null keeps them all")
+    knn_bank_reduction: Literal["coreset", "random"] = Field(
+        "coreset", description="how a larger bank is cut to knn_bank_max: greedy k-center coreset or random")
 
 
 class ConformalConfig(_Strict):

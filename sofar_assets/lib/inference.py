@@ -297,6 +297,7 @@ def predict_images(
         return (f"predicted {done}/{total} images ({100 * done / max(total, 1):.0f}%), {rate:.1f} images/s, "
                 f"ETA {eta:.0f} s, {errors} errors")
 
+    knn = ood.device_knn(score_method, ood_stats, dev)  # the kNN search on the inference device
     for good, x, errs in loader:
         batch = sampler.pop()
         probs = scores = None
@@ -306,7 +307,7 @@ def predict_images(
                 x = x.to(dev, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
                 if needs_features:
                     out, feats = model.forward_features(x)
-                    features = feats.float().cpu().numpy()
+                    features = feats if knn is not None else feats.float().cpu().numpy()
                 else:
                     out = model(x)
                 logits = out.float().cpu().numpy()
@@ -316,7 +317,8 @@ def predict_images(
                     f"but there are {len(classes)} classes"
                 )
             probs = ood.softmax(logits, temperature)
-            scores = ood.score(logits, features, score_method, temperature, ood_stats, knn_k=knn_k)
+            scores = (knn.score(features, knn_k) if knn is not None
+                      else ood.score(logits, features, score_method, temperature, ood_stats, knn_k=knn_k))
         done += len(batch)
         errors += len(batch) - len(good)
         if log is not None and done >= next_log and (total is None or done < total):
