@@ -560,3 +560,40 @@ def test_the_uploads_table_is_listed_in_pages_not_read_whole(tmp_path, monkeypat
     monkeypatch.setattr(DuckDBWarehouse, "iter_range", paged)
     assert [u.image_id for u in day_uploads(cfg, D1, wh)] == [f"i{k:03d}" for k in range(120)]
     assert pages == [50, 50, 20]
+
+
+# ---- the gs:// connection pool matches the reads in flight (lib/storage.py) ----------------------
+
+
+@pytest.mark.parametrize("in_flight", [16, 32])
+def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, caplog, in_flight):
+    """Waves of ``in_flight`` concurrent reads through the real google-cloud-storage client
+    against the GCS emulator (50 ms per download): with the pool sized to the reads in flight
+    no connection is thrown away; with requests' default pool of 10 (the client before), urllib3
+    discards the connections beyond the tenth ("Connection pool is full") and reopens them."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sofar_assets.lib import storage
+    from sofar_assets.stack.gcs_latency import LatencyGcs
+
+    def discarded(pool_size: int) -> int:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"), ThreadPoolExecutor(in_flight) as ex:
+            got = list(ex.map(lambda i: storage.read_bytes(f"gs://bench/p/{i % 8}.jpg", max_bytes=1000,
+                                                           pool_size=pool_size), range(4 * in_flight)))
+        assert got == [bytes([i % 8]) * 100 for i in range(4 * in_flight)]
+        return sum("Connection pool is full" in r.getMessage() for r in caplog.records)
+
+    with LatencyGcs(latency_s=0.05) as gcs:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+        storage._gcs_client.cache_clear()
+        try:
+            client = storage._gcs_client()
+            client.create_bucket("bench")
+            for i in range(8):
+                client.bucket("bench").blob(f"p/{i}.jpg").upload_from_string(bytes([i]) * 100)
+            assert discarded(in_flight) == 0
+            assert discarded(10) > 0  # the old default pool: the same reads throw connections away
+        finally:
+            storage._gcs_client.cache_clear()

@@ -213,7 +213,8 @@ def build_prediction_assets(cfg: SofarConfig):
             ood_stats=stats, knn_k=ood.package_knn_k(meta),
             batch_size=inf.batch_size, num_workers=inf.num_workers, device=inf.device,
             read_bytes=storage.read_bytes, max_bytes=inf.max_bytes, reads_in_flight=inf.reads_in_flight,
-            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries},
+            read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries,
+                         "pool_size": inf.reads_in_flight},  # the gs:// connection pool: one per read in flight
             log=context.log.info, log_every=inf.log_every,
         )
         return tallies
