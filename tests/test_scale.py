@@ -439,7 +439,8 @@ def _day_of(n: int, day: str = "2026-11-01"):
     from sofar_assets.lib.uploads import Upload
 
     for i in range(n):  # every 7th upload a refused one: it travels as an error record, never read
-        yield Upload(f"{day}/{i:06d}.jpg", f"/u/{day}/{i:06d}.jpg", None if i % 7 == 3 else f"/u/{day}/{i:06d}.jpg",
+        path = f"/u/{day}/{i:06d}" + ("-\udcff.jpg" if i % 5 == 1 else ".jpg")  # a name that is not UTF-8
+        yield Upload(f"{day}/{i:06d}.jpg", f"/u/{day}/{i:06d}.jpg", None if i % 7 == 3 else path,
                      "UploadRefused: x" if i % 7 == 3 else None)
 
 

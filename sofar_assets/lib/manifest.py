@@ -29,7 +29,9 @@ from sofar_assets.lib.uploads import Upload
 SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),
     pa.field("image_uri", pa.string(), nullable=False),
-    pa.field("path", pa.string()),  # null: never read (the upload was refused; see error)
+    # the real path's bytes (a file name need not be UTF-8: os.fsencode / os.fsdecode round-trip
+    # it); null: never read (the upload was refused; see error)
+    pa.field("path", pa.binary()),
     pa.field("error", pa.string()),
 ])
 ROWS_PER_GROUP = 10_000
@@ -47,7 +49,8 @@ def write_manifest(uploads: Iterable[Upload], path: str | os.PathLike, *, rows_p
 
     def flush(writer: pq.ParquetWriter) -> None:
         if cols[0]:
-            writer.write_table(pa.Table.from_arrays([pa.array(c, pa.string()) for c in cols], schema=SCHEMA))
+            writer.write_table(pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(cols, SCHEMA, strict=True)],
+                                                    schema=SCHEMA))
             for c in cols:
                 c.clear()
 
@@ -56,7 +59,7 @@ def write_manifest(uploads: Iterable[Upload], path: str | os.PathLike, *, rows_p
             for u in uploads:
                 cols[0].append(u.image_id)
                 cols[1].append(u.image_uri)
-                cols[2].append(u.path)
+                cols[2].append(None if u.path is None else os.fsencode(u.path))
                 cols[3].append(u.error)
                 count += 1
                 if len(cols[0]) >= rows_per_group:
@@ -86,8 +89,8 @@ def read_slice(path: str | os.PathLike, start: int, stop: int) -> Iterator[Uploa
         if lo < hi:
             table = pf.read_row_group(g).slice(lo - first, hi - lo)
             ids, uris, paths, errors = (table.column(c).to_pylist() for c in SCHEMA.names)
-            for row in zip(ids, uris, paths, errors, strict=True):
-                yield Upload(*row)
+            for image_id, uri, path, error in zip(ids, uris, paths, errors, strict=True):
+                yield Upload(image_id, uri, None if path is None else os.fsdecode(path), error)
             del table, ids, uris, paths, errors
         first += n
         if first >= stop:
