@@ -24,7 +24,8 @@ def test_benchmark_runs_in_quick_mode(argv, tmp_path):
     assert proc.returncode == 0, f"{argv[0]} --quick exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     if argv[0] == "bench_scale.py":  # the figures the README and the issue quote are all printed
         result = proc.stdout.strip().splitlines()[-1]
-        for key in ("time_per_image_ratio", "rss_ratio", "latency_e2e_vs_model"):
+        for key in ("time_per_image_ratio", "rss_ratio", "latency_e2e_vs_model", "listing_rss_ratio_1m_vs_100k",
+                    "shards_at_1m"):
             assert f" {key}=" in result, result
 
 

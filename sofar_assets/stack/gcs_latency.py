@@ -73,3 +73,18 @@ class LatencyGcs:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def main() -> None:
+    """``python -m sofar_assets.stack.gcs_latency [LATENCY_S]``: serve until killed; the first
+    line printed is the URL for ``STORAGE_EMULATOR_HOST`` (a process of its own, so that its
+    request threads do not share the GIL of the process under test)."""
+    import sys
+
+    gcs = LatencyGcs(latency_s=float(sys.argv[1]) if len(sys.argv) > 1 else 0.05).start()
+    print(gcs.url, flush=True)
+    threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()
