@@ -159,6 +159,9 @@ class MlflowTarget(_Strict):
     registry_uri: str | None = None
     artifact_location: str | None = Field(
         None, description="default: <root>/mlartifacts; with a tracking server, the server's (proxied) artifact root")
+    artifacts_destination: str | None = Field(
+        None, description="the tracking server's --artifacts-destination (e.g. gs://sofar-ml/mlartifacts): shard "
+        "pods then read the model there directly instead of through the server's artifact proxy")
     experiment: str = "sofar"
 
 

@@ -135,7 +135,8 @@ def test_range_run_records_each_days_own_numbers_on_its_partition(env):
             assert sheet_rows.count("| ood ") == n_ood and f"{day.isoformat()}/" in sheet_rows
         else:
             assert "review_sheet" not in md
-    assert env["loads"] == [f"models:/{cfg.model.name}/1"]  # one shard: the model loads once per run
+    # one shard: the model loads once per run, from its store directly (not models:/ via the server)
+    assert env["loads"] == [str(env["tmp"] / "weights")]
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["rows_match_uploads"].passed
     assert not list((env["root"] / "staging" / "predictions").rglob("*.parquet"))  # committed, cleaned up
@@ -598,3 +599,21 @@ def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, 
             assert discarded(10) > 0  # the old default pool: the same reads throw connections away
         finally:
             storage._gcs_client.cache_clear()
+
+
+def test_shard_pods_read_the_model_from_the_artifact_store_not_through_the_proxy():
+    from sofar_assets.lib.registry import direct_source
+
+    class Client:
+        def __init__(self, uri):
+            self.uri = uri
+
+        def get_model_version_download_uri(self, name, version):
+            return self.uri
+
+    proxied = Client("mlflow-artifacts:/1/models/m-abc/artifacts")
+    assert direct_source(proxied, "m", "3", "gs://sofar-ml/mlartifacts/") == "gs://sofar-ml/mlartifacts/1/models/m-abc/artifacts"
+    assert direct_source(proxied, "m", "3", None) is None  # destination unknown: through the server
+    assert direct_source(Client("gs://b/mlartifacts/1/x/artifacts"), "m", "3") == "gs://b/mlartifacts/1/x/artifacts"
+    assert direct_source(Client("/srv/mlartifacts/1/x"), "m", "3") == "/srv/mlartifacts/1/x"
+    assert direct_source(Client("s3://other/x"), "m", "3") is None

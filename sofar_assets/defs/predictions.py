@@ -134,6 +134,9 @@ def build_prediction_assets(cfg: SofarConfig):
         unit = {
             "run_id": context.run_id,
             "model_name": name, "model_version": str(mv.version), "model_uri": f"models:/{name}/{mv.version}",
+            # where each shard pod reads the package from, without the tracking server's proxy
+            "model_source": registry.direct_source(mlflow_tracking.client(), name, mv.version,
+                                                   cfg.storage.mlflow.artifacts_destination),
             "threshold": calibration.threshold, "temperature": calibration.temperature,
             "score_method": calibration.score_method,
             "label_sets": calibration.label_sets.as_dict() if calibration.label_sets else None,
@@ -162,7 +165,7 @@ def build_prediction_assets(cfg: SofarConfig):
         slice's rows."""
         k, n = unit["step"], unit["steps"]
         mlflow_tracking.client()  # this step may be its own process (a pod): point mlflow at the registry
-        model, meta = load_registered(unit["model_uri"])
+        model, meta = load_registered(unit.get("model_source") or unit["model_uri"])  # once per step (pod)
         stats = meta.get("ood_stats") or {}  # {} for a package without feature statistics
         missing = ood.missing_stats(unit["score_method"], stats)
         if missing:
@@ -171,7 +174,8 @@ def build_prediction_assets(cfg: SofarConfig):
                 f"{missing} from its package's ood_stats.safetensors, and this version's package has none (registered "
                 "before feature scores existed?). Move @champion to a version trained since, or calibrate this one "
                 "with a logit score (ood.score: max_logit)."))
-        context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n}")
+        context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n} from "
+                         f"{unit.get('model_source') or 'the tracking server'}")
         slices = {dt.date.fromisoformat(s["day"]): s for s in unit["slices"]}  # one slice per day at most
         staged: dict[dt.date, tuple[str, str]] = {}  # day -> (local spool file, staging URI)
         fetched: list[str] = []  # local copies of gs:// manifests, removed at the end
