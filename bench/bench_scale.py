@@ -276,6 +276,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the day sizes in (1)")
     ap.add_argument("--repeats", type=int, default=3, help="alternating model-only / end-to-end rounds in (2)")
     ap.add_argument("--model-ms", type=float, default=2.0, help="simulated accelerator ms per image in (2)")
+    ap.add_argument("--images-per-shard", type=int, help="default: the config's inference.images_per_shard")
     ap.add_argument("--quick", action="store_true", help="a smoke run: tiny days, one round (no figures)")
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--one-shard", action="store_true", help=argparse.SUPPRESS)
@@ -287,13 +288,15 @@ def main() -> int:
     if args.quick:  # a smoke run (make test): seconds, figures meaningless
         args.days, args.big, args.latency_images, args.photos, args.rounds, args.repeats = "200,600", 3000, 200, 50, 1, 1
     n1, n2 = (int(x) for x in args.days.split(","))
-    inf = InferenceConfig()
     if args.quick:  # the big day still cut in several shards
-        inf = inf.model_copy(update={"images_per_shard": 600})
-        os.environ["SOFAR_BENCH_IMAGES_PER_SHARD"] = "600"
+        args.images_per_shard = 600
+    inf = InferenceConfig()
+    if args.images_per_shard:
+        inf = inf.model_copy(update={"images_per_shard": args.images_per_shard})
+        os.environ["SOFAR_BENCH_IMAGES_PER_SHARD"] = str(args.images_per_shard)  # the children's
     print(f"stub CNN at {IMAGE_SIZE} px, CPU, batch {inf.batch_size}, {inf.num_workers} DataLoader workers, "
           f"{inf.reads_in_flight} reads in flight per worker, {inf.images_per_shard} images per shard, at most "
-          f"{inf.max_shards} shards (the config defaults)")
+          f"{inf.max_shards} shards")
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
         (work / "photos").mkdir()
