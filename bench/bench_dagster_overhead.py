@@ -1,6 +1,6 @@
 """Dagster overhead: materializing one `daily_predictions` day vs the same work in a plain script.
 
-    python bench/bench_dagster_overhead.py [--images 200] [--rounds 3]
+    python bench/bench_dagster_overhead.py [--images 200] [--rounds 3] [--quick]
 
 Both sides do identical work on the same day of real-size photos (the sample photos under
 distinct names): load the champion from the MLflow registry, decode + predict every photo, and
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -42,8 +44,18 @@ from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
 from sofar_assets.lib.packaging import load_registered, log_and_register  # noqa: E402
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool  # noqa: E402
 
-SAMPLES = REPO.parent / "shared/data/sofar-public-samples"
+SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
+                if (p / "shared/data/sofar-public-samples").is_dir()),
+               Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")  # a worktree: one deeper
 DAY = dt.date(2026, 11, 1)
+
+
+def put_file(src: Path, dst: Path) -> None:
+    """``dst`` as a hard link to ``src`` (same file system), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
 
 
 def setup(tmp: Path, n_images: int):
@@ -56,8 +68,8 @@ def setup(tmp: Path, n_images: int):
         sys.exit(f"no sample photos under {SAMPLES}")
     day = tmp / "uploads" / DAY.isoformat()
     day.mkdir(parents=True)
-    for i in range(n_images):
-        (day / f"{i:05d}.jpg").symlink_to(photos[i % len(photos)])
+    for i in range(n_images):  # real files: a symbolic link leaving the uploads folder is an error row
+        put_file(photos[i % len(photos)], day / f"{i:05d}.jpg")
     task = tmp / "task"
     for sub in ("0_NORMAL", "1_DEFECT"):
         (task / sub).mkdir(parents=True)
@@ -121,7 +133,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--state", type=Path, help="keep the prepared day + registry here (for --only)")
     ap.add_argument("--only", choices=["dagster", "plain"], help="one side once, as a whole process")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 8 photos, 1 round (no figures)")
     args = ap.parse_args()
+    if args.quick:
+        args.images, args.rounds = 8, 1
     if args.only:
         if args.state is None:
             ap.error("--only needs --state")

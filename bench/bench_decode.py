@@ -1,6 +1,6 @@
 """Images/s of the naive full decode vs. the draft decode path vs. a warm preprocess cache.
 
-    python bench/bench_decode.py [--samples DIR] [--repeat N] [--size 224]
+    python bench/bench_decode.py [--samples DIR] [--repeat N] [--size 224] [--quick]
 
 All three paths run in one process on the same in-memory bytes (storage reads are excluded),
 in interleaved rounds with the order rotated each round, so machine noise hits them alike.
@@ -24,7 +24,9 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
 
 from sofar_assets.lib.images import PreprocessCache, load_image_array, sha256_hex  # noqa: E402
 
-DEFAULT_SAMPLES = Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples"
+DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
+                        if (p / "shared/data/sofar-public-samples").is_dir()),
+                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")  # a worktree: one deeper
 
 
 def naive(data: bytes, size: int) -> np.ndarray:
@@ -42,9 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=Path, default=DEFAULT_SAMPLES, help="folder searched for *.jpg")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds over all photos")
     ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 round over 4 photos (no figures)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.repeat = 1
 
-    paths = sorted(args.samples.rglob("*.jpg"))
+    paths = sorted(args.samples.rglob("*.jpg"))[: 4 if args.quick else None]
     if not paths:
         print(f"no *.jpg under {args.samples}", file=sys.stderr)
         return 2

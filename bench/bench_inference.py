@@ -9,8 +9,11 @@ Measured in one run on this machine:
 (b) model-only images/s of the same network on pre-decoded batches of the same size -> a/b;
 (c) the efficiency-centric system (ONE pass, one head over all tasks' classes) vs the
     task-centric one (T passes over the same photos, one binary model per task) -> time ratio;
-(d) peak RSS of ``predict_images`` over 1,000 vs 10,000 synthetic images (64 distinct 640x480
-    JPEGs behind distinct ids, 96 px, a tiny CNN), each count in a fresh subprocess -> ratio.
+(d) peak RSS of the path ``daily_predictions``' shard steps run (``daily.score_days``: the
+    stream of ``predict_images`` batches staged into a ``ParquetSpool``, no frame kept) over
+    1,000 vs 10,000 synthetic images (64 distinct 640x480 JPEGs behind distinct ids, 96 px, a
+    tiny CNN), each count in a fresh subprocess -> ratio. ``bench_scale.py`` measures the same
+    path at 10k / 100k / 1M uploads.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import torch  # noqa: E402
 from sofar_assets.lib.images import load_image_array  # noqa: E402
 from sofar_assets.lib.inference import predict_images  # noqa: E402
 
-DEFAULT_SAMPLES = REPO.parent / "shared/data/sofar-public-samples"
+DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
+                        if (p / "shared/data/sofar-public-samples").is_dir()),
+                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")  # a worktree: one deeper
 
 
 def tiny_cnn(num_classes: int) -> torch.nn.Module:
@@ -51,7 +56,7 @@ def tiny_cnn(num_classes: int) -> torch.nn.Module:
 
 
 def run_predict(model, items, classes, *, image_size, batch_size, num_workers) -> tuple[float, int, int]:
-    """Seconds, rows and error rows of one full predict_images pass (frames kept, as an asset would)."""
+    """Seconds, rows and error rows of one full predict_images pass (frames kept: at most --images)."""
     t0 = time.perf_counter()
     frames = list(
         predict_images(
@@ -93,12 +98,30 @@ def make_synthetic_jpegs(folder: Path, n: int = 64) -> list[str]:
 
 
 def rss_child(n: int, folder: str, num_workers: int) -> None:
-    """Run in a fresh process: predict n synthetic images, print peak RSS of self and of workers."""
+    """Run in a fresh process: n synthetic images through ``daily.score_days`` into a parquet
+    spool (what a ``score_shard`` step runs), print peak RSS of self and of workers."""
+    import datetime as dt
+
+    import pandas as pd
+
+    from sofar_assets.lib import daily
+    from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool
+
     paths = sorted(str(p) for p in Path(folder).glob("*.jpg"))
-    items = [(f"id{i:06d}", paths[i % len(paths)]) for i in range(n)]
-    seconds, rows, errors = run_predict(
-        tiny_cnn(4), items, ["a", "b", "c", "d"], image_size=96, batch_size=64, num_workers=num_workers
+    items = ((f"id{i:06d}", paths[i % len(paths)]) for i in range(n))  # a stream, as a manifest slice gives
+    day = dt.date(2026, 11, 1)
+    spool = Path(folder) / f"spool-{n}.parquet"
+    t0 = time.perf_counter()
+    tallies = daily.score_days(
+        tiny_cnn(4), [(day, items)], open_spool=lambda d: ParquetSpool(PREDICTIONS, str(spool)),
+        columns={"model_name": "tiny", "model_version": "1", "predicted_at": pd.Timestamp("2026-11-02")},
+        classes=["a", "b", "c", "d"], image_size=96, threshold=0.0, batch_size=64, num_workers=num_workers,
+        device="cpu",
     )
+    seconds = time.perf_counter() - t0
+    tally = tallies.get(day, daily.DayTally())
+    rows, errors = tally.staged_rows, tally.errors
+    spool.unlink(missing_ok=True)
     status = Path("/proc/self/status").read_text()
     hwm_kib = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
     workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest finished worker
@@ -125,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--tasks", type=int, default=2, help="T: task-centric passes (binary heads)")
     ap.add_argument("--rss-counts", default="1000,10000", help="image counts for (d)")
-    ap.add_argument("--quick", action="store_true", help="100 images, (d) at 300 vs 3000")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 8 images at 96 px, (d) at 100 vs 300")
     ap.add_argument("--rss-child", nargs=2, metavar=("N", "DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -133,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         rss_child(int(args.rss_child[0]), args.rss_child[1], args.num_workers)
         return 0
     if args.quick:
-        args.images, args.rss_counts = 100, "300,3000"
+        args.images, args.rss_counts, args.image_size, args.batch_size = 8, "100,300", 96, 4
 
     from sofar_assets.lib.models import ModelSpec, build_model
 
@@ -191,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"(d) baseline (imports, no images): peak RSS {r['main_kib'] / 1024:.0f} MiB")
                 continue
             grown = (r["main_kib"] - results[0]["main_kib"]) / 1024
-            print(f"(d) {n} synthetic 640x480 JPEGs at 96 px, tiny CNN: {r['seconds']:.1f} s, peak RSS main "
+            print(f"(d) {n} synthetic 640x480 JPEGs at 96 px, tiny CNN, score_days -> parquet spool: "
+                  f"{r['seconds']:.1f} s, peak RSS main "
                   f"{r['main_kib'] / 1024:.0f} MiB (+{grown:.0f} over baseline), "
                   f"largest worker {r['worker_kib'] / 1024:.0f} MiB")  # fmt: skip
     lo, hi = results[counts[0]], results[counts[-1]]

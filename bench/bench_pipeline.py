@@ -1,6 +1,9 @@
 """Wall time of the pipeline part of `make run` (install and demo-data generation excluded).
 
-    python bench/bench_pipeline.py
+    python bench/bench_pipeline.py [--quick]
+
+``--quick`` (what ``make test`` runs) times nothing: it checks that every step's job, asset
+selection and CLI command still exists in the definitions, so the benchmark cannot rot.
 
 Runs the same steps as `make pipeline` (train_and_promote, the demo days as one backfill, then
 the corrections loop: the demo verdicts imported, the dataset rebuilt with them, field accuracy
@@ -23,9 +26,34 @@ REPO = Path(__file__).resolve().parents[1]
 DAYS = "2026-11-01...2026-11-03"
 
 
+def check_steps(steps: list[tuple[str, list[str]]], env: dict) -> int:
+    """``--quick``: every job, asset selection and CLI sub-command of ``steps`` resolves (in one process)."""
+    code = f"""
+import sys, dagster as dg
+from sofar_assets.config import load_config
+from sofar_assets.definitions import build_definitions
+from sofar_assets.cli import build_parser
+import os
+defs = build_definitions(load_config(os.environ["SOFAR_CONFIG"]))
+steps = {[cmd[1:] for _, cmd in steps]!r}
+graph = defs.resolve_asset_graph()
+for argv in steps:
+    if "-j" in argv:
+        defs.resolve_job_def(argv[argv.index("-j") + 1])
+    elif "--select" in argv:
+        keys = dg.AssetSelection.from_coercible(argv[argv.index("--select") + 1].split(",")).resolve(graph)
+        assert keys, argv
+    else:
+        build_parser().parse_args(argv[2:])
+print(f"{{len(steps)}} steps resolve")
+"""
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env).returncode
+
+
 def main() -> int:
+    quick = "--quick" in sys.argv[1:]
     demo = REPO / ".sofar" / "demo-data"
-    if not (demo / "SYNTHETIC.md").exists() or not (demo / "corrections.csv").exists():
+    if not quick and (not (demo / "SYNTHETIC.md").exists() or not (demo / "corrections.csv").exists()):
         subprocess.run([sys.executable, "-m", "sofar_assets.cli", "demo-data"], check=True, cwd=REPO)
     with tempfile.TemporaryDirectory(prefix="sofar-bench-") as tmp:
         tmp = Path(tmp)
@@ -35,6 +63,11 @@ def main() -> int:
         cfg["uploads"]["folder"] = str((REPO / "config" / cfg["uploads"]["folder"]).resolve())
         for oset in cfg["ood_sets"].values():
             oset["folder"] = str((REPO / "config" / oset["folder"]).resolve())
+        if quick:  # no demo data needed to resolve the steps: empty stand-in folders
+            for k, d in enumerate([*cfg["tasks"].values(), cfg["uploads"], *cfg["ood_sets"].values()]):
+                d["folder"] = str(tmp / f"empty-{k}")
+                for sub in ["", *d.get("labels", {})]:
+                    (Path(d["folder"]) / sub).mkdir(exist_ok=True)
         cfg["storage"]["root"] = str(tmp / "state")
         (tmp / "sofar.yaml").write_text(yaml.safe_dump(cfg))
         (tmp / "home").mkdir()
@@ -53,6 +86,8 @@ def main() -> int:
             (f"field_accuracy {DAYS}", [dagster, "asset", "materialize", "-m", "sofar_assets.definitions",
                                         "--select", "field_accuracy", "--partition-range", DAYS]),
         ]
+        if quick:
+            return check_steps(steps, env)
         total = 0.0
         rows = []
         for name, cmd in steps:

@@ -1,7 +1,7 @@
 """The default training recipe vs the frozen-feature probe on the real sample photos (CPU).
 
     python bench/bench_recipe.py [--folds 5] [--samples DIR] [--synthetic-docs 10]
-                                 [--set KEY=VALUE ...] [--head-refit]
+                                 [--set KEY=VALUE ...] [--head-refit] [--quick]
 
 Config: the DEFAULT one (only tasks, uploads, ood_sets and partitions set): the two sample
 tasks map to the classes normal / defect / dirt (20 photos). Stratified k-fold: each fold's
@@ -101,7 +101,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="override one train: setting (YAML value), e.g. --set lr=0.01; repeatable")
     ap.add_argument("--head-refit", action="store_true",
                     help="also report the recipe with its head refitted by logistic regression on the fine-tuned features")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run: 2 folds, 1 fine-tuning epoch, 2 synthetic documents (no figures)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.folds, args.synthetic_docs = 2, 2
+        args.overrides = [*args.overrides, "epochs=1", "patience=1"]
     if not (args.samples / "CAR_DEFECT_RECOGNITION").is_dir():
         print(f"sample photos not found at {args.samples}; skipped")
         return 0

@@ -1,6 +1,6 @@
 """Training throughput (images/s) of the `linear` and `pmg` heads and their data-wait share.
 
-    python bench/bench_train.py [--steps 6] [--warmup 2] [--batch 16] [--size 224] [--workers 0]
+    python bench/bench_train.py [--steps 6] [--warmup 2] [--batch 16] [--size 224] [--workers 0] [--quick]
 
 EfficientNet-Lite0 with the offline ImageNet weights, fed exactly like training: a DataLoader
 over images.ImageDataset reading the real sample photos through a warm PreprocessCache (the
@@ -34,7 +34,9 @@ from sofar_assets.lib.training import (  # noqa: E402
     train_step,
 )
 
-DEFAULT_SAMPLES = Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples"
+DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
+                        if (p / "shared/data/sofar-public-samples").is_dir()),
+                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")  # a worktree: one deeper
 
 
 def measure(arch: str, ds: ImageDataset, num_classes: int, args, device: torch.device) -> dict:
@@ -72,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers")
     ap.add_argument("--archs", default="linear,pmg")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 1 step of batch 2 at 64 px per head")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.steps, args.warmup, args.batch, args.size = 1, 0, 2, 64
 
     paths = sorted(args.samples.rglob("*.jpg"))
     if not paths:

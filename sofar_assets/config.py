@@ -167,6 +167,9 @@ class MlflowTarget(_Strict):
     registry_uri: str | None = None
     artifact_location: str | None = Field(
         None, description="default: <root>/mlartifacts; with a tracking server, the server's (proxied) artifact root")
+    artifacts_destination: str | None = Field(
+        None, description="the tracking server's --artifacts-destination (e.g. gs://sofar-ml/mlartifacts): shard "
+        "pods then read the model there directly instead of through the server's artifact proxy")
     experiment: str = "sofar"
     http_timeout_s: int = Field(15, ge=1, le=600, description="each MLflow request waits at most this long for "
                                 "the server (mlflow's default: 120 s)")
@@ -230,6 +233,11 @@ class OodConfig(_Strict):
     score: Literal["max_logit", "energy", "max_softmax", "mahalanobis", "knn"] = "knn"
     target_tpr: float = Field(0.95, gt=0, le=1)
     knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
+    knn_bank_max: int | None = Field(
+        10_000, ge=1, description="knn score: at most this many training features travel in the package "
+        "(~5 KB each at 1,280 features); null keeps them all")
+    knn_bank_reduction: Literal["coreset", "random"] = Field(
+        "coreset", description="how a larger bank is cut to knn_bank_max: greedy k-center coreset or random")
 
 
 class ConformalConfig(_Strict):
@@ -266,7 +274,12 @@ class InferenceConfig(_Strict):
     reads_in_flight: int = Field(32, ge=1, description="concurrent image reads per DataLoader worker (32: a default batch in one wave)")
     read_timeout_s: float = Field(30.0, gt=0, description="per read of a gs:// object")
     read_retries: int = Field(3, ge=0, description="retries of a failed gs:// read")
-    shards_per_day: int = Field(1, ge=1, description="a day's uploads split into this many steps (pods)")
+    shards_per_day: int | None = Field(
+        None, ge=1, description="a fixed number of steps (pods) per day; null (default): sized by the day "
+        "from images_per_shard and max_shards")
+    images_per_shard: int = Field(100_000, ge=1, description="a day gets ceil(uploads / this) shard steps (pods), "
+                                  "and quiet days of a backfill share one step up to this many images")
+    max_shards: int = Field(16, ge=1, description="at most this many shard steps per day")
     log_every: int = Field(10_000, ge=1, description="a progress line every N images")
     runtime: Literal["torch", "onnx"] = Field(
         "torch", description="torch: the PyTorch network on inference.device; onnx: the package's ONNX export on "

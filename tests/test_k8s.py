@@ -211,9 +211,12 @@ def step_problems(cfg, defs, launcher, steps=None) -> list[str]:
             problems.append(f"{where}: SOFAR_CONFIG is {_env(container).get('SOFAR_CONFIG')!r}, not {config_path!r}")
         if "sofar-mlflow" not in _secret_refs(container):
             problems.append(f"{where}: the MLflow credentials secret is not in envFrom")
-        # a step that loads a registered model AND reads data (images via the store or the warehouse's
-        # upload lists) runs the model; plan_shards and champion_model only talk to the registry
-        runs_model = "mlflow_tracking" in resources and bool({"image_store", "warehouse"} & resources)
+        # a step that loads a registered model AND reads data (images via the store or the warehouse)
+        # runs the model; champion_model only talks to the registry; plan_shards lists the day's
+        # uploads (warehouse) and resolves the champion (registry) but loads no model; score_shard
+        # reads its manifest slices' images through lib/storage (no resource)
+        runs_model = (("mlflow_tracking" in resources and bool({"image_store", "warehouse"} & resources)
+                       and not step.key.endswith(".plan_shards")) or step.key.endswith(".score_shard[?]"))
         reads_images = "image_store" in resources or runs_model
         if runs_model != (step.tags.get(RUNS_MODEL_TAG) == "true"):
             problems.append(f"{where}: runs a model={runs_model} but tag {RUNS_MODEL_TAG}={step.tags.get(RUNS_MODEL_TAG)!r}")

@@ -135,7 +135,8 @@ def test_range_run_records_each_days_own_numbers_on_its_partition(env):
             assert sheet_rows.count("| ood ") == n_ood and f"{day.isoformat()}/" in sheet_rows
         else:
             assert "review_sheet" not in md
-    assert env["loads"] == [f"models:/{cfg.model.name}/1"]  # one shard: the model loads once per run
+    # one shard: the model loads once per run, from its store directly (not models:/ via the server)
+    assert env["loads"] == [str(env["tmp"] / "weights")]
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert checks["rows_match_uploads"].passed
     assert not list((env["root"] / "staging" / "predictions").rglob("*.parquet"))  # committed, cleaned up
@@ -430,3 +431,189 @@ def test_staged_rows_are_the_schema_conversion_of_the_frame(tmp_path):
     errors_only = frame.iloc[3:].reset_index(drop=True)  # top-1/top-2 columns all null
     assert daily._with_columns(errors_only, constants, PREDICTIONS).equals(
         PREDICTIONS.to_arrow(errors_only.assign(**constants)))
+
+
+# ---- a day listed once, shards sized by the day (lib/manifest.py) --------------------------------
+
+
+def _day_of(n: int, day: str = "2026-11-01"):
+    from sofar_assets.lib.uploads import Upload
+
+    for i in range(n):  # every 7th upload a refused one: it travels as an error record, never read
+        path = f"/u/{day}/{i:06d}" + ("-\udcff.jpg" if i % 5 == 1 else ".jpg")  # a name that is not UTF-8
+        yield Upload(f"{day}/{i:06d}.jpg", f"/u/{day}/{i:06d}.jpg", None if i % 7 == 3 else path,
+                     "UploadRefused: x" if i % 7 == 3 else None)
+
+
+def _cases():
+    rng = np.random.default_rng(22)
+    fixed = [(0, 1, 1, 5), (1, 1, 1, 1), (10, 3, 16, 4), (10, 3, 2, 4), (100, 100, 16, 7), (101, 100, 16, 100),
+             (999, 10, 16, 64), (1000, 1000, 1, 1000), (1001, 1000, 1, 3)]
+    rand = [tuple(int(x) for x in (rng.integers(0, 3000), rng.integers(1, 500), rng.integers(1, 20),
+                                   rng.integers(1, 800))) for _ in range(40)]
+    return fixed + rand
+
+
+@pytest.mark.parametrize(("count", "per_shard", "max_shards", "rows_per_group"), _cases())
+def test_manifest_lists_a_day_once_and_its_shards_cover_it_exactly(tmp_path, count, per_shard, max_shards,
+                                                                   rows_per_group):
+    from sofar_assets.lib import manifest
+
+    path = tmp_path / "m.parquet"
+    assert manifest.write_manifest(_day_of(count), path, rows_per_group=rows_per_group) == count
+    assert manifest.manifest_rows(path) == count
+    # a second, quiet day in the same run: packed with the first day's last slice when it fits
+    quiet = tmp_path / "q.parquet"
+    manifest.write_manifest(_day_of(3, "2026-11-02"), quiet)
+    units = manifest.pack({"2026-11-01": (str(path), count), "2026-11-02": (str(quiet), 3)},
+                          images_per_shard=per_shard, max_shards=max_shards)
+    got = {"2026-11-01": [], "2026-11-02": []}
+    for unit in units:
+        assert len({s["day"] for s in unit}) == len(unit)  # a step scores a day's slice at most once
+        assert sum(s["stop"] - s["start"] for s in unit) <= per_shard or len(unit) == 1
+        for s in unit:
+            got[s["day"]] += list(manifest.read_slice(s["manifest"], s["start"], s["stop"]))
+    assert got["2026-11-01"] == list(_day_of(count))  # every upload once, in order: none twice, none missing
+    assert got["2026-11-02"] == list(_day_of(3, "2026-11-02"))
+    n = {s["shards"] for u in units for s in u if s["day"] == "2026-11-01"}
+    assert n == {min(max_shards, max(1, -(-count // per_shard)))}
+
+
+def test_shard_count_follows_the_days_size():
+    from sofar_assets.lib.manifest import shard_count
+
+    assert [shard_count(n, 100_000, 16) for n in (0, 1, 100_000, 100_001, 1_000_000, 10**8)] == [1, 1, 1, 2, 10, 16]
+
+
+def test_a_fixed_shards_per_day_cuts_every_day_in_n(tmp_path):
+    from sofar_assets.lib import manifest
+
+    units = manifest.pack({"a": ("a.parquet", 10), "b": ("b.parquet", 2)}, images_per_shard=1, max_shards=9,
+                          fixed_shards=3)
+    assert [[(s["day"], s["start"], s["stop"]) for s in u] for u in units] == [
+        [("a", 0, 3), ("b", 0, 0)], [("a", 3, 6), ("b", 0, 1)], [("a", 6, 10), ("b", 1, 2)]]
+
+
+def test_a_run_lists_each_day_once_and_sizes_its_shards_by_the_day(env, monkeypatch):
+    """A quiet day and a busy day and an empty one in one run: the busy day gets
+    ceil(uploads / images_per_shard) steps, the quiet one shares a step, the empty one is
+    committed empty and says so; each day is listed ONCE (not once per shard)."""
+    import sofar_assets.defs.predictions as predictions
+
+    ids = {D1: _write_day(env["uploads"], D1, [BRIGHT["red"]]),
+           D2: _write_day(env["uploads"], D2, [BRIGHT["blue"]] * 9 + [DARK])}
+    listings = []
+    real = predictions.iter_folder_day
+
+    def counting(folder, day, **kw):
+        listings.append(day)
+        return real(folder, day, **kw)
+
+    monkeypatch.setattr(predictions, "iter_folder_day", counting)
+    cfg, defs = env["build"](images_per_shard=4, max_shards=8)
+    result = _run(env, defs, D1, D3)
+    assert result.success
+    assert listings == [D1, D2, D3]  # once per day per run
+    mats = {m.partition: m.metadata for m in result.asset_materializations_for_node("daily_predictions")}
+    assert {d: mats[d.isoformat()]["shards"].value for d in (D1, D2, D3)} == {D1: 1, D2: 3, D3: 1}
+    steps = {e.step_key for e in result.all_events if e.step_key and "score_shard" in e.step_key}
+    # D1 (1 upload) shares a step with D2's first slice (3 of 10: 4 images); D2's other two slices
+    # (3 and 4) a step each, and D3 (no uploads) rides with the last
+    assert len(steps) == 3 and len(env["loads"]) == 3
+    for day, expected in ids.items():
+        assert sorted(_day_rows(defs, day)["image_id"]) == sorted(expected)
+    assert mats[D3.isoformat()]["uploads"].value == 0 and mats[D3.isoformat()]["rows"].value == 0
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    assert checks["rows_match_uploads"].passed
+    assert not checks["uploads_found"].passed and list(checks["uploads_found"].metadata[
+        "days_without_uploads"].value) == [D3.isoformat()]
+    assert not list((env["root"] / "staging").rglob("*.parquet"))  # manifests and shard files cleaned up
+
+
+def test_the_uploads_table_is_listed_in_pages_not_read_whole(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from sofar_assets.config import parse_config
+    from sofar_assets.defs.predictions import day_uploads
+    from sofar_assets.lib.warehouse import DuckDBWarehouse
+
+    cfg = parse_config({
+        "tasks": {"defect": {"folder": "t", "labels": {"0": "normal", "1": "defect"}}},
+        "uploads": {"table": "image_uploads", "allowed_roots": [str(tmp_path)]},
+        "partitions": {"start_date": "2026-11-01"},
+    }, base_dir=Path(tmp_path))
+    wh = DuckDBWarehouse(tmp_path / "w.duckdb")
+    wh.write_table("image_uploads", pd.DataFrame({
+        "image_id": [f"i{k:03d}" for k in range(120)], "image_uri": [str(tmp_path / f"{k}.jpg") for k in range(120)],
+        "uploaded_at": pd.Timestamp("2026-11-01 12:00") + pd.to_timedelta(np.arange(120), unit="s")}))
+
+    def whole_day(*a, **k):
+        raise AssertionError("the whole day was read into one frame")
+
+    monkeypatch.setattr(DuckDBWarehouse, "read_range", whole_day)
+    pages = []
+    real = DuckDBWarehouse.iter_range
+
+    def paged(self, *a, **k):
+        for page in real(self, *a, **{**k, "batch_rows": 50}):
+            pages.append(len(page))
+            yield page
+
+    monkeypatch.setattr(DuckDBWarehouse, "iter_range", paged)
+    assert [u.image_id for u in day_uploads(cfg, D1, wh)] == [f"i{k:03d}" for k in range(120)]
+    assert pages == [50, 50, 20]
+
+
+# ---- the gs:// connection pool matches the reads in flight (lib/storage.py) ----------------------
+
+
+@pytest.mark.parametrize("in_flight", [16, 32])
+def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, caplog, in_flight):
+    """Waves of ``in_flight`` concurrent reads through the real google-cloud-storage client
+    against the GCS emulator (50 ms per download): with the pool sized to the reads in flight
+    no connection is thrown away; with requests' default pool of 10 (the client before), urllib3
+    discards the connections beyond the tenth ("Connection pool is full") and reopens them."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sofar_assets.lib import storage
+    from sofar_assets.stack.gcs_latency import LatencyGcs
+
+    def discarded(pool_size: int) -> int:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"), ThreadPoolExecutor(in_flight) as ex:
+            got = list(ex.map(lambda i: storage.read_bytes(f"gs://bench/p/{i % 8}.jpg", max_bytes=1000,
+                                                           pool_size=pool_size), range(4 * in_flight)))
+        assert got == [bytes([i % 8]) * 100 for i in range(4 * in_flight)]
+        return sum("Connection pool is full" in r.getMessage() for r in caplog.records)
+
+    with LatencyGcs(latency_s=0.05) as gcs:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+        storage._gcs_client.cache_clear()
+        try:
+            client = storage._gcs_client()
+            client.create_bucket("bench")
+            for i in range(8):
+                client.bucket("bench").blob(f"p/{i}.jpg").upload_from_string(bytes([i]) * 100)
+            assert discarded(in_flight) == 0
+            assert discarded(10) > 0  # the old default pool: the same reads throw connections away
+        finally:
+            storage._gcs_client.cache_clear()
+
+
+def test_shard_pods_read_the_model_from_the_artifact_store_not_through_the_proxy():
+    from sofar_assets.lib.registry import direct_source
+
+    class Client:
+        def __init__(self, uri):
+            self.uri = uri
+
+        def get_model_version_download_uri(self, name, version):
+            return self.uri
+
+    proxied = Client("mlflow-artifacts:/1/models/m-abc/artifacts")
+    assert direct_source(proxied, "m", "3", "gs://sofar-ml/mlartifacts/") == "gs://sofar-ml/mlartifacts/1/models/m-abc/artifacts"
+    assert direct_source(proxied, "m", "3", None) is None  # destination unknown: through the server
+    assert direct_source(Client("gs://b/mlartifacts/1/x/artifacts"), "m", "3") == "gs://b/mlartifacts/1/x/artifacts"
+    assert direct_source(Client("/srv/mlartifacts/1/x"), "m", "3") == "/srv/mlartifacts/1/x"
+    assert direct_source(Client("s3://other/x"), "m", "3") is None

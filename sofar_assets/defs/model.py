@@ -196,7 +196,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 cfg.model.name,
                 extra={"dataset_hash": digest, "git_commit": git_commit(), "best_epoch": result.best_epoch,
                        "ood_knn_k": cfg.ood.knn_k},
-                ood_stats=ood.fit_feature_stats(result.train_features, result.train_labels),
+                ood_stats=ood.fit_feature_stats(result.train_features, result.train_labels,
+                                                knn_bank_max=cfg.ood.knn_bank_max,
+                                                knn_bank_reduction=cfg.ood.knn_bank_reduction),
                 model_config={"allowed_roots": cfg.upload_roots},  # the URIs the served model may read
                 tags={"dataset_hash": digest, "git_commit": git_commit(), "dagster_run_id": context.run_id,
                       "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id),

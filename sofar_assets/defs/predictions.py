@@ -3,13 +3,17 @@
 ``daily_predictions`` is a graph-backed asset of three steps, so that a day can be spread over
 several pods and still be committed at once:
 
-    plan_shards ──(one unit per shard)──> score_shard × inference.shards_per_day ──> commit_days
+    plan_shards ──(one unit per shard, sized by the day)──> score_shard × n ──> commit_days
 
 * ``plan_shards`` resolves the champion ONCE for the run (every shard scores with the same
-  version) and emits one work unit per shard: all days of the run, shard k of n.
-* ``score_shard`` loads the model once, streams its part of each day's uploads through the model
+  version), lists each day of the run ONCE into a manifest (lib/manifest.py: staged Parquet,
+  streamed from the folder or the uploads table in pages), gives each day
+  ``ceil(uploads / inference.images_per_shard)`` shards (at most ``inference.max_shards``; or
+  ``inference.shards_per_day`` when set) and emits one work unit per step through Dagster's
+  dynamic outputs: slices (row ranges of a day's manifest), quiet days packed together.
+* ``score_shard`` loads the model once, streams its slices of the manifests through the model
   and stages the rows as parquet at ``<root>/staging/predictions/<day>/<run_id>/shard-k-of-n
-  .parquet`` (one step, i.e. one Kubernetes pod under ``k8s_job_executor``, per shard).
+  .parquet`` (one step, i.e. one Kubernetes pod under ``k8s_job_executor``, per unit).
 * ``commit_days`` replaces each day with ONE ``replace_day`` from all its shards' files (a crash
   leaves the old day or the new one, never a mix), reads the count back, computes the drift
   checks in the warehouse and records each day's numbers on THAT partition.
@@ -20,6 +24,7 @@ Steps pass small JSON-able dicts (file URIs and counts), never rows.
 import datetime as dt
 import functools
 from collections.abc import Iterator
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import dagster as dg
@@ -30,13 +35,13 @@ from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.defs.runs import max_runtime_tags
-from sofar_assets.lib import daily, drift, ood, plots, registry, review, storage
+from sofar_assets.lib import daily, drift, manifest, ood, plots, registry, review, storage
 from sofar_assets.lib.conformal import LabelSets
 from sofar_assets.lib.names import md_frame
 from sofar_assets.lib.packaging import load_registered
 from sofar_assets.lib.predictor import make_runner
 from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
-from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, uploads_from_table
+from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, iter_uploads
 
 PREDICTIONS_TABLE = PREDICTIONS.name
 PARTITION_COLUMN = PREDICTIONS.partition_column
@@ -88,11 +93,23 @@ def day_window(cfg: SofarConfig, day: dt.date) -> tuple[dt.datetime, dt.datetime
 def day_uploads(cfg: SofarConfig, day: dt.date, warehouse) -> Iterator[Upload]:
     """One :class:`Upload` per photo uploaded on ``day`` (in the partitions' timezone), streamed:
     readable, or an error record (bad link, pipe, URI outside ``uploads.allowed_roots``) that
-    becomes an error row without being read."""
+    becomes an error row without being read. The uploads table is read in pages
+    (``iter_uploads``): memory holds one page, whatever the day's size."""
     if cfg.uploads.folder is not None:
         return iter_folder_day(cfg.resolve(cfg.uploads.folder), day, allowed_roots=cfg.upload_roots)
-    df = uploads_from_table(warehouse, cfg.uploads.table, *day_window(cfg, day))
-    return iter_table_uploads(zip(df["image_id"], df["image_uri"], strict=True), cfg.upload_roots)
+    pages = iter_uploads(warehouse, cfg.uploads.table, *day_window(cfg, day))
+    return iter_table_uploads(((i, u) for page in pages for i, u in zip(page["image_id"], page["image_uri"],
+                                                                        strict=True)), cfg.upload_roots)
+
+
+def list_day(cfg: SofarConfig, day: dt.date, warehouse, run_id: str) -> tuple[str, int]:
+    """List ``day``'s uploads ONCE into its manifest, staged under ``storage.root``; returns
+    (manifest URI, count). Memory holds one row group of the manifest, whatever the day's size."""
+    uri = daily.manifest_uri(cfg.root, day, run_id)
+    local = daily.local_spool_path(uri)
+    count = manifest.write_manifest(day_uploads(cfg, day, warehouse), local)
+    daily.publish(local, uri)
+    return uri, count
 
 
 def run_days(context) -> list[dt.date]:
@@ -106,11 +123,12 @@ def build_prediction_assets(cfg: SofarConfig):
     partitions = dg.DailyPartitionsDefinition(
         start_date=cfg.partitions.start_date.isoformat(), timezone=cfg.partitions.timezone
     )
-    shards = cfg.inference.shards_per_day
+    inf = cfg.inference
 
     @dg.op(out=dg.DynamicOut(dict), ins={"champion_model": dg.In(dg.Nothing)})
-    def plan_shards(context: dg.OpExecutionContext, mlflow_tracking: MlflowResource):
-        """Resolve the champion once for the run and emit one unit per shard (all days of the run)."""
+    def plan_shards(context: dg.OpExecutionContext, mlflow_tracking: MlflowResource, warehouse: WarehouseResource):
+        """Resolve the champion once for the run, list each day once into its manifest, size each
+        day's shards by its upload count and emit one unit per shard step."""
         days = run_days(context)
         name = cfg.model.name
         try:
@@ -119,8 +137,11 @@ def build_prediction_assets(cfg: SofarConfig):
         except (registry.NoChampionError, registry.UncalibratedError) as exc:
             raise dg.Failure(description=str(exc)) from exc
         unit = {
-            "days": [d.isoformat() for d in days], "shards": shards, "run_id": context.run_id,
+            "run_id": context.run_id,
             "model_name": name, "model_version": str(mv.version), "model_uri": f"models:/{name}/{mv.version}",
+            # where each shard pod reads the package from, without the tracking server's proxy
+            "model_source": registry.direct_source(mlflow_tracking.client(), name, mv.version,
+                                                   cfg.storage.mlflow.artifacts_destination),
             "threshold": calibration.threshold, "temperature": calibration.temperature,
             "score_method": calibration.score_method,
             "label_sets": calibration.label_sets.as_dict() if calibration.label_sets else None,
@@ -128,21 +149,31 @@ def build_prediction_assets(cfg: SofarConfig):
         if calibration.label_sets is None:
             context.log.warning(f"{name} v{mv.version} has no conformal label-set tags (calibrated before label "
                                 "sets existed): its rows get NULL label_set; re-train to get them")
-        context.log.info(f"{name} v{mv.version} for {len(days)} day(s) {days[0]} .. {days[-1]}, "
-                         f"{shards} shard(s) per day")
-        for k in range(shards):
-            yield dg.DynamicOutput(unit | {"shard": k}, mapping_key=f"shard_{k}")
+        wh = warehouse.get()
+        listed = {}
+        for day in days:  # each day listed ONCE for the run; the shards read slices of its manifest
+            listed[day.isoformat()] = list_day(cfg, day, wh, context.run_id)
+        units = manifest.pack(listed, images_per_shard=inf.images_per_shard, max_shards=inf.max_shards,
+                              fixed_shards=inf.shards_per_day)
+        shards = {s["day"]: s["shards"] for u in units for s in u}
+        for day, (_, count) in listed.items():
+            context.log.info(f"{day}: {count} uploads listed -> {shards[day]} shard(s)"
+                             + (" (no uploads: one shard commits the empty day)" if not count else ""))
+        context.log.info(f"{name} v{mv.version} for {len(days)} day(s) {days[0]} .. {days[-1]}: "
+                         f"{len(units)} shard step(s)")
+        for k, slices in enumerate(units):
+            yield dg.DynamicOutput(unit | {"step": k, "steps": len(units), "slices": slices}, mapping_key=f"shard_{k}")
 
     shard_holds_gpu = cfg.inference.device != "cpu" and cfg.inference.runtime == "torch"
 
     @dg.op(pool="gpu" if shard_holds_gpu else None,
            tags=step_tags(cfg, gpu=shard_holds_gpu, workers=cfg.inference.num_workers))
-    def score_shard(context: dg.OpExecutionContext, unit: dict, warehouse: WarehouseResource,
-                    mlflow_tracking: MlflowResource) -> dict:
-        """Score shard k of n of every day of the run in one streaming pass; stage each day's rows."""
-        k, n = unit["shard"], unit["shards"]
+    def score_shard(context: dg.OpExecutionContext, unit: dict, mlflow_tracking: MlflowResource) -> dict:
+        """Score this step's slices (row ranges of the days' manifests) in one streaming pass; stage each
+        slice's rows."""
+        k, n = unit["step"], unit["steps"]
         mlflow_tracking.client()  # this step may be its own process (a pod): point mlflow at the registry
-        model, meta = load_registered(unit["model_uri"])
+        model, meta = load_registered(unit.get("model_source") or unit["model_uri"])  # once per step (pod)
         stats = meta.get("ood_stats") or {}  # {} for a package without feature statistics
         missing = ood.missing_stats(unit["score_method"], stats)
         if missing:
@@ -152,36 +183,56 @@ def build_prediction_assets(cfg: SofarConfig):
                 "before feature scores existed?). Move @champion to a version trained since, or calibrate this one "
                 "with a logit score (ood.score: max_logit)."))
         model = make_runner(model, meta, cfg.inference.runtime, cfg.inference.device)  # torch or ONNX Runtime
-        context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n} (runtime {cfg.inference.runtime})")
-        wh = warehouse.get()
-        days = [dt.date.fromisoformat(d) for d in unit["days"]]
+        context.log.info(f"{unit['model_uri']} loaded for shard {k + 1}/{n} from "
+                         f"{unit.get('model_source') or 'the tracking server'} (runtime {cfg.inference.runtime})")
+        slices = {dt.date.fromisoformat(s["day"]): s for s in unit["slices"]}  # one slice per day at most
         staged: dict[dt.date, tuple[str, str]] = {}  # day -> (local spool file, staging URI)
+        fetched: list[str] = []  # local copies of gs:// manifests, removed at the end
 
         def open_spool(day: dt.date) -> ParquetSpool:
-            uri = daily.staging_uri(cfg.root, day, unit["run_id"], k, n)
+            uri = daily.staging_uri(cfg.root, day, unit["run_id"], slices[day]["shard"], slices[day]["shards"])
             staged[day] = (daily.local_spool_path(uri), uri)
             return ParquetSpool(PREDICTIONS, staged[day][0])
 
-        inf = cfg.inference
+        def day_slices():
+            for day, s in slices.items():
+                local, temporary = daily.fetch_local(s["manifest"])
+                if temporary:
+                    fetched.append(local)
+                yield day, manifest.read_slice(local, s["start"], s["stop"])
+
+        try:
+            tallies = score_slices(model, meta, unit, day_slices(), open_spool, context)
+        finally:
+            for f in fetched:
+                Path(f).unlink(missing_ok=True)
+        for local, uri in staged.values():
+            daily.publish(local, uri)
+        return {"step": k, "model_version": unit["model_version"], "days": {
+            d.isoformat(): t.as_dict() | {"listed": slices[d]["count"], "shards": slices[d]["shards"],
+                                          "file": staged.get(d, (None, None))[1]}
+            for d, t in tallies.items()}}
+
+    def score_slices(model, meta, unit, day_slices, open_spool, context):
+        """``daily.score_days`` with the unit's calibration and the inference settings."""
+        stats = meta.get("ood_stats") or {}
         tallies = daily.score_days(
-            model, ((day, day_uploads(cfg, day, wh)) for day in days), open_spool=open_spool,
+            model, day_slices, open_spool=open_spool,
             columns={"model_name": unit["model_name"], "model_version": unit["model_version"],
                      "predicted_at": pd.Timestamp.now(tz="UTC").tz_localize(None)},
-            shard=k, shards=n, classes=list(meta["classes"]), image_size=int(meta["spec"]["image_size"]),
+            classes=list(meta["classes"]), image_size=int(meta["spec"]["image_size"]),
             threshold=unit["threshold"], score_method=unit["score_method"], temperature=unit["temperature"],
             label_sets=LabelSets(**unit["label_sets"]) if unit.get("label_sets") else None,
             ood_stats=stats, knn_k=ood.package_knn_k(meta),
             batch_size=inf.batch_size, num_workers=inf.num_workers, device=inf.device,
             read_bytes=storage.read_bytes, max_bytes=inf.max_bytes, reads_in_flight=inf.reads_in_flight,
-            # within: a local upload is opened without following links, under the roots it was checked in
+            # within: a local upload is opened without following links, under the roots it was checked in;
+            # pool_size: the gs:// connection pool, one connection per read in flight
             read_kwargs={"timeout_s": inf.read_timeout_s, "retries": inf.read_retries,
-                         "within": cfg.upload_roots},
+                         "within": cfg.upload_roots, "pool_size": inf.reads_in_flight},
             log=context.log.info, log_every=inf.log_every,
         )
-        for local, uri in staged.values():
-            daily.publish(local, uri)
-        return {"shard": k, "model_version": unit["model_version"], "days": {d.isoformat(): t.as_dict() | {"file": staged.get(d, (None, None))[1]}
-                                     for d, t in tallies.items()}}
+        return tallies
 
     @dg.op(pool="warehouse_write", out={"result": dg.Out(dg.Nothing),
                 **{f"daily_predictions_{c}": dg.Out(dg.Nothing, is_required=False) for c in CHECKS}})
@@ -192,25 +243,29 @@ def build_prediction_assets(cfg: SofarConfig):
         per_day, failures = {}, []
         read_upload = functools.partial(storage.read_bytes, within=cfg.upload_roots)  # the review sheets
         for day in days:
-            facts = daily.commit_day(wh, PREDICTIONS, day, [r["days"][day.isoformat()] for r in shard_results])
+            parts = [r["days"][day.isoformat()] for r in shard_results if day.isoformat() in r["days"]]
+            facts = daily.commit_day(wh, PREDICTIONS, day, parts) | {"shards": max((p["shards"] for p in parts), default=0)}
             per_day[day.isoformat()] = facts
             context.add_asset_metadata(  # THIS partition's own numbers and photos, not the run's totals
                 {"dagster/row_count": facts["rows"]}
-                | {k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate")}
+                | {k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate", "shards")}
                 | review_metadata(wh, day, facts, read_upload),
                 partition_key=day.isoformat())
-            context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s), "
-                             f"{facts['error_rows']} errors, {facts['ood_rows']} OOD")
+            context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s) "
+                             f"of {facts['shards']} shard(s), {facts['error_rows']} errors, {facts['ood_rows']} OOD"
+                             + ("; no uploads: the day is committed empty" if not facts["uploads"] else ""))
             if facts["uploads"] and facts["error_rows"] == facts["uploads"]:
                 failures.append(day)
         daily.remove_staged(f for facts in per_day.values() for f in facts.pop("files"))
+        daily.remove_staged({daily.manifest_uri(cfg.root, day, context.run_id) for day in days})
         ood, mix = drift.checks_in_warehouse(wh, PREDICTIONS_TABLE, PARTITION_COLUMN, days)
         yield dg.Output(None, "result", metadata={
             "days": len(days),
             "run_rows": sum(d["rows"] for d in per_day.values()),
             "empty_days": dg.MetadataValue.json([d for d, v in per_day.items() if v["uploads"] == 0]),
             "per_day": dg.MetadataValue.md(pd.DataFrame(per_day).T.to_markdown()),
-            "shards_per_day": shards,
+            "shards_per_day": dg.MetadataValue.json({d: v["shards"] for d, v in per_day.items()}),
+            "shard_steps": len(shard_results),
             "model_version": shard_results[0]["model_version"] if shard_results else None,
         })
         yield dg.AssetCheckResult(check_name="rows_match_uploads", passed=all(f["ok"] for f in per_day.values()),
@@ -257,8 +312,8 @@ def build_prediction_assets(cfg: SofarConfig):
         photo uploaded that day, by the MLflow ``champion`` version with its own temperature,
         threshold and label-set rule; each partition's metadata carries its review queue. Rows land in
         the warehouse table ``predictions`` (``prediction_date`` is a DATE); each day of a run is
-        replaced at once, after all its rows are scored (``inference.shards_per_day`` steps per
-        day). A backfill range runs as one run (or, with ``partitions.backfill_days_per_run``,
+        replaced at once, after all its rows are scored (a day of N uploads in
+        ``ceil(N / inference.images_per_shard)`` steps, at most ``inference.max_shards``). A backfill range runs as one run (or, with ``partitions.backfill_days_per_run``,
         fans out into runs of N days): the model loads once per shard step.
         """
         return commit_days(plan_shards(champion_model).map(score_shard).collect())

@@ -309,6 +309,24 @@ def staging_uri(root: str, day: dt.date, run_id: str, shard: int, shards: int) -
     return f"{root.rstrip('/')}/{name}" if storage.is_gcs(root) else str(Path(root) / name)
 
 
+def manifest_uri(root: str, day: dt.date, run_id: str) -> str:
+    """Where a run's listing of ``day`` (lib/manifest.py) is staged until the day is committed."""
+    name = f"staging/manifests/{day.isoformat()}/{run_id}/uploads.parquet"
+    return f"{root.rstrip('/')}/{name}" if storage.is_gcs(root) else str(Path(root) / name)
+
+
+def fetch_local(uri: str) -> tuple[str, bool]:
+    """A local path holding ``uri``'s file: itself, or for ``gs://`` a temporary download
+    (streamed to disk); the flag says whether the caller must delete it."""
+    if not storage.is_gcs(uri):
+        return uri, False
+    fd, path = tempfile.mkstemp(prefix="manifest-", suffix=".parquet")
+    os.close(fd)
+    bucket, _, key = uri[len("gs://"):].partition("/")
+    storage._gcs_client().bucket(bucket).blob(key).download_to_filename(path)
+    return path, True
+
+
 def local_spool_path(uri: str) -> str:
     """The local file a spool writes for ``uri`` (itself, or a temporary file for ``gs://``)."""
     if not storage.is_gcs(uri):

@@ -98,10 +98,13 @@ def _l2_normalize(f: np.ndarray) -> np.ndarray:
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
 
 
-def fit_feature_stats(features, labels) -> dict[str, np.ndarray]:
+def fit_feature_stats(features, labels, *, knn_bank_max: int | None = None,
+                      knn_bank_reduction: str = "coreset", seed: int = 0) -> dict[str, np.ndarray]:
     """What the feature scores need at prediction time, from the TRAINING split's features.
 
-    - ``knn_bank``: the L2-normalised training features (Sun et al., ICML 2022);
+    - ``knn_bank``: the L2-normalised training features (Sun et al., ICML 2022), at most
+      ``knn_bank_max`` rows (:func:`reduce_bank`: a greedy k-center coreset or a random subset;
+      None keeps them all);
     - ``maha_means`` / ``maha_precision``: per-class means of the classes present and the
       precision of the shared, class-centred covariance (Lee et al., NeurIPS 2018), estimated
       with Ledoit-Wolf shrinkage because there are usually fewer photos than dimensions.
@@ -118,8 +121,11 @@ def fit_feature_stats(features, labels) -> dict[str, np.ndarray]:
     means = np.stack([f[y == c].mean(axis=0) for c in classes])
     centred = f - means[np.searchsorted(classes, y)]
     precision = LedoitWolf(assume_centered=True).fit(centred).precision_
+    bank = _l2_normalize(f).astype(np.float32)
+    if knn_bank_max is not None:
+        bank = reduce_bank(bank, knn_bank_max, knn_bank_reduction, seed=seed)
     return {
-        "knn_bank": _l2_normalize(f).astype(np.float32),
+        "knn_bank": bank,
         "maha_means": means.astype(np.float32),
         "maha_precision": precision.astype(np.float32),
     }
@@ -135,11 +141,106 @@ def knn_score(features, bank, k: int = 1) -> np.ndarray:
         raise ValueError(f"features have {f.shape[1]} dimensions but the kNN bank has {b.shape[1]}")
     k = max(1, min(int(k), b.shape[0]))
     # unit vectors: |a - b|^2 = 2 - 2 a.b, so the k-th largest similarity is the k-th nearest.
-    # In the bank's own dtype (float32 in a package): converting a bank of many thousand rows
-    # on every batch of the daily predictions would cost more than the product.
-    sim = (f.astype(b.dtype) @ b.T).astype(np.float64)
-    kth = -np.partition(-sim, k - 1, axis=1)[:, k - 1]
-    return -np.sqrt(np.clip(2.0 - 2.0 * kth, 0.0, None))
+    # The ranking uses the product in the bank's own dtype (float32 in a package): converting a
+    # bank of many thousand rows on every batch would cost more than the product. The distance
+    # to the neighbour found is then taken on the difference, in float64: sqrt(2 - 2 a.b) in
+    # float32 is off by up to ~5e-4 for a photo (nearly) in the bank (a.b rounds within 6e-8
+    # of 1), which is also where the device search (DeviceKnn) would round differently.
+    sim = f.astype(b.dtype) @ b.T
+    kth = np.argpartition(-sim, k - 1, axis=1)[:, k - 1]
+    return -np.linalg.norm(f - b[kth].astype(np.float64), axis=1)
+
+
+BANK_REDUCTIONS = ("coreset", "random")
+
+
+def reduce_bank(bank, max_rows: int, method: str = "coreset", *, seed: int = 0,
+                projection_dim: int = 128) -> np.ndarray:
+    """At most ``max_rows`` rows of a kNN bank (rows kept in their original order).
+
+    - ``coreset``: greedy k-center selection (the coreset subsampling of PatchCore, Roth et
+      al., CVPR 2022): start at a random row, then repeatedly add the row farthest from the
+      rows kept, so every dropped row lies close to a kept one and the nearest-neighbour
+      distances, hence the kNN score's ranking, change little. Distances are taken on a
+      Johnson-Lindenstrauss random projection to ``projection_dim`` dimensions (O(N x max_rows x
+      projection_dim), seconds for 100k rows).
+    - ``random``: a uniform random subset.
+    """
+    b = np.asarray(bank)
+    if max_rows < 1:
+        raise ValueError(f"knn_bank_max must be at least 1, got {max_rows}")
+    if method not in BANK_REDUCTIONS:
+        raise ValueError(f"unknown kNN bank reduction {method!r}; valid: {', '.join(BANK_REDUCTIONS)}")
+    n = b.shape[0]
+    if n <= max_rows:
+        return b
+    rng = np.random.default_rng(seed)
+    if method == "random":
+        return b[np.sort(rng.choice(n, max_rows, replace=False))]
+    x = b.astype(np.float32)
+    if x.shape[1] > projection_dim:
+        proj = rng.standard_normal((x.shape[1], projection_dim)).astype(np.float32) / np.sqrt(projection_dim)
+        x = x @ proj
+    sq = np.einsum("ij,ij->i", x, x)
+    chosen = np.empty(max_rows, dtype=np.int64)
+    chosen[0] = rng.integers(n)
+    # squared distance of every row to its nearest chosen row
+    nearest = sq - 2.0 * (x @ x[chosen[0]]) + sq[chosen[0]]
+    for i in range(1, max_rows):
+        c = int(np.argmax(nearest))
+        chosen[i] = c
+        np.minimum(nearest, sq - 2.0 * (x @ x[c]) + sq[c], out=nearest)
+    return b[np.sort(chosen)]
+
+
+class DeviceKnn:
+    """The kNN score with the bank on a torch device (the inference device), searched in
+    batches of ``bank_rows`` bank rows: the same scores as :func:`knn_score` (to float32
+    rounding, ~1e-6), without a CPU round trip of the features or a numpy product per batch.
+    The bank is copied to the device once."""
+
+    def __init__(self, bank, device="cpu", *, bank_rows: int = 65_536):
+        import torch
+
+        b = np.asarray(bank)
+        if b.ndim != 2 or b.shape[0] == 0 or not np.issubdtype(b.dtype, np.floating):
+            raise ValueError(f"knn_bank must be a non-empty float (N, D) array, got {b.dtype} {b.shape}")
+        self.device = torch.device(device)
+        self.bank = torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).to(self.device)
+        self.bank_rows = int(bank_rows)
+
+    def score(self, features, k: int = 1) -> np.ndarray:
+        """Minus the distance to the ``k``-th nearest bank row, per row of ``features`` (a torch
+        tensor on any device, or an array)."""
+        import torch
+
+        with torch.inference_mode():
+            f = torch.as_tensor(features).to(self.device, torch.float64)
+            if f.ndim != 2 or f.shape[1] == 0:
+                raise ValueError(f"features must be (N, D) with D > 0, got shape {tuple(f.shape)}")
+            if f.shape[1] != self.bank.shape[1]:
+                raise ValueError(f"features have {f.shape[1]} dimensions but the kNN bank has {self.bank.shape[1]}")
+            f64 = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            f = f64.to(torch.float32)
+            k = max(1, min(int(k), self.bank.shape[0]))
+            best = best_idx = None  # the k largest similarities so far (and their bank rows), per feature row
+            for start in range(0, self.bank.shape[0], self.bank_rows):
+                sim = f @ self.bank[start:start + self.bank_rows].T
+                idx = torch.arange(start, start + sim.shape[1], device=self.device).expand(sim.shape[0], -1)
+                if best is not None:
+                    sim, idx = torch.cat([best, sim], dim=1), torch.cat([best_idx, idx], dim=1)
+                best, pos = sim.topk(min(k, sim.shape[1]), dim=1)
+                best_idx = idx.gather(1, pos)
+            kth = best_idx[:, k - 1]
+            # the distance on the difference, in float64, as knn_score takes it
+            return (-(f64 - self.bank[kth].double()).norm(dim=1)).cpu().numpy()
+
+
+def device_knn(method: str, stats: dict | None, device) -> DeviceKnn | None:
+    """A :class:`DeviceKnn` over the package's bank when ``method`` is ``knn``, else None."""
+    if method != "knn" or not stats or "knn_bank" not in stats:
+        return None
+    return DeviceKnn(stats["knn_bank"], device)
 
 
 def mahalanobis_score(features, means, precision) -> np.ndarray:

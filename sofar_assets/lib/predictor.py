@@ -87,13 +87,15 @@ class TorchRunner:
         self.has_features = callable(getattr(model, "forward_features", None))
         self.name = type(model).__name__
 
-    def __call__(self, x, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, x, features: bool, on_device: bool = False) -> tuple[np.ndarray, object]:
+        """Logits as numpy; features as numpy, or as a tensor left on the device (``on_device``:
+        the kNN search of :class:`~sofar_assets.lib.ood.DeviceKnn` runs there)."""
         x = torch.as_tensor(x)
         with torch.inference_mode():
             x = _nchw01(x.to(self.device, non_blocking=True))
             if features:
                 out, feats = self.model.forward_features(x)
-                return out.float().cpu().numpy(), feats.float().cpu().numpy()
+                return out.float().cpu().numpy(), (feats if on_device else feats.float().cpu().numpy())
             return self.model(x).float().cpu().numpy(), None
 
 
@@ -115,7 +117,7 @@ class OnnxRunner:
         self.has_features = len(self.session.get_outputs()) > 1
         self.name = "onnx"
 
-    def __call__(self, x, features: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    def __call__(self, x, features: bool, on_device: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         x = torch.as_tensor(x)
         arr = np.ascontiguousarray(_nchw01(x).numpy())
         if features:
@@ -180,6 +182,8 @@ class Predictor:
                              f"{runner.name} has no forward_features")
         self.runner = runner
         self.scoring = scoring
+        # the kNN search on the inference device, the bank copied there once (None: another score)
+        self.knn = ood.device_knn(scoring.score_method, scoring.ood_stats, runner.device)
 
     @property
     def device(self) -> torch.device:
@@ -188,13 +192,14 @@ class Predictor:
     def probs_and_scores(self, x) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, S, S, 3) -> (calibrated probabilities (N, C), OOD scores (N,))."""
         s = self.scoring
-        logits, features = self.runner(x, s.needs_features)
+        logits, features = self.runner(x, s.needs_features, on_device=self.knn is not None)
         n = int(x.shape[0])
         if logits.shape != (n, len(s.classes)):
             raise ValueError(f"model returned logits of shape {logits.shape} for {n} images, "
                              f"but there are {len(s.classes)} classes")
         probs = ood.softmax(logits, s.temperature)
-        scores = ood.score(logits, features, s.score_method, s.temperature, s.ood_stats, knn_k=s.knn_k)
+        scores = (self.knn.score(features, s.knn_k) if self.knn is not None
+                  else ood.score(logits, features, s.score_method, s.temperature, s.ood_stats, knn_k=s.knn_k))
         return probs, scores
 
     def frame(self, ids, uris, errors, good, x) -> pd.DataFrame:

@@ -344,3 +344,27 @@ def read_calibration(model_version) -> Calibration:
 
 def model_uri(name: str, version: str) -> str:
     return f"models:/{name}/{version}"
+
+
+PROXIED_SCHEME = "mlflow-artifacts:"
+
+
+def direct_source(client, name: str, version: str, artifacts_destination: str | None = None) -> str | None:
+    """Where a model version's files can be read WITHOUT the tracking server's artifact proxy,
+    or None (then read ``models:/name/version`` through the server).
+
+    A version stored under a direct store (``gs://``, a local path) is read there. A version
+    stored through the proxy (``mlflow-artifacts:/<path>``, a server run with
+    ``--serve-artifacts --artifacts-destination DEST``) is read at ``DEST/<path>`` when
+    ``artifacts_destination`` (``storage.mlflow.artifacts_destination``) names DEST, e.g.
+    ``gs://sofar-ml/mlartifacts``: each shard pod then downloads the model from GCS itself,
+    not through the server."""
+    uri = str(client.get_model_version_download_uri(name, str(version)))
+    if uri.startswith(PROXIED_SCHEME):
+        if not artifacts_destination:
+            return None
+        path = uri[len(PROXIED_SCHEME):].lstrip("/")
+        return f"{artifacts_destination.rstrip('/')}/{path}"
+    if uri.startswith(("gs://", "/", "file:")):
+        return uri
+    return None

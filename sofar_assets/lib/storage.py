@@ -43,11 +43,24 @@ def is_gcs(uri: str) -> bool:
     return str(uri).startswith("gs://")
 
 
-@functools.lru_cache(maxsize=1)
-def _gcs_client():
+GCS_POOL_SIZE = 32  # the default inference.reads_in_flight
+
+
+@functools.lru_cache(maxsize=4)
+def _gcs_client(pool_size: int = GCS_POOL_SIZE):
+    """The process's google-cloud-storage client, its HTTP connection pool sized for
+    ``pool_size`` concurrent requests (``inference.reads_in_flight`` reads per worker): with
+    requests' default of 10, the 11th concurrent read opens a connection that is thrown away
+    afterwards ("Connection pool is full, discarding connection"), a new TCP + TLS handshake
+    per read beyond the tenth."""
+    import requests
     from google.cloud import storage  # imported lazily: local runs never need credentials
 
-    return storage.Client()
+    client = storage.Client()
+    adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
+    for prefix in ("https://", "http://"):  # http: the GCS emulator (STORAGE_EMULATOR_HOST)
+        client._http.mount(prefix, adapter)
+    return client
 
 
 def _split_gcs(uri: str) -> tuple[str, str]:
@@ -148,7 +161,8 @@ def _read_local(uri: str, max_bytes: int | None, within: Sequence[str] | None = 
         return b"".join(chunks)
 
 
-def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int) -> bytes:
+def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int,
+              pool_size: int = GCS_POOL_SIZE) -> bytes:
     from google.cloud.storage.retry import DEFAULT_RETRY
 
     bucket, key = _split_gcs(uri)
@@ -157,7 +171,7 @@ def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int) -
     # Each HTTP attempt times out after timeout_s; the library's retry (transient errors only:
     # 429, 5xx, connection resets) gives up once about `retries` attempts' time has passed.
     retry = DEFAULT_RETRY.with_timeout(timeout_s * max(retries, 1)) if retries > 0 else None
-    blob = _gcs_client().bucket(bucket).blob(key)
+    blob = _gcs_client(pool_size).bucket(bucket).blob(key)
     if max_bytes is None:
         return blob.download_as_bytes(timeout=timeout_s, retry=retry)
     # A ranged download of max_bytes + 1 bytes (end is inclusive): a larger object is refused
@@ -169,7 +183,7 @@ def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int) -
 
 
 def read_bytes(uri: str, *, max_bytes: int | None = MAX_IMAGE_BYTES, timeout_s: float = 30.0,
-               retries: int = 3, within: Sequence[str] | None = None) -> bytes:
+               retries: int = 3, within: Sequence[str] | None = None, pool_size: int = GCS_POOL_SIZE) -> bytes:
     """Return the raw bytes at ``uri``; raise :class:`ImageReadError` naming the URI and the reason.
 
     Local paths: only regular files (links are followed, then the target must be a regular
@@ -178,12 +192,13 @@ def read_bytes(uri: str, *, max_bytes: int | None = MAX_IMAGE_BYTES, timeout_s: 
     refuses anything larger ("too large: ..."), reading at most ``max_bytes + 1`` bytes.
     ``within`` (local roots): the path's real path must lie under one of them, and it is opened
     without following any link, so it cannot be redirected between the check and the read.
-    ``gs://``: one ranged download with a ``timeout_s`` per attempt and bounded retries.
+    ``gs://``: one ranged download with a ``timeout_s`` per attempt and bounded retries, on a
+    client whose connection pool holds ``pool_size`` connections (pass the reads in flight).
     The error text never contains file bytes.
     """
     try:
         if is_gcs(uri):
-            return _read_gcs(uri, max_bytes, timeout_s, retries)
+            return _read_gcs(uri, max_bytes, timeout_s, retries, pool_size)
         return _read_local(uri, max_bytes, within)
     except ImageReadError:
         raise
