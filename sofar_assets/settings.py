@@ -45,3 +45,10 @@ def git_commit() -> str:
         return "unknown"
     except OSError:
         return "unknown"
+
+
+def dagster_home() -> Path | None:
+    """The Dagster instance's folder (``$DAGSTER_HOME``), or None when unset: ``sofar status``
+    then cannot tell an empty materialized day from a missing one."""
+    raw = os.environ.get("DAGSTER_HOME", "").strip()
+    return Path(raw).expanduser() if raw else None
