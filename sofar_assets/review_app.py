@@ -38,7 +38,7 @@ PAGE = jinja2.Template("""<!doctype html>
           border-bottom: 1px solid #ddd; }
  header h1 { font-size: 1.1em; margin: 0; }
  main { display: flex; gap: 1.5em; padding: 1em; align-items: flex-start; }
- #photo { max-width: 60vw; max-height: 80vh; background: #ddd; min-width: 300px; min-height: 300px; }
+ #photo { width: min(60vw, 80vh); height: min(60vw, 80vh); object-fit: contain; background: #ddd; }
  .facts { min-width: 22em; }
  .facts table { border-collapse: collapse; margin: .5em 0; }
  .facts td { padding: .15em .6em .15em 0; }

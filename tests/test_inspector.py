@@ -275,3 +275,79 @@ def test_retrain_runs_train_and_promote_only(sofar, monkeypatch):
     assert code == 0
     assert ran[0][1:6] == ["launch", "-m", "sofar_assets.definitions", "--job", "train_and_promote"]
     assert not any("demo-data" in part for part in ran[0])
+
+
+# -- the review page in a real browser -----------------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: `make chromium` installs it (make test needs it)
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture
+def page_url(morning, monkeypatch):
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    monkeypatch.setenv("SOFAR_CONFIG", str(morning["path"]))
+    app = cli.review_app(morning["cfg"], DAYS[1], inspector="gus")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(300):
+        if server.started:
+            break
+        time.sleep(0.1)
+    assert server.started, "the review page did not start"
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=30)
+
+
+def test_review_page_in_a_real_browser(morning, page_url, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: run `make chromium` (as root; `make test` does it)")
+    from playwright.sync_api import sync_playwright
+
+    shots = Path(os.environ.get("SOFAR_SHOTS_DIR") or tmp_path)
+    shots.mkdir(parents=True, exist_ok=True)
+    wh, day, vocab = morning["wh"], DAYS[1], morning["cfg"].vocabulary()
+    expected = review.review_queue(wh, "predictions", day)
+    assert len(expected) >= 2
+
+    def left(page) -> int:
+        return int(page.text_content("#left"))
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        page.goto(f"{page_url}/?day={day}")
+        page.wait_for_function("() => { const i = document.getElementById('photo');"
+                               " return i.complete && i.naturalWidth > 0; }")
+        assert left(page) == len(expected)
+        first = page.text_content("#image-id")
+        assert first == expected["image_id"].iloc[0]
+        assert "inspector gus" in page.text_content("header")
+        page.screenshot(path=str(shots / "review-page-before.png"))
+        page.keyboard.press("1")  # the first label of the vocabulary
+        page.wait_for_function(f"() => document.getElementById('left').textContent === '{len(expected) - 1}'")
+        second = page.text_content("#image-id")
+        assert second != first
+        page.keyboard.press("i")  # irrelevant
+        page.wait_for_function(f"() => document.getElementById('left').textContent === '{len(expected) - 2}'")
+        page.keyboard.press("u")  # undo the last one
+        page.wait_for_function(f"() => document.getElementById('left').textContent === '{len(expected) - 1}'")
+        assert page.text_content("#image-id") == second
+        page.wait_for_function("() => { const i = document.getElementById('photo');"
+                               " return i.complete && i.naturalWidth > 0; }")
+        page.screenshot(path=str(shots / "review-page-after.png"))
+        page.reload()  # the queue comes from the warehouse again: the judged photo has left it
+        assert left(page) == len(expected) - 1 and page.text_content("#image-id") == second
+        browser.close()
+    stored = review.earlier_verdicts(wh, [first, second])
+    assert stored[["image_id", "label", "inspector"]].values.tolist() == [[first, vocab[0], "gus"]]
