@@ -733,7 +733,7 @@ def add_task(name: str, folder: str, labels: list[str], positive: str | None) ->
     path.write_text(edited)
     print(f"{path}: added task {name!r} ({folder}, labels {task['labels']})")
     print(f"classes now: {', '.join(cfg.vocabulary())}")
-    print("next: materialize the training group (`make pipeline`, or train_and_promote in the UI)")
+    print("next: materialize the training group (`sofar retrain`, or train_and_promote in the UI)")
 
 
 # -- correct ----------------------------------------------------------------------------------------
@@ -827,7 +827,7 @@ def _loop_summary(cfg: SofarConfig, wh, champ) -> None:
         print(f"            the champion v{champ.version} was trained on this version")
     else:
         print(f"            the champion v{champ.version} was trained on {trained_on[:12] or '?'}: retrain with "
-              "`make pipeline` (or train_and_promote in the UI); the gate decides the promotion")
+              "`sofar retrain` (or train_and_promote in the UI); the gate decides the promotion")
 
 
 # -- demo-data / summary --------------------------------------------------------------------------

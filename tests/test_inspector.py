@@ -56,6 +56,7 @@ def morning(pipeline, demo_data, tmp_path_factory):
                                 partition_key=None if last else day.isoformat(), tags=tags,
                                 resources=defs.resources, instance=instance)
         assert result.success
+        return result
 
     predict(DAYS[0])
     client, name = defs.resources["mlflow_tracking"].client(), cfg.model.name
@@ -70,9 +71,9 @@ def morning(pipeline, demo_data, tmp_path_factory):
     previous = registry.set_champion(client, name, str(v2.version))
     registry.record_promotion(client, name, str(v2.version), previous, by="dora", reason="retrained", via="test",
                               gate="passed")
-    predict(DAYS[1], EMPTY_DAY)
+    ranged = predict(DAYS[1], EMPTY_DAY)
     instance.dispose()
-    return {"path": path, "cfg": cfg, "client": client, "home": home, "wh": defs.resources["warehouse"].get(),
+    return {"ranged": ranged, "path": path, "cfg": cfg, "client": client, "home": home, "wh": defs.resources["warehouse"].get(),
             "v2": str(v2.version)}
 
 
@@ -113,6 +114,8 @@ def test_versions_compare_as_numbers_and_days_are_marked():
 def test_status_walks_every_day_and_prints_the_backfill(sofar, morning):
     code, out, _ = sofar("status", "--until", UNTIL.isoformat())
     assert code == 0, out
+    if os.environ.get("SOFAR_SHOTS_DIR"):  # the text capture for the note
+        Path(os.environ["SOFAR_SHOTS_DIR"], "sofar-status.txt").write_text(f"$ sofar status --until {UNTIL}\n{out}")
     states = {line.split()[0]: line.split()[1] for line in out.splitlines()
               if line.startswith("  2026-11-0") and " .. " not in line}
     assert states == {"2026-11-01": "stale", "2026-11-02": "landed", "2026-11-03": "empty"}
@@ -351,3 +354,34 @@ def test_review_page_in_a_real_browser(morning, page_url, tmp_path):
         browser.close()
     stored = review.earlier_verdicts(wh, [first, second])
     assert stored[["image_id", "label", "inspector"]].values.tolist() == [[first, vocab[0], "gus"]]
+
+
+# -- the Dagster UI and MLflow at a glance ----------------------------------------------------------
+def test_dagster_metadata_reads_at_a_glance(pipeline, morning):
+    result = pipeline["result"]
+    classifier = result.asset_materializations_for_node("sofar_classifier")[-1].metadata
+    run_id = classifier["mlflow_run_id"].value
+    assert classifier["training_curves"].value.endswith(f"/get-artifact?path=training_curves.png&run_uuid={run_id}")
+    evaluation = result.asset_materializations_for_node("model_evaluation")[-1].metadata
+    assert evaluation["ece"].value == round(evaluation["ece"].value, 4)  # not 0.014496708800914223
+    assert isinstance(evaluation["reliability"], dg.UrlMetadataValue)
+    checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
+    ece = checks["ece_below_ceiling"].metadata
+    assert isinstance(ece["ceiling"], dg.TextMetadataValue) and isinstance(ece["min_test_images"], dg.TextMetadataValue)
+    # a range run: each partition's own figures first, the run's after; checks say which days
+    mats = {m.partition: m.metadata for m in morning["ranged"].asset_materializations_for_node("daily_predictions")}
+    own = list(mats[DAYS[1].isoformat()])
+    assert own[:3] == ["dagster/row_count", "uploads", "rows"] and own.index("review_page") < own.index("run_rows")
+    assert mats[DAYS[1].isoformat()]["review_page"].value.endswith(f"/?day={DAYS[1]}")
+    range_checks = {c.check_name: c for c in morning["ranged"].get_asset_check_evaluations()}
+    assert range_checks["ood_rate_vs_trailing_7_days"].description == f"days {DAYS[1]} .. {EMPTY_DAY}"
+    assert isinstance(range_checks["ood_rate_vs_trailing_7_days"].metadata["compared_days"], dg.TextMetadataValue)
+
+
+def test_mlflow_runs_log_their_dataset(pipeline):
+    client = pipeline["defs"].resources["mlflow_tracking"].client()
+    mv = client.get_model_version(pipeline["cfg"].model.name, "1")
+    inputs = client.get_run(mv.run_id).inputs.dataset_inputs
+    assert [i.dataset.name for i in inputs] == ["sofar_dataset"]
+    assert inputs[0].dataset.digest == dict(mv.tags)["dataset_hash"][:16]
+    assert "warehouse.duckdb" in inputs[0].dataset.source and inputs[0].tags[0].value == "training"
