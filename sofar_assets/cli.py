@@ -124,7 +124,9 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
+        inner = ", ".join(f"{k}={_fmt(v) if not isinstance(v, dict) else '(' + _fmt(v) + ')'}"
+                          for k, v in value.items())
+        return inner
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_fmt(v) for v in value) + "]"
     return str(value)

@@ -2,7 +2,8 @@
 with one click or one key.
 
 A small Starlette app over the same warehouse as the CLI (DuckDB locally, BigQuery in
-production): the queue is :func:`lib.review.review_queue` (photos with a verdict have left it),
+production): the queue is :func:`lib.review.page_queue` (the review queue, then the least
+confident photos; photos with a verdict have left it),
 a verdict goes through :func:`lib.review.record_verdict` (the validation and append of
 ``sofar correct``) into ``label_corrections`` with the inspector's name, and undo removes the
 row the page just appended. The page has no login of its own: locally it binds 127.0.0.1; in
@@ -184,7 +185,7 @@ def build_app(wh, table: str, vocabulary: list[str], read_bytes: Callable[[str],
             day = day_of(request.query_params.get("day"))
         except ValueError:
             return HTMLResponse("day: write YYYY-MM-DD", status_code=400)
-        queue = review.review_queue(wh, table, day, limit=QUEUE_LIMIT)
+        queue = review.page_queue(wh, table, day, limit=QUEUE_LIMIT)
         rows = [{k: _clean(v) for k, v in r.items()} for r in queue.to_dict("records")]
         for r in rows:
             r.pop("image_uri", None)  # the browser fetches photos by image_id only

@@ -203,6 +203,10 @@ def test_judged_photos_leave_the_queue_and_a_second_verdict_warns(sofar, morning
 def test_page_verdicts_are_validated_stored_once_and_undone(morning):
     wh, day, vocab = morning["wh"], DAYS[1], morning["cfg"].vocabulary()
     image_id = review.review_queue(wh, "predictions", day)["image_id"].iloc[0]
+    page = review.page_queue(wh, "predictions", day)
+    unsure = page[page["reason"] == review.LEAST_CONFIDENT]
+    assert (unsure["top1_prob"] < review.CONFIDENT).all() and (unsure["label_set_size"] == 1).all()
+    assert list(page["image_id"][:len(page) - len(unsure)]) == list(review.review_queue(wh, "predictions", day)["image_id"])
     got = review.record_verdict(wh, image_id, vocab[0], vocab, inspector="fay")
     again = review.record_verdict(wh, image_id, vocab[0], vocab, inspector="fay")
     assert got["stored"] and not again["stored"] and again["corrected_at"] == got["corrected_at"]
@@ -320,8 +324,8 @@ def test_review_page_in_a_real_browser(morning, page_url, tmp_path):
     shots = Path(os.environ.get("SOFAR_SHOTS_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     wh, day, vocab = morning["wh"], DAYS[1], morning["cfg"].vocabulary()
-    expected = review.review_queue(wh, "predictions", day)
-    assert len(expected) >= 2
+    expected = review.page_queue(wh, "predictions", day)
+    assert len(expected) >= 2 and expected["image_id"].is_unique
 
     def left(page) -> int:
         return int(page.text_content("#left"))

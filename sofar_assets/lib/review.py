@@ -82,6 +82,23 @@ def review_queue_counts(wh, table: str, day) -> dict[str, int]:
     return {r: int(got.get(r, 0)) for r in (OOD, EMPTY_SET, AMBIGUOUS_SET)}
 
 
+def page_queue(wh, table: str, day, *, limit: int = 200, least_confident: int = 8) -> pd.DataFrame:
+    """What the review page shows for ``day``: the review queue (:func:`review_queue`), then up to
+    ``least_confident`` of the other scored, in-distribution photos with the lowest top-1
+    probability below :data:`CONFIDENT` (``reason`` ``least_confident``); photos with a verdict
+    are left out of both. Two ``LIMIT`` queries in the warehouse (DuckDB and BigQuery alike)."""
+    queue = review_queue(wh, table, day, limit=limit)
+    if least_confident <= 0:
+        return queue
+    cols = ", ".join(QUEUE_COLUMNS[:-1])
+    unsure = wh.query(f"SELECT {cols}, '{LEAST_CONFIDENT}' AS reason FROM {{table:{table}}} "
+                      f"WHERE {_day_where(day)} AND error IS NULL AND NOT is_ood AND COALESCE(label_set_size, 1) = 1 "
+                      f"AND top1_prob < {CONFIDENT} AND {_not_judged(wh, day)} "
+                      f"ORDER BY top1_prob, image_uri LIMIT {int(least_confident)}").reindex(columns=QUEUE_COLUMNS)
+    parts = [p for p in (queue, unsure) if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else queue
+
+
 def judged_in_queue(wh, table: str, day) -> int:
     """How many of ``day``'s queue photos (OOD or label set not of one) already have a verdict."""
     n = wh.query(f"SELECT count(*) AS n FROM {{table:{table}}} WHERE {_day_where(day)} AND {_QUEUE_WHERE} "
