@@ -16,7 +16,7 @@ RUN_LOGS := -c config/run_logging.yaml
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export MLFLOW_LOGGING_LEVEL := WARNING
 
-.PHONY: install run demo-data pipeline summary test bench ui ui-check lint clean bigquery-emulator prod-local test-stack
+.PHONY: install run demo-data pipeline summary test bench ui ui-check lint clean bigquery-emulator prod-local test-stack chromium
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,7 +54,12 @@ run: pipeline
 	bash scripts/bqemulator.sh
 	@touch $@
 
-test: install .venv-bq/.installed
+# Debian's Chromium for the review page's browser test (Playwright drives it; no browser download).
+# Installs it when missing: needs root (CI runs as root), or run the two apt-get commands with sudo.
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
+
+test: install .venv-bq/.installed chromium
 	$(PY) -m pytest -q
 
 # Production for real on this machine: PostgreSQL, the MLflow server (basic auth), the GCS and

@@ -351,6 +351,8 @@ class UiConfig(_Strict):
 
     dagster_url: str = "http://127.0.0.1:3000"
     mlflow_url: str = "http://127.0.0.1:5000"
+    review_url: str = Field("http://127.0.0.1:8765", description="the review page (`sofar review --serve`; "
+                            "behind the identity-aware proxy in production)")
 
 
 class SofarConfig(_Strict):

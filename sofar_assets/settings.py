@@ -61,3 +61,10 @@ def gcs_emulator_host() -> str | None:
 def current_image() -> str | None:
     """``$DAGSTER_CURRENT_IMAGE``: the image of the code server (the Dagster chart sets it)."""
     return os.environ.get("DAGSTER_CURRENT_IMAGE") or None
+
+
+def dagster_home() -> Path | None:
+    """The Dagster instance's folder (``$DAGSTER_HOME``), or None when unset: ``sofar status``
+    then cannot tell an empty materialized day from a missing one."""
+    raw = os.environ.get("DAGSTER_HOME", "").strip()
+    return Path(raw).expanduser() if raw else None

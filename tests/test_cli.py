@@ -145,7 +145,7 @@ def test_status_shows_champion_gate_and_day_counts(sofar, state):
     assert f"gate:      passed ({n_checks}/{n_checks} checks)" in out
     rows = len(state["wh"].read_range("predictions", "prediction_date", DAYS[0], DAYS[0] + dt.timedelta(days=1)))
     assert rows > 0
-    assert any(line.split()[:2] == [DAYS[0].isoformat(), str(rows)] for line in out.splitlines())
+    assert any(line.split()[:3] == [DAYS[0].isoformat(), "landed", str(rows)] for line in out.splitlines())
     assert "#/models/" in out  # the MLflow version link
 
 

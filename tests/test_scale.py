@@ -238,7 +238,7 @@ def test_an_ordinary_day_passes_the_drift_checks(env):
     result = _run(env, defs, D1, D4)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert all(c.passed for c in checks.values())
-    assert checks["ood_rate_vs_trailing_7_days"].metadata["compared_days"].value == 3  # D1 has no past
+    assert checks["ood_rate_vs_trailing_7_days"].metadata["compared_days"].value == "3"  # D1 has no past
 
 
 # ---- library level: streaming, reads in flight, shards, drift math ------------------------------

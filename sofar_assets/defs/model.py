@@ -6,6 +6,7 @@ weights live in MLflow, so lineage holds and a backfill knows exactly which vers
 
 import functools
 import io
+import warnings
 
 import dagster as dg
 import mlflow
@@ -15,6 +16,7 @@ from PIL import Image
 
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
+from sofar_assets.defs.metadata import at_a_glance
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib import calibration, conformal, evaluation, links, metrics, ood, plots, registry, storage
 from sofar_assets.lib import dataset as ds
@@ -107,6 +109,22 @@ def _ood_set_features(model, cfg: SofarConfig, image_store, context,
     return out
 
 
+def _dataset_input(cfg: SofarConfig, data: pd.DataFrame, digest: str):
+    """``sofar_dataset`` as an MLflow dataset input: its hash as the digest, the warehouse table as
+    the source (the DuckDB file locally, the BigQuery console's table page in production)."""
+    from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+    wh = cfg.storage.warehouse
+    if wh.kind == "bigquery":
+        source = HTTPDatasetSource(links.bigquery_table_url(wh.project, wh.dataset, "sofar_dataset"))
+    else:  # a local path (or gs:// root): MLflow resolves it to its artifact dataset source
+        source = f"{cfg.duckdb_path}#{wh.schema_}.sofar_dataset"
+    cols = [c for c in ("sha256", "label", "split", "task") if c in data.columns]
+    with warnings.catch_warnings():  # MLflow registers two local artifact sources and warns it picked one
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
+        return mlflow.data.from_pandas(data[cols], source=source, name="sofar_dataset", digest=digest[:16])
+
+
 def build_model_assets(cfg: SofarConfig) -> list:
     classes = cfg.vocabulary()
     index = {c: i for i, c in enumerate(classes)}
@@ -168,6 +186,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
                  "classes": ",".join(classes)}
             )
             mlflow.log_dict({"classes": classes}, "classes.json")
+            mlflow.log_input(_dataset_input(cfg, data, digest), context="training")  # "Dataset" in the run's view
             result = train_classifier(
                 spec,
                 _image_dataset(train_rows, classes, cfg, image_store),
@@ -222,7 +241,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         context.log.info(f"registered {ref['model_uri']} (val macro-F1 {result.best_val_macro_f1:.3f})")
         return dg.Output(
             ref,
-            metadata={
+            metadata=at_a_glance({
                 "model_uri": ref["model_uri"],
                 "model_version": ref["version"],
                 "mlflow_run_id": ref["run_id"],
@@ -233,9 +252,11 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "train_images_per_s": result.images_per_s,
                 "data_wait_share": result.data_wait_share,
                 "device": str(resolve_device(tcfg.device)),
-                "training_curves": dg.MetadataValue.md(plots.png_to_markdown(curves_png, "loss")),
-                "val_confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(cm_png, "confusion matrix")),
-            },
+                "training_curves": dg.MetadataValue.url(links.mlflow_artifact_url(
+                    cfg.ui.mlflow_url, run.info.run_id, "training_curves.png")),
+                "val_confusion_matrix": dg.MetadataValue.url(links.mlflow_artifact_url(
+                    cfg.ui.mlflow_url, run.info.run_id, "val_confusion_matrix.png")),
+            }),
         )
 
     @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3", pool="gpu",
@@ -316,8 +337,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
             md[f"auroc_{name}"] = r["auroc"]
             md[f"rejected_share_{name}"] = r["rejected_share"]
         if roc_png:
-            md["roc"] = dg.MetadataValue.md(plots.png_to_markdown(roc_png, "ROC"))
-        return dg.Output(out, metadata=md)
+            md["roc"] = dg.MetadataValue.url(links.mlflow_artifact_url(cfg.ui.mlflow_url, sofar_classifier["run_id"],
+                                                                       "ood_roc.png"))
+        return dg.Output(out, metadata=at_a_glance(md))
 
     def _probe_figures(data: pd.DataFrame, test_ds, y, context, image_store, warehouse) -> dict:
         """The frozen-feature probe baseline on the same train/test split (and OOD sets)."""
@@ -442,7 +464,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         }
         return dg.Output(
             result,
-            metadata={
+            metadata=at_a_glance({
                 "model_version": ref["version"],
                 "test_macro_f1": result["macro_f1"],
                 "test_accuracy": result["accuracy"],
@@ -458,10 +480,12 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "champion_macro_f1_same_test": result["champion_macro_f1"],
                 **_mlflow_links(client.get_run(ref["run_id"]).info.experiment_id, ref["run_id"], ref["version"]),
                 "per_task": dg.MetadataValue.md(task_table.to_markdown()),
-                "confusion_matrix": dg.MetadataValue.md(plots.png_to_markdown(cm_png, "confusion matrix")),
-                "reliability": dg.MetadataValue.md(plots.png_to_markdown(rel_png, "reliability")),
+                "confusion_matrix": dg.MetadataValue.url(links.mlflow_artifact_url(
+                    cfg.ui.mlflow_url, ref["run_id"], "test_confusion_matrix.png")),
+                "reliability": dg.MetadataValue.url(links.mlflow_artifact_url(
+                    cfg.ui.mlflow_url, ref["run_id"], "reliability.png")),
                 **label_set_md,
-            },
+            }),
         )
 
     gate = cfg.gate
@@ -470,7 +494,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         @dg.asset_check(name=name, asset=model_evaluation, blocking=True, description=description)
         def _gate_check(model_evaluation: dict) -> dg.AssetCheckResult:
             passed, metadata = gate_results(model_evaluation, gate)[name]
-            return dg.AssetCheckResult(passed=passed, metadata=metadata)
+            return dg.AssetCheckResult(passed=passed, metadata=at_a_glance(metadata))
 
         return _gate_check
 

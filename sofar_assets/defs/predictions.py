@@ -32,6 +32,7 @@ import pandas as pd
 
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
+from sofar_assets.defs.metadata import at_a_glance
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.defs.runs import max_runtime_tags
@@ -66,12 +67,15 @@ def uploads_location(cfg: SofarConfig, day: dt.date) -> str:
     return f"table {cfg.uploads.table}, uploaded_at in [{start.isoformat()}, {end.isoformat()})"
 
 
-def review_metadata(wh, day: dt.date, facts: dict, read=storage.read_bytes) -> dict:
+def review_metadata(wh, day: dt.date, facts: dict, read=storage.read_bytes,
+                    review_url: str = "http://127.0.0.1:8765") -> dict:
     """A partition's review queue (lib/review.py: OOD-flagged photos, then those whose label set
     holds other than one label, most uncertain first): its size per reason, and the first photos
-    as a sheet with their top-2, label set and OOD score (``sofar review DAY`` draws the same)."""
+    as a sheet with their top-2, label set and OOD score (``sofar review DAY`` draws the same), and
+    a link to the review page on that day (``sofar review --serve``)."""
     counts = review.review_queue_counts(wh, PREDICTIONS_TABLE, day)
-    md = {"review_queue": sum(counts.values()), "review_queue_by_reason": dg.MetadataValue.json(counts)}
+    md = {"review_queue": sum(counts.values()), "review_queue_by_reason": dg.MetadataValue.json(counts),
+          "review_page": dg.MetadataValue.url(f"{review_url.rstrip('/')}/?day={day.isoformat()}")}
     queue = review.review_queue(wh, PREDICTIONS_TABLE, day, limit=REVIEW_QUEUE_ON_SHEET)
     if queue.empty:
         return md
@@ -110,6 +114,10 @@ def list_day(cfg: SofarConfig, day: dt.date, warehouse, run_id: str) -> tuple[st
     count = manifest.write_manifest(day_uploads(cfg, day, warehouse), local)
     daily.publish(local, uri)
     return uri, count
+
+
+def _span(days: list[dt.date]) -> str:
+    return "-" if not days else days[0].isoformat() if len(days) == 1 else f"{days[0]} .. {days[-1]}"
 
 
 def run_days(context) -> list[dt.date]:
@@ -248,8 +256,8 @@ def build_prediction_assets(cfg: SofarConfig):
             per_day[day.isoformat()] = facts
             context.add_asset_metadata(  # THIS partition's own numbers and photos, not the run's totals
                 {"dagster/row_count": facts["rows"]}
-                | {k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate", "shards")}
-                | review_metadata(wh, day, facts, read_upload),
+                | at_a_glance({k: facts[k] for k in ("uploads", "rows", "error_rows", "ood_rows", "ood_rate", "shards")})
+                | review_metadata(wh, day, facts, read_upload, cfg.ui.review_url),
                 partition_key=day.isoformat())
             context.log.info(f"{day}: {facts['rows']} rows committed from {len(facts['files'])} shard file(s) "
                              f"of {facts['shards']} shard(s), {facts['error_rows']} errors, {facts['ood_rows']} OOD"
@@ -259,35 +267,42 @@ def build_prediction_assets(cfg: SofarConfig):
         daily.remove_staged(f for facts in per_day.values() for f in facts.pop("files"))
         daily.remove_staged({daily.manifest_uri(cfg.root, day, context.run_id) for day in days})
         ood, mix = drift.checks_in_warehouse(wh, PREDICTIONS_TABLE, PARTITION_COLUMN, days)
-        yield dg.Output(None, "result", metadata={
+        run_facts = {  # the run's facts, after each partition's own (Output metadata would come first)
             "days": len(days),
+            "run_days": dg.MetadataValue.text(_span(days)),
             "run_rows": sum(d["rows"] for d in per_day.values()),
             "empty_days": dg.MetadataValue.json([d for d, v in per_day.items() if v["uploads"] == 0]),
             "per_day": dg.MetadataValue.md(pd.DataFrame(per_day).T.to_markdown()),
             "shards_per_day": dg.MetadataValue.json({d: v["shards"] for d, v in per_day.items()}),
             "shard_steps": len(shard_results),
             "model_version": shard_results[0]["model_version"] if shard_results else None,
-        })
+        }
+        for day in days:
+            context.add_asset_metadata(run_facts, partition_key=day.isoformat())
+        yield dg.Output(None, "result")
+        span = f"days {_span(days)}"  # which days a check speaks of
         yield dg.AssetCheckResult(check_name="rows_match_uploads", passed=all(f["ok"] for f in per_day.values()),
-                                  metadata={"per_day": dg.MetadataValue.json(per_day)})
+                                  description=span, metadata={"days": dg.MetadataValue.text(_span(days)),
+                                                              "per_day": dg.MetadataValue.json(per_day)})
         yield dg.AssetCheckResult(
             check_name="ood_rate_vs_trailing_7_days", severity=dg.AssetCheckSeverity.WARN,
-            passed=not any(v["spike"] for v in ood.values()),
+            passed=not any(v["spike"] for v in ood.values()), description=span,
             metadata={"days": dg.MetadataValue.json({d.isoformat(): v for d, v in ood.items()}),
-                      "compared_days": len(ood)},
+                      "compared_days": dg.MetadataValue.text(str(len(ood)))},
         )
         yield dg.AssetCheckResult(
             check_name="label_mix_vs_trailing_7_days", severity=dg.AssetCheckSeverity.WARN,
-            passed=not any(v["drift"] for v in mix.values()),
+            passed=not any(v["drift"] for v in mix.values()), description=span,
             metadata={"total_variation": dg.MetadataValue.json(
-                {d.isoformat(): v["total_variation"] for d, v in mix.items()}), "compared_days": len(mix)},
+                {d.isoformat(): round(v["total_variation"], 4) for d, v in mix.items()}),
+                "compared_days": dg.MetadataValue.text(str(len(mix)))},
         )
         missing = {d: uploads_location(cfg, dt.date.fromisoformat(d)) for d, v in per_day.items() if v["uploads"] == 0}
         for d, where in missing.items():
             context.log.warning(f"{d}: no uploads found in {where}")
         yield dg.AssetCheckResult(
-            check_name="uploads_found", severity=dg.AssetCheckSeverity.WARN, passed=not missing,
-            metadata={"days_without_uploads": dg.MetadataValue.json(missing), "days": len(per_day)},
+            check_name="uploads_found", severity=dg.AssetCheckSeverity.WARN, passed=not missing, description=span,
+            metadata={"days_without_uploads": dg.MetadataValue.json(missing), "days": dg.MetadataValue.text(_span(days))},
         )
         if failures:
             raise dg.Failure(

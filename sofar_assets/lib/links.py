@@ -27,6 +27,18 @@ def mlflow_run_url(mlflow_url: str, experiment_id: str, run_id: str) -> str:
     return f"{mlflow_experiment_url(mlflow_url, experiment_id)}/runs/{quote(str(run_id), safe='')}"
 
 
+def mlflow_artifact_url(mlflow_url: str, run_id: str, path: str) -> str:
+    """The raw artifact as the MLflow server serves it (``/get-artifact``): a PNG opens directly in
+    the browser, one click from the Dagster UI."""
+    return f"{_base(mlflow_url)}/get-artifact?path={quote(path, safe='')}&run_uuid={quote(str(run_id), safe='')}"
+
+
+def bigquery_table_url(project: str, dataset: str, table: str) -> str:
+    """The table in the BigQuery console."""
+    return (f"https://console.cloud.google.com/bigquery?project={quote(project, safe='')}"
+            f"&ws=!1m5!1m4!4m3!1s{quote(project, safe='')}!2s{quote(dataset, safe='')}!3s{quote(table, safe='')}")
+
+
 def mlflow_model_url(mlflow_url: str, model_name: str) -> str:
     return f"{_base(mlflow_url)}/#/models/{quote(model_name, safe='')}"
 

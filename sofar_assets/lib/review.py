@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from sofar_assets.lib.images import decode_image
 from sofar_assets.lib.names import shown, shown_frame
 from sofar_assets.lib.plots import _fit_thumb
+from sofar_assets.lib.warehouse import LABEL_CORRECTIONS
 
 OOD = "ood"
 EMPTY_SET = "empty_set"
@@ -41,6 +42,9 @@ _QUEUE_REASON = (f"CASE WHEN is_ood THEN '{OOD}' WHEN label_set_size = 0 THEN '{
 _QUEUE_WHERE = "error IS NULL AND (is_ood OR label_set_size <> 1)"
 QUEUE_ORDER = ("OOD-flagged first, lowest OOD score first; then the rest by top-1 probability (lowest first), "
                "larger label sets first, then image_uri")
+CONFIDENT = 0.995
+"""A photo scored at top-1 probability >= this (shown as 1.00) is not "least confident": the
+least-confident list stops short rather than being padded with sure photos."""
 _QUEUE_ORDER_SQL = ("CASE WHEN is_ood THEN 0 ELSE 1 END, CASE WHEN is_ood THEN ood_score END, top1_prob, "
                     "label_set_size DESC, image_uri")
 
@@ -49,24 +53,58 @@ def _day_where(day) -> str:
     return f"prediction_date = DATE '{day.isoformat()}'"
 
 
+def _not_judged(wh, day) -> str:
+    """SQL condition: the photo has no verdict in ``label_corrections`` yet (DuckDB and BigQuery)."""
+    if not wh.table_exists(LABEL_CORRECTIONS.name):
+        return "TRUE"
+    return (f"image_id NOT IN (SELECT image_id FROM {{table:{LABEL_CORRECTIONS.name}}} "
+            f"WHERE {_day_where(day)} AND image_id IS NOT NULL)")
+
+
 def review_queue(wh, table: str, day, *, limit: int = 50) -> pd.DataFrame:
     """The first ``limit`` rows of ``day``'s review queue, with ``reason`` = ``ood``,
     ``empty_set`` or ``ambiguous_set``: scored rows (no ``error``) that are OOD-flagged or whose
     ``label_set_size`` is not 1, in :data:`QUEUE_ORDER`. One ``LIMIT`` query in the warehouse:
     a day of a million rows is never pulled into memory. Rows of a model without label sets
-    (NULL ``label_set_size``) are in it only when OOD-flagged."""
+    (NULL ``label_set_size``) are in it only when OOD-flagged. A photo with a verdict in
+    ``label_corrections`` has left the queue."""
     cols = ", ".join(QUEUE_COLUMNS[:-1])
     return wh.query(f"SELECT {cols}, {_QUEUE_REASON} AS reason FROM {{table:{table}}} "
-                    f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} ORDER BY {_QUEUE_ORDER_SQL} LIMIT {int(limit)}"
-                    ).reindex(columns=QUEUE_COLUMNS)
+                    f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} AND {_not_judged(wh, day)} "
+                    f"ORDER BY {_QUEUE_ORDER_SQL} LIMIT {int(limit)}").reindex(columns=QUEUE_COLUMNS)
 
 
 def review_queue_counts(wh, table: str, day) -> dict[str, int]:
-    """How many of ``day``'s rows are in its review queue, per reason (counted in the warehouse)."""
+    """How many of ``day``'s rows are still in its review queue (no verdict yet), per reason
+    (counted in the warehouse)."""
     counts = wh.query(f"SELECT {_QUEUE_REASON} AS reason, count(*) AS n FROM {{table:{table}}} "
-                      f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} GROUP BY 1")
+                      f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} AND {_not_judged(wh, day)} GROUP BY 1")
     got = dict(zip(counts["reason"], counts["n"].astype(int), strict=True)) if len(counts) else {}
     return {r: int(got.get(r, 0)) for r in (OOD, EMPTY_SET, AMBIGUOUS_SET)}
+
+
+def page_queue(wh, table: str, day, *, limit: int = 200, least_confident: int = 8) -> pd.DataFrame:
+    """What the review page shows for ``day``: the review queue (:func:`review_queue`), then up to
+    ``least_confident`` of the other scored, in-distribution photos with the lowest top-1
+    probability below :data:`CONFIDENT` (``reason`` ``least_confident``); photos with a verdict
+    are left out of both. Two ``LIMIT`` queries in the warehouse (DuckDB and BigQuery alike)."""
+    queue = review_queue(wh, table, day, limit=limit)
+    if least_confident <= 0:
+        return queue
+    cols = ", ".join(QUEUE_COLUMNS[:-1])
+    unsure = wh.query(f"SELECT {cols}, '{LEAST_CONFIDENT}' AS reason FROM {{table:{table}}} "
+                      f"WHERE {_day_where(day)} AND error IS NULL AND NOT is_ood AND COALESCE(label_set_size, 1) = 1 "
+                      f"AND top1_prob < {CONFIDENT} AND {_not_judged(wh, day)} "
+                      f"ORDER BY top1_prob, image_uri LIMIT {int(least_confident)}").reindex(columns=QUEUE_COLUMNS)
+    parts = [p for p in (queue, unsure) if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else queue
+
+
+def judged_in_queue(wh, table: str, day) -> int:
+    """How many of ``day``'s queue photos (OOD or label set not of one) already have a verdict."""
+    n = wh.query(f"SELECT count(*) AS n FROM {{table:{table}}} WHERE {_day_where(day)} AND {_QUEUE_WHERE} "
+                 f"AND NOT ({_not_judged(wh, day)})")
+    return int(n["n"].iloc[0])
 
 
 def review_candidates(wh, table: str, day, *, max_ood: int = 24, least_confident: int = 8) -> pd.DataFrame:
@@ -79,7 +117,7 @@ def review_candidates(wh, table: str, day, *, max_ood: int = 24, least_confident
                       f"ORDER BY ood_score, image_uri LIMIT {int(max_ood)}")]
     if least_confident > 0:
         parts.append(wh.query(f"SELECT {cols} FROM {{table:{table}}} WHERE {where} AND NOT is_ood "
-                              f"ORDER BY top1_prob, image_uri LIMIT {int(least_confident)}"))
+                              f"AND top1_prob < {CONFIDENT} ORDER BY top1_prob, image_uri LIMIT {int(least_confident)}"))
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=REVIEW_COLUMNS[:-1] + ["error"])
 
@@ -90,7 +128,8 @@ def select_for_review(rows: pd.DataFrame, *, max_ood: int = 24, least_confident:
 
     ``rows`` are one day's rows of the predictions table. OOD-flagged rows come first, most
     irrelevant-looking (lowest OOD score) first, at most ``max_ood``; then the ``least_confident``
-    in-distribution rows with the lowest top-1 probability (none with ``ood_only``). Error rows
+    in-distribution rows with the lowest top-1 probability below :data:`CONFIDENT` (none with
+    ``ood_only``; fewer when the day has fewer unsure photos). Error rows
     (photos that could not be scored) are not review material: they are listed by their error.
     """
     missing = {"image_uri", "top1_label", "top1_prob", "ood_score", "is_ood"} - set(rows.columns)
@@ -101,7 +140,8 @@ def select_for_review(rows: pd.DataFrame, *, max_ood: int = 24, least_confident:
     ood = scored[flagged].sort_values(["ood_score", "image_uri"], kind="stable").head(max_ood)
     parts = [ood.assign(reason=OOD)]
     if not ood_only and least_confident > 0:
-        unsure = scored[~flagged].sort_values(["top1_prob", "image_uri"], kind="stable").head(least_confident)
+        unsure = scored[~flagged & (scored["top1_prob"] < CONFIDENT)]
+        unsure = unsure.sort_values(["top1_prob", "image_uri"], kind="stable").head(least_confident)
         parts.append(unsure.assign(reason=LEAST_CONFIDENT))
     out = pd.concat(parts, ignore_index=True)
     return out.reindex(columns=REVIEW_COLUMNS)
@@ -196,3 +236,64 @@ def rows_text(rows: pd.DataFrame) -> str:
     table = shown_frame(table[[c for c in cols if c in table.columns]], ["image"])
     return table.to_string(
         index=False, float_format=lambda v: f"{v:.3f}", na_rep="-")
+
+
+# -- verdicts from the review page (``sofar review --serve``) ---------------------------------------
+def photo_row(wh, table: str, day, image_id: str) -> dict | None:
+    """The predictions row of ``image_id`` on ``day`` (None: no such photo that day)."""
+    found = wh.rows_where_in(table, "image_id", [image_id], ["prediction_date", "image_id", "image_uri"])
+    found = found[pd.to_datetime(found["prediction_date"]).dt.date == day]
+    return None if found.empty else found.iloc[0].to_dict()
+
+
+def record_verdict(wh, image_id: str, label: str, vocabulary, *, inspector: str, now=None) -> dict:
+    """One inspector's verdict through the same validation and append as ``sofar correct``
+    (:func:`lib.corrections.record`). The same verdict (image, label, inspector) given again is
+    stored once: the earlier row stays and ``stored`` is False. Returns ``stored``,
+    ``corrected_at`` (ISO, what :func:`retract_verdict` needs) and ``earlier`` verdicts on the photo."""
+    from sofar_assets.lib import corrections as corr
+
+    earlier = earlier_verdicts(wh, [image_id])
+    same = earlier[(earlier["label"] == label) & (earlier["inspector"] == inspector)]
+    if len(same):
+        return {"stored": False, "corrected_at": pd.Timestamp(same["corrected_at"].iloc[-1]).isoformat(),
+                "earlier": _verdicts_list(earlier)}
+    now = corr.now_utc() if now is None else now
+    rows = [{"image_id": image_id, "label": label, "corrected_at": now.isoformat(), "where": "review page"}]
+    corr.record(wh, rows, vocabulary, inspector=inspector, now=now, what="verdict")
+    return {"stored": True, "corrected_at": now.isoformat(), "earlier": _verdicts_list(earlier)}
+
+
+def earlier_verdicts(wh, image_ids: list[str]) -> pd.DataFrame:
+    """The stored verdicts on ``image_ids`` (oldest first)."""
+    cols = ["image_id", "label", "inspector", "corrected_at", "prediction_date"]
+    if not wh.table_exists(LABEL_CORRECTIONS.name):
+        return pd.DataFrame(columns=cols)
+    rows = wh.rows_where_in(LABEL_CORRECTIONS.name, "image_id", list(image_ids), cols)
+    return rows.sort_values("corrected_at", kind="stable", ignore_index=True)
+
+
+def _verdicts_list(rows: pd.DataFrame) -> list[dict]:
+    return [{"label": r.label, "inspector": r.inspector, "corrected_at": pd.Timestamp(r.corrected_at).isoformat()}
+            for r in rows.itertuples(index=False)]
+
+
+def retract_verdict(wh, day, image_id: str, *, inspector: str, corrected_at: str) -> int:
+    """Undo on the review page: remove the ONE verdict row (``image_id``, ``inspector``,
+    ``corrected_at``) the page just appended, by rewriting that day's partition of
+    ``label_corrections`` without it (atomic on DuckDB and BigQuery). Returns the rows removed."""
+    import datetime as dt
+
+    table = LABEL_CORRECTIONS.name
+    if not wh.table_exists(table):
+        return 0
+    nxt = day + dt.timedelta(days=1)
+    rows = wh.read_range(table, "prediction_date", day, nxt)
+    at = pd.Timestamp(corrected_at)
+    stamps = pd.to_datetime(rows["corrected_at"], utc=True)
+    hit = (rows["image_id"] == image_id) & (rows["inspector"] == inspector) & \
+        (stamps == (at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")))
+    if not hit.any():
+        return 0
+    wh.replace_partition(table, rows[~hit].reset_index(drop=True), "prediction_date", day, nxt)
+    return int(hit.sum())
