@@ -48,8 +48,9 @@ def test_shown_is_one_printable_bounded_line(name):
     assert not _raw_controls(out) and "\n" not in out, out
     assert len(out) <= names.MAX_SHOWN
     assert out.endswith(".png"), "a shortened name keeps its end (the extension)"
-    md = names.md_text(name)
-    assert "\n" not in md and "|" not in md.replace("\\|", "") and "<b>" not in md
+    md = names.md_text(name, table=True)  # a code span: nothing in it is rendered as markdown or HTML
+    assert "\n" not in md and "|" not in md.replace("\\|", "")
+    assert md.startswith("`") and md.endswith("`") and "`" not in md.strip("`").replace("tick`[", "")
 
 
 def test_shown_escapes_visibly_and_bounds_a_megabyte_name():
@@ -60,6 +61,7 @@ def test_shown_escapes_visibly_and_bounds_a_megabyte_name():
     out = names.shown(huge)
     assert len(out) <= names.MAX_SHOWN and out.endswith("\\n.jpg") and "…" in out
     assert names.shown(None) == "-" and names.shown(float("nan")) == "-"
+    assert names.md_text("a`b") == "``a`b``" and names.md_text("`x") == "`` `x ``"
 
 
 def _queue(uris: list[str]) -> pd.DataFrame:

@@ -14,6 +14,7 @@ altered (they are keys, and the real name is what a person must be able to find)
 from __future__ import annotations
 
 import math
+import re
 import unicodedata
 
 MAX_SHOWN = 160
@@ -24,8 +25,7 @@ _ELLIPSIS = "…"
 # surrogates (undecodable bytes of a file name), private use and unassigned code points
 _UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 _SHORT_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# characters with a meaning in markdown text or a GFM table cell; backslash-escaped in md_text
-_MARKDOWN_SPECIAL = frozenset("\\`*_{}[]<>()#+!|~&")
+_BACKTICKS = re.compile("`+")
 
 
 def _escape(ch: str) -> str:
@@ -66,11 +66,16 @@ def shown(value: object, max_len: int = MAX_SHOWN) -> str:
     return out
 
 
-def md_text(value: object, max_len: int = MAX_SHOWN) -> str:
-    """:func:`shown`, with markdown's special characters backslash-escaped: safe as plain text in
-    a markdown paragraph, list item or GFM table cell (a ``|`` does not split the cell, a
-    ``[link](…)`` or ``<tag>`` in a name is not rendered)."""
-    return "".join(f"\\{ch}" if ch in _MARKDOWN_SPECIAL else ch for ch in shown(value, max_len))
+def md_text(value: object, max_len: int = MAX_SHOWN, *, table: bool = False) -> str:
+    """:func:`shown` as a markdown code span: nothing in a name is rendered (no ``[link](…)``, no
+    ``<tag>``, no emphasis) and the raw text stays readable. A backtick in the name gets a longer
+    fence; with ``table`` a ``|`` is written ``\\|`` so that it does not split a GFM table cell."""
+    text = shown(value, max_len)
+    if table:
+        text = text.replace("|", "\\|")
+    fence = "`" * (max((len(r) for r in _BACKTICKS.findall(text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _text_columns(df, columns) -> list:
@@ -85,7 +90,10 @@ def md_frame(df, columns=None):
     """A copy of ``df`` whose text ``columns`` (default: every text column) are :func:`md_text`:
     for ``DataFrame.to_markdown``."""
     return df.assign(
-        **{str(c): df[c].map(md_text, na_action="ignore").astype(object) for c in _text_columns(df, columns)}
+        **{
+            str(c): df[c].map(lambda v: md_text(v, table=True), na_action="ignore").astype(object)
+            for c in _text_columns(df, columns)
+        }
     )
 
 
