@@ -145,6 +145,7 @@ def test_a_shard_reads_the_model_from_gcs_not_through_the_server(stack_servers, 
     from sofar_assets.lib import registry
     from sofar_assets.lib.models import ModelSpec, build_model
     from sofar_assets.lib.packaging import load_registered, log_and_register
+
     from stack_servers import ARTIFACTS
 
     server = stack_servers.mlflow
