@@ -134,6 +134,48 @@ def test_mlflow_server_auth_and_gcs_artifacts(stack_servers, monkeypatch):  # no
 
 
 @pytest.mark.stack
+def test_a_shard_reads_the_model_from_gcs_not_through_the_server(stack_servers, monkeypatch):  # noqa: F811
+    """With storage.mlflow.artifacts_destination, a version the server stored through its proxy
+    (mlflow-artifacts:/...) is read straight from the bucket: the same package, with the tracking
+    server out of reach."""
+    import mlflow
+    import torch
+
+    from sofar_assets.defs.resources import MlflowResource
+    from sofar_assets.lib import registry
+    from sofar_assets.lib.models import ModelSpec, build_model
+    from sofar_assets.lib.packaging import load_registered, log_and_register
+
+    from stack_servers import ARTIFACTS
+
+    server = stack_servers.mlflow
+    for key, value in server.client_env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", stack_servers.gcs.url)
+    res = MlflowResource(tracking_uri=server.url, experiment="stack-direct")
+    experiment_id = res.setup()
+    spec = ModelSpec(num_classes=2, backbone="resnet10t", pretrained=False, image_size=32)
+    torch.manual_seed(1)
+    model = build_model(spec).eval()
+    with mlflow.start_run(experiment_id=experiment_id):
+        version = str(log_and_register(model, spec, ["a", "b"], "stack-direct")["version"])
+    client = res.client()
+    assert registry.direct_source(client, "stack-direct", version) is None  # proxied, destination unknown
+    source = registry.direct_source(client, "stack-direct", version, ARTIFACTS)
+    assert source.startswith(f"{ARTIFACTS}/"), source
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri("http://127.0.0.1:9")  # nothing listens there: the server is not asked
+    try:
+        loaded, meta = load_registered(source)
+    finally:
+        mlflow.set_tracking_uri(previous)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    assert meta["classes"] == ["a", "b"]
+
+
+@pytest.mark.stack
 def test_dagster_instance_on_postgres_stores_a_run(stack_servers):  # noqa: F811
     import dagster as dg
 

@@ -88,6 +88,23 @@ def refusal(uri: str, roots: Sequence[str]) -> str | None:
     Local: an absolute path whose real path (``..`` and links resolved) lies under the real path
     of a local root. ``gs://``: same bucket, key under the root's prefix, no ``.``/``..`` segments.
     """
+    return _refusal(uri, roots, None)[0]
+
+
+def _refusal(uri: str, roots: Sequence[str], root_reals: list[str] | None) -> tuple[str | None, str | None]:
+    """(:func:`refusal`'s reason, the real path of a local URI): ``root_reals`` (the roots' real
+    paths) computed once by a caller that checks many URIs."""
+    reason = _refusal_reason(uri, roots, root_reals)
+    if isinstance(reason, _Real):  # a local URI that may be read, at this real path
+        return None, str(reason)
+    return reason, None
+
+
+class _Real(str):
+    """A local URI's real path, returned by :func:`_refusal_reason` when it may be read."""
+
+
+def _refusal_reason(uri: str, roots: Sequence[str], root_reals: list[str] | None):
     if not roots:
         return "no allowed roots are configured (uploads.allowed_roots), so nothing may be read"
     if not uri:
@@ -113,8 +130,8 @@ def refusal(uri: str, roots: Sequence[str]) -> str | None:
     if not os.path.isabs(uri):
         return "a relative path: the uploads table must hold absolute paths or gs:// URIs"
     real = os.path.realpath(uri)
-    if any(_within(real, r) for r in _local_roots(roots)):
-        return None
+    if any(_within(real, r) for r in (_local_roots(roots) if root_reals is None else root_reals)):
+        return _Real(real)
     where = "" if real == os.path.normpath(uri) else f" (it resolves to {safe_text(real)})"
     return f"outside the allowed roots ({', '.join(roots)}){where}"
 
@@ -130,16 +147,17 @@ def iter_table_uploads(rows: Iterable[tuple[object, object]], allowed_roots: Seq
     A URI outside ``allowed_roots`` (or empty, relative, ``~``, another scheme) becomes an error
     record and is never read. A local URI is read at its resolved real path, the one checked.
     """
+    root_reals = _local_roots(allowed_roots)  # once, not per row: a day may hold a million rows
     for image_id, image_uri in rows:
         uid = safe_text(str(image_id))
         if not isinstance(image_uri, str) or not image_uri:
             yield Upload(uid, "", None, f"{REFUSED}: image {uid}: the image_uri is empty")
             continue
-        reason = refusal(image_uri, allowed_roots)
+        reason, real = _refusal(image_uri, allowed_roots, root_reals)
         if reason is not None:
             yield Upload(uid, safe_text(image_uri), None, _refused(image_uri, reason))
         else:
-            path = image_uri if storage.is_gcs(image_uri) else os.path.realpath(image_uri)
+            path = image_uri if storage.is_gcs(image_uri) else real
             yield Upload(uid, safe_text(image_uri), path)
 
 
