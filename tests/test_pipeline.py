@@ -376,7 +376,14 @@ def test_range_backfill_loads_the_model_once(pipeline, monkeypatch):
     monkeypatch.setattr(predictions, "load_registered", counting)
     result = _materialize_days(pipeline, dt.date(2026, 11, 1), dt.date(2026, 11, 3))
     assert result.success
-    assert calls == [f"models:/{pipeline['cfg'].model.name}/1"]
+    # once, straight from the artifact store (a local registry's store is a folder), not via models:/
+    from mlflow import MlflowClient
+
+    name = pipeline["cfg"].model.name
+    uri = pipeline["cfg"].mlflow_tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    assert calls == [str(client.get_model_version_download_uri(name, "1"))]
+    assert calls[0].startswith("file:")
     assert _mat_metadata(result, "daily_predictions")["days"].value == 3
 
 
