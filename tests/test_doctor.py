@@ -23,12 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 POOLS = ("gpu", "warehouse_write")
 
 
-def _cfg(emulator, mlflow_url: str, **warehouse):
+def _raw(emulator, mlflow_url: str, **warehouse) -> dict:
     raw = yaml.safe_load((REPO / "config" / "prod-local.yaml").read_text())
     raw["storage"]["warehouse"].update(project=emulator.project, api_endpoint=emulator.url, **warehouse)
     raw["storage"]["mlflow"]["tracking_uri"] = mlflow_url
     raw["storage"]["root"] = f"gs://{ARTIFACT_BUCKET}/state"
-    return parse_config(raw, base_dir=REPO / "config")
+    return raw
+
+
+def _cfg(emulator, mlflow_url: str, **warehouse):
+    return parse_config(_raw(emulator, mlflow_url, **warehouse), base_dir=REPO / "config")
 
 
 @pytest.fixture
@@ -55,7 +59,7 @@ def _lines(cfg, instance, pools=POOLS) -> tuple[bool, str]:
 
 
 @pytest.mark.stack
-def test_doctor_passes_against_the_stack_and_names_each_broken_piece(stack_env, monkeypatch):
+def test_doctor_passes_against_the_stack_and_names_each_broken_piece(stack_env, monkeypatch, tmp_path):
     servers, emulator, instance = stack_env
     cfg = _cfg(emulator, servers.mlflow.url)
     ok, text = _lines(cfg, instance)
@@ -65,6 +69,21 @@ def test_doctor_passes_against_the_stack_and_names_each_broken_piece(stack_env, 
     assert "OK    staging permissions" in text and "OK    pool gpu: limit 1" in text
     assert "OK    champion: no champion yet for sofar-classifier" in text
     assert "OK    time zone: partitions are Asia/Seoul days" in text
+
+    # the command itself, as an operator (and make prod-local) runs it: a process with the stack's environment
+    import os
+    import subprocess
+    import sys
+
+    raw = _raw(emulator, servers.mlflow.url)
+    raw["model"].pop("weights_file")  # the image's file; not exported here
+    config = tmp_path / "prod-local.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, **servers.dagster.env, "SOFAR_CONFIG": str(config), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "doctor"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[-1] == "9 OK, 0 to fix" and "Traceback" not in done.stderr, done.stdout
 
     broken = {  # one piece broken at a time: (config / environment change, the line that must say so)
         "dataset location": (_cfg(emulator, servers.mlflow.url, location="US"),
