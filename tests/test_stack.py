@@ -126,11 +126,15 @@ def test_mlflow_server_auth_and_gcs_artifacts(stack_servers, monkeypatch):  # no
     registry.set_champion(client, "stack-model", version)
     assert registry.champion_version(client, "stack-model") == version
 
+    # the calibration goes into the version's package through the proxy (what the served model reads)
+    registry.write_calibration(client, "stack-model", version, registry.Calibration("max_logit", 1.5, 0.25))
     loaded, meta = load_registered(f"models:/stack-model@{registry.CHAMPION}")  # bytes back through the proxy
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     assert meta["classes"] == ["a", "b"]
+    assert meta["calibration"]["model_version"] == version and meta["calibration"]["temperature"] == 1.5
+    assert meta["onnx_model"]
 
 
 @pytest.mark.stack
