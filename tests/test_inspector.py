@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import dagster as dg
+import duckdb
 import mlflow
 import pandas as pd
 import pytest
@@ -42,6 +43,8 @@ def morning(pipeline, demo_data, tmp_path_factory):
     (folder / "state").mkdir()
     for name in ("mlflow.db", "warehouse.duckdb"):
         shutil.copy2(src / name, folder / "state" / name)
+    with duckdb.connect(str(folder / "state" / "warehouse.duckdb")) as con:  # only the days made here:
+        con.execute("DROP TABLE IF EXISTS predictions")  # other tests' days in the shared state are not ours
     path = write_config(folder, demo_data)
     cfg = load_config(path)
     defs = build_definitions(cfg)
