@@ -220,6 +220,9 @@ class OodConfig(_Strict):
     # knn: measured on the real sample photos (README, "Model quality"); every score is reported anyway
     score: Literal["max_logit", "energy", "max_softmax", "mahalanobis", "knn"] = "knn"
     target_tpr: float = Field(0.95, gt=0, le=1)
+    threshold: Literal["target_tpr", "between"] = Field(
+        "between", description="target_tpr: keep target_tpr of the val photos; between: lowered to the midpoint "
+        "towards the ood_sets' highest score when they all lie below (README, Model quality)")
     knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
 
 

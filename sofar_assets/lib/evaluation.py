@@ -276,18 +276,23 @@ def two_state_composites(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
     return out
 
 
-def composite_set(arrays: Sequence[np.ndarray], labels: Sequence[int], pair: tuple[int, int]
-                  ) -> tuple[list[np.ndarray], list[set[int]], list[str]]:
-    """Composites of every (class ``pair[0]`` photo, class ``pair[1]`` photo) pair: arrays, label
-    sets ``{pair[0], pair[1]}`` and each composite's kind (``halves`` / ``patch``)."""
+def composite_set(arrays: Sequence[np.ndarray], labels: Sequence[int], pair: tuple[int, int], *,
+                  max_pairs: int | None = None, seed: int = 0) -> tuple[list[np.ndarray], list[set[int]], list[str]]:
+    """Composites of every (class ``pair[0]`` photo, class ``pair[1]`` photo) pair (at most
+    ``max_pairs``, drawn with ``seed``): arrays, label sets ``{pair[0], pair[1]}`` and each
+    composite's kind (``halves`` / ``patch``). ``arrays`` may be a dict holding only the rows
+    of the two classes."""
     y = np.asarray(labels)
+    pairs = [(i, j) for i in np.flatnonzero(y == pair[0]) for j in np.flatnonzero(y == pair[1])]
+    if max_pairs is not None and len(pairs) > max_pairs:
+        keep = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
+        pairs = [pairs[k] for k in sorted(keep)]
     out, sets, kinds = [], [], []
-    for i in np.flatnonzero(y == pair[0]):
-        for j in np.flatnonzero(y == pair[1]):
-            for name, img in two_state_composites(arrays[i], arrays[j]).items():
-                out.append(img)
-                sets.append({int(pair[0]), int(pair[1])})
-                kinds.append(name.split("_")[0])
+    for i, j in pairs:
+        for name, img in two_state_composites(arrays[i], arrays[j]).items():
+            out.append(img)
+            sets.append({int(pair[0]), int(pair[1])})
+            kinds.append(name.split("_")[0])
     return out, sets, kinds
 
 
@@ -309,16 +314,32 @@ def composite_report(logits: np.ndarray, label_sets: Sequence[set[int]], kinds: 
     return out
 
 
-def composite_evaluation(model, arrays: Sequence[np.ndarray], labels: Sequence[int], pair: tuple[int, int], *,
-                         temperature: float = 1.0, rule=None, device: str = "cpu") -> dict:
-    """``composite_report`` of ``model`` on the composites of ``arrays`` (e.g. the test split's
-    single-label photos) for the class ``pair``; ``rule``: a ``conformal.LabelSets``."""
-    comp, sets, kinds = composite_set(arrays, labels, pair)
-    if not comp:
+def composite_evaluation(model, dataset: Dataset, labels: Sequence[int], pairs: Sequence[tuple[int, int]], *,
+                         temperature: float = 1.0, rule=None, device: str = "cpu", max_pairs: int = 200) -> dict:
+    """Two states in one photo without new photos, for ``model_evaluation``: composites of the
+    (test) ``dataset``'s single-label photos (``(uint8 CHW, label)`` items) for each class pair
+    (e.g. the tasks' positive labels, defect + dirt), :func:`composite_report` per pair (keyed
+    ``"a+b"`` by class index) and pooled; ``rule``: the version's ``conformal.LabelSets``."""
+    y = np.asarray(labels)
+    wanted = sorted({c for p in pairs for c in p})
+    rows = np.flatnonzero(np.isin(y, wanted))
+    arrays = {int(i): dataset[int(i)][0].permute(1, 2, 0).numpy() for i in rows}
+    per_pair, pooled = {}, ([], [], [], [])
+    for a, b in pairs:
+        comp, sets, kinds = composite_set(arrays, y, (a, b), max_pairs=max_pairs)
+        if not comp:
+            continue
+        logits = predict_logits(model, ArrayDataset(comp, [0] * len(comp)), device=device)
+        mask = rule.mask(ood.softmax(logits, temperature)) if rule is not None else None
+        per_pair[f"{a}+{b}"] = composite_report(logits, sets, kinds, label_set_mask=mask)
+        for acc, v in zip(pooled, (logits, sets, kinds, mask), strict=True):
+            acc.append(v)
+    if not per_pair:
         return {"images": 0}
-    logits = predict_logits(model, ArrayDataset(comp, [0] * len(comp)), device=device)
-    mask = rule.mask(ood.softmax(logits, temperature)) if rule is not None else None
-    return composite_report(logits, sets, kinds, label_set_mask=mask)
+    logits, masks = np.concatenate(pooled[0]), pooled[3]
+    out = composite_report(logits, [s for ss in pooled[1] for s in ss], [k for kk in pooled[2] for k in kk],
+                           label_set_mask=np.concatenate(masks) if rule is not None else None)
+    return {**out, "pairs": per_pair}
 
 
 # --------------------------------------------------------------------------- unfamiliar car photos vs irrelevant
