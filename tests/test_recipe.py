@@ -171,3 +171,21 @@ def test_composite_evaluation_scores_a_model_on_composites_of_its_test_photos():
     assert 0.0 <= rep["top2_joint_hit_rate"] <= 1.0 and rep["label_set_joint_coverage"] == 1.0
     assert evaluation.composite_evaluation(model, evaluation.ArrayDataset(arrays[:1], y[:1]), y[:1], [(1, 2)]) \
         == {"images": 0}
+
+
+def test_leave_one_class_out_reports_flag_rates_per_score_and_rule():
+    rng = np.random.default_rng(5)
+    colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
+    y = [k % 3 for k in range(18)]
+    arrays = [np.clip(colours[c] + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8) for c in y]
+    docs = {"documents": [np.full((32, 32, 3), 255, np.uint8) - rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+                          for _ in range(4)]}
+    res = evaluation.leave_one_class_out(arrays, y, docs, ModelSpec(num_classes=3, image_size=32),
+                                         TrainConfig(freeze_backbone=True, linear_probe=True, device="cpu"), [2],
+                                         folds=2, log=lambda s: None)
+    assert res["left_out"] == [2] and set(res["scores"]) == {*ood.METHODS, "knn_pretrained"}
+    for r in res["scores"].values():
+        assert 0.0 <= r["auroc/documents"] <= 1.0
+        # `between` only ever lowers the threshold: it never flags more than `tpr` does
+        assert r["between/left_out_flagged"] <= r["tpr/left_out_flagged"]
+        assert r["between/test_flagged"] <= r["tpr/test_flagged"]
