@@ -211,8 +211,8 @@ class TrainConfig(_Strict):
     lp_epochs: int = Field(3, ge=0, description="pmg only: head-only epochs before fine-tuning")
     patience: int | None = Field(3, ge=1, description="stop after N epochs without a better val score")
     augment: bool = Field(True, description="random-resized crop, flip, colour jitter on the train split")
-    mixup: float = Field(0.0, ge=0, description="mixup Beta(alpha, alpha) on fine-tuning batches; 0 = off (README)")
-    cutmix: float = Field(0.0, ge=0, description="CutMix Beta(alpha, alpha) on fine-tuning batches; 0 = off")
+    mixup: float = Field(0.4, ge=0, description="mixup Beta(alpha, alpha) on fine-tuning batches; 0 = off (README)")
+    cutmix: float = Field(1.0, ge=0, description="CutMix Beta(alpha, alpha) on fine-tuning batches; 0 = off")
     mix_prob: float = Field(1.0, ge=0, le=1, description="share of batches mixed when mixup or cutmix > 0")
 
 
