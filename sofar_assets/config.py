@@ -226,12 +226,18 @@ class TrainConfig(_Strict):
     lp_epochs: int = Field(3, ge=0, description="pmg only: head-only epochs before fine-tuning")
     patience: int | None = Field(3, ge=1, description="stop after N epochs without a better val score")
     augment: bool = Field(True, description="random-resized crop, flip, colour jitter on the train split")
+    mixup: float = Field(0.4, ge=0, description="mixup Beta(alpha, alpha) on fine-tuning batches; 0 = off (README)")
+    cutmix: float = Field(1.0, ge=0, description="CutMix Beta(alpha, alpha) on fine-tuning batches; 0 = off")
+    mix_prob: float = Field(1.0, ge=0, le=1, description="share of batches mixed when mixup or cutmix > 0")
 
 
 class OodConfig(_Strict):
     # knn: measured on the real sample photos (README, "Model quality"); every score is reported anyway
     score: Literal["max_logit", "energy", "max_softmax", "mahalanobis", "knn"] = "knn"
     target_tpr: float = Field(0.95, gt=0, le=1)
+    threshold: Literal["target_tpr", "between"] = Field(
+        "between", description="target_tpr: keep target_tpr of the val photos; between: lowered to the midpoint "
+        "towards the ood_sets' highest score when they all lie below (README, Model quality)")
     knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
     knn_bank_max: int | None = Field(
         10_000, ge=1, description="knn score: at most this many training features travel in the package "

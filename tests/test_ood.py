@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 
+from sofar_assets.lib import ood
 from sofar_assets.lib.ood import (
     all_scores,
     auroc,
@@ -213,3 +214,16 @@ def test_feature_scores_need_features_and_stats():
     with pytest.raises(ValueError, match="knn_bank"):
         score(LOGITS_2x3, np.zeros((2, 4)), "knn", 1.0, {})
     assert set(all_scores(LOGITS_2x3, None)) == {"max_logit", "energy", "max_softmax"}
+
+
+def test_threshold_between_keeps_unfamiliar_in_and_irrelevant_out():
+    val = np.linspace(0.8, 1.0, 20)
+    docs = np.array([0.1, 0.2, 0.3])
+    unfamiliar = np.array([0.6, 0.7])  # further than any val photo, far closer than a document
+    t_id = ood.threshold_at_tpr(val, 0.95)
+    assert (unfamiliar < t_id).all()  # today's rule flags them
+    t = ood.threshold_between(val, docs, 0.95)
+    assert t == pytest.approx((t_id + 0.3) / 2) and (unfamiliar >= t).all() and (docs < t).all()
+    # overlapping sets, or none: the ID threshold itself
+    assert ood.threshold_between(val, np.array([0.9]), 0.95) == t_id
+    assert ood.threshold_between(val, np.array([]), 0.95) == t_id

@@ -78,7 +78,8 @@ def test_model_is_registered_with_lineage_tags_and_loads_back(pipeline):
     threshold = float(tags["ood_threshold"])
     md = _mat_metadata(pipeline["result"], "ood_calibration")
     lo, hi = md["val_score_range"].value
-    assert lo <= threshold <= hi  # the threshold lies within the validation scores
+    # ood.threshold "between": at most the val threshold, lowered towards the irrelevant sets' top score
+    assert threshold <= hi and (cfg.ood.threshold == "between" or lo <= threshold)
     assert md["val_tpr"].value >= cfg.ood.target_tpr
     # the registered version gives the same logits on reload, and the served pyfunc (ONNX Runtime)
     # answers each photo with the calibrated probabilities of those logits
@@ -286,6 +287,11 @@ def test_evaluation_maps_the_n_class_model_onto_each_task(pipeline):
     assert md["top2_joint_hit_rate"].value == pytest.approx(np.mean(hits))
     evaluation = pipeline["result"].output_for_node("model_evaluation")
     assert evaluation["multi_label_images"] == 3
+    # two states without new photos: composites of the test split's defect and dirt photos
+    comp = evaluation["composites"]
+    assert comp["images"] > 0 and comp["images"] % 4 == 0 and set(comp["by_kind"]) == {"halves", "patch"}
+    assert md["composites_top2_joint_hit_rate"].value == comp["top2_joint_hit_rate"]
+    assert 0.0 <= comp["label_set_joint_coverage"] <= 1.0
     assert set(evaluation["tasks"]) == set(cfg.tasks)
     assert evaluation["tasks"]["defect"]["n"] > 0
     # the label sets of the rule tagged on v1: on the multi-label photos, the share whose set

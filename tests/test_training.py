@@ -351,3 +351,34 @@ def test_cuda_bf16_training_agrees_with_cpu_inference():
         assert on_gpu.dtype == np.float32 and on_gpu.shape == (16, 2)
         assert np.abs(on_gpu - on_cpu).max() < 0.5  # bf16 autocast vs fp32
         assert (on_gpu.argmax(1) == on_cpu.argmax(1)).mean() >= 0.9
+
+
+def test_batch_mixer_cutmix_and_mixup_give_targets_matching_the_pixels():
+    from sofar_assets.lib.training import BatchMixer
+
+    x = torch.stack([torch.full((3, 32, 32), float(v)) for v in (0.0, 1.0, 2.0)])  # odd batch: timm's Mixup refuses
+    y = torch.tensor([0, 1, 2])
+    xc, tc = BatchMixer(3, cutmix=1.0, seed=0)(x, y)
+    # image 0 took a box from image 2 (the batch reversed): its target shares = the pixel shares
+    share = (xc[0, 0] == 2.0).float().mean().item()
+    assert 0 < share < 1 and tc[0, 2].item() == pytest.approx(share) and tc[0, 0].item() == pytest.approx(1 - share)
+    assert torch.allclose(tc.sum(1), torch.ones(3)) and torch.equal(xc[1], x[1])  # the middle one mixes with itself
+    xm, tm = BatchMixer(3, mixup=0.4, seed=1)(x, y)
+    lam = tm[0, 0].item()
+    assert 0 < lam < 1 and torch.allclose(xm[0], x[0] * lam + x[2] * (1 - lam))
+    assert torch.equal(BatchMixer(3)(x, y)[1], y) and not BatchMixer(3).active  # alphas 0: off, labels untouched
+    with pytest.raises(ValueError, match="mix_prob"):
+        BatchMixer(3, mixup=0.2, prob=1.5)
+
+
+@pytest.mark.parametrize("arch", ["linear", "pmg"])
+def test_mixed_sample_training_changes_the_training_not_the_interfaces(arch):
+    train, val = Stripes(12, seed=4), Stripes(6, seed=5)
+    runs = {}
+    for name, mix in {"plain": {}, "mixed": {"mixup": 0.4, "cutmix": 1.0}}.items():
+        cfg = TrainConfig(epochs=1, batch_size=6, device="cpu", **SGD_ONLY, **mix)
+        runs[name] = train_classifier(_spec(arch), train, val, cfg, log=lambda s: None)
+    # soft targets make the training loss differ from the plain run's, same seed, same batches
+    assert runs["mixed"].history[-1]["train_loss"] != pytest.approx(runs["plain"].history[-1]["train_loss"], abs=1e-4)
+    assert math.isfinite(runs["mixed"].history[-1]["val_loss"])
+    assert predict_logits(runs["mixed"].model, val, device="cpu").shape == (6, 2)

@@ -288,6 +288,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
             _ood_set_features(model, cfg, image_store, context, _ood_uris(cfg, warehouse, context)),
             score_method=cfg.ood.score,
             target_tpr=cfg.ood.target_tpr, knn_k=ood.package_knn_k(meta, cfg.ood.knn_k),  # the k serving uses
+            threshold_rule=cfg.ood.threshold,
             task_positives={t: index[task.positive_label] for t, task in cfg.tasks.items()})
         if report["temperature_at_bound"]:
             context.log.warning(
@@ -412,6 +413,11 @@ def build_model_assets(cfg: SofarConfig) -> list:
             if multi_logits is not None:
                 result["conformal"]["multi_label"] = conformal.joint_hit_rate(
                     rule, ood.softmax(multi_logits, ref["temperature"]), multi_sets)
+        positives = sorted({index[t.positive_label] for t in cfg.tasks.values() if t.positive_label in index})
+        result["composites"] = evaluation.composite_evaluation(  # two states in one photo, from single-state ones
+            model, test_ds, y, [(a, b) for k, a in enumerate(positives) for b in positives[k + 1:]],
+            temperature=ref["temperature"], device=cfg.inference.device,
+            rule=conformal.LabelSets(**ref["label_sets"]) if ref.get("label_sets") else None)
         if cfg.train.freeze_backbone and cfg.train.linear_probe is True and cfg.model.arch == "linear" \
                 and cfg.model.pretrained:
             # the model IS the probe (LP on the frozen pretrained features, same split, same C)
@@ -470,6 +476,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
                 "test_accuracy": result["accuracy"],
                 "ece": result["ece"],
                 "top2_joint_hit_rate": result.get("top2_joint_hit_rate"),
+                "composites_top2_joint_hit_rate": result["composites"].get("top2_joint_hit_rate"),
+                "composites_label_set_joint_coverage": result["composites"].get("label_set_joint_coverage"),
                 "macro_f1_ci": dg.MetadataValue.json(result["macro_f1_ci"]),
                 "ece_ci": dg.MetadataValue.json(result["ece_ci"]),
                 "ood_auroc": dg.MetadataValue.json(result["ood_auroc"]),

@@ -16,6 +16,7 @@ from .images import ImageDecodeError, PreprocessCache, load_image_array, sha256_
 # A perfectly separated val split (or a very underconfident model) drives the NLL-optimal
 # temperature towards 0, where every probability is 1.0; the bound keeps them informative.
 TEMPERATURE_MIN = 0.5
+THRESHOLD_RULES = ("target_tpr", "between")
 
 
 def read_images(uris: Sequence[str], size: int, *, cache: PreprocessCache | None = None,
@@ -35,12 +36,17 @@ def read_images(uris: Sequence[str], size: int, *, cache: PreprocessCache | None
 def calibrate(val_logits: np.ndarray, val_y: np.ndarray, val_features: np.ndarray | None, stats: dict | None,
               ood_sets: dict[str, tuple[np.ndarray, np.ndarray | None]], *, score_method: str = "max_logit",
               target_tpr: float = 0.95, knn_k: int = 1, task_positives: dict[str, int] | None = None,
-              temperature_min: float = TEMPERATURE_MIN) -> dict:
+              temperature_min: float = TEMPERATURE_MIN, threshold_rule: str = "target_tpr") -> dict:
     """The calibration report of one model version.
 
     - ``temperature``: fitted on the val NLL (bounded below by ``temperature_min``;
       ``temperature_at_bound`` says when the bound decided);
-    - ``threshold``: the configured score's value keeping ``target_tpr`` of the val images;
+    - ``threshold``: the configured score's value keeping ``target_tpr`` of the val images
+      (``threshold_rule="target_tpr"``), or with ``"between"`` that value lowered to the
+      midpoint between it and the highest score of any irrelevant image when all of them lie
+      below it (:func:`ood.threshold_between`): irrelevant means "like the irrelevant sets",
+      not merely "further than the few val photos" (README, Model quality);
+      ``threshold_target_tpr`` is the plain rule's value either way;
     - ``ood_sets[name]``: images, AUROC / FPR@TPR / rejected share of the configured score,
       and ``scores[method] = {auroc, fpr_at_tpr}`` for every score the package allows;
     - ``ood_scores[name]``: the configured score on each OOD image (list), and
@@ -52,9 +58,18 @@ def calibrate(val_logits: np.ndarray, val_y: np.ndarray, val_features: np.ndarra
     if score_method not in id_all:
         raise ValueError(f"ood.score {score_method!r} needs feature statistics the model package lacks")
     id_scores = id_all[score_method]
-    threshold = ood.threshold_at_tpr(id_scores, target_tpr)
+    if threshold_rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown ood threshold rule {threshold_rule!r}; valid: {', '.join(THRESHOLD_RULES)}")
+    t_tpr = ood.threshold_at_tpr(id_scores, target_tpr)
+    by_set = {name: ood.all_scores(logits, features, temperature, stats, knn_k=knn_k)
+              for name, (logits, features) in ood_sets.items() if len(logits)}
+    threshold = t_tpr
+    if threshold_rule == "between" and by_set:
+        threshold = ood.threshold_between(id_scores, np.concatenate([b[score_method] for b in by_set.values()]),
+                                          target_tpr)
     report: dict = {
         "score_method": score_method, "temperature": temperature, "threshold": threshold, "target_tpr": target_tpr,
+        "threshold_rule": threshold_rule, "threshold_target_tpr": t_tpr,
         "temperature_at_bound": bool(temperature <= temperature_min * 1.01),
         "val_images": int(len(val_y)), "val_tpr": float((id_scores >= threshold).mean()),
         "val_nll_before": ood.nll(val_logits, val_y, 1.0), "val_nll_after": ood.nll(val_logits, val_y, temperature),
@@ -62,10 +77,7 @@ def calibrate(val_logits: np.ndarray, val_y: np.ndarray, val_features: np.ndarra
         "val_scores": id_scores.tolist(),
         "ood_sets": {}, "ood_scores": {}, "ood_scores_by_method": {}, "task_auroc": {},
     }
-    for name, (logits, features) in ood_sets.items():
-        if len(logits) == 0:
-            continue
-        by_method = ood.all_scores(logits, features, temperature, stats, knn_k=knn_k)
+    for name, by_method in by_set.items():
         s = by_method[score_method]
         report["ood_sets"][name] = {
             "images": int(len(s)), "auroc": ood.auroc(id_scores, s),

@@ -14,9 +14,9 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
 
-from . import metrics, ood, probe
+from . import conformal, metrics, ood, probe
 from .models import ModelSpec, build_model
-from .training import TrainConfig, predict_logits_and_features, train_classifier
+from .training import TrainConfig, predict_logits, predict_logits_and_features, train_classifier
 
 
 class ArrayDataset(Dataset):
@@ -108,6 +108,7 @@ def _mean(values: list[float]) -> float:
 def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arrays: dict[str, list[np.ndarray]],
                    spec: ModelSpec, train_cfg: TrainConfig, *, folds: int = 5, val_fraction: float = 0.15,
                    seed: int = 0, knn_k: int = 1, head_refit: bool = False,
+                   composite_pair: tuple[int, int] | None = None, label_set_coverage: float = 0.9,
                    log: Callable[[str], object] = print) -> dict:
     """Stratified k-fold comparison of the training recipe with the frozen-feature probe.
 
@@ -116,6 +117,12 @@ def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arra
     on val; the probe fits on the same train split (``probe``) and, as a stricter reference,
     on train + val (``probe_trainval``). Accuracy and macro-F1 pool the held-out predictions
     of all folds; OOD AUROC / FPR@TPR are computed per fold (one model's scores) and averaged.
+
+    ``composite_pair`` (two class indices): each fold's held-out photos of those classes are
+    combined into two-state composites (:func:`composite_set`), and every model's top-2 joint
+    hit rate on them is pooled over folds, beside the joint coverage of label sets
+    (``conformal``, LAC at ``label_set_coverage``) calibrated for fold k on the held-out
+    predictions of the OTHER folds (the val split of a fold is too small to calibrate them).
     """
     y = np.asarray(labels, dtype=np.int64)
     n_classes = spec.num_classes
@@ -127,6 +134,8 @@ def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arra
                  for k, v in ood_arrays.items()}
     models = ("recipe", *(("recipe_head_refit",) if head_refit else ()), "probe", "probe_trainval")
     pred = {m: np.zeros(len(y), np.int64) for m in models}
+    heldout = {m: np.zeros((len(y), n_classes), np.float64) for m in models}
+    comp_out: list[tuple[np.ndarray, list, list, dict[str, np.ndarray]]] = []  # per fold
     per_fold: dict[str, dict[str, dict[str, list[float]]]] = {m: {} for m in models}
     epochs = []
     for k, (rest, test) in enumerate(skf.split(np.zeros(len(y)), y)):
@@ -146,19 +155,49 @@ def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arra
             hp = probe.fit_probe(res.train_features, res.train_labels, n_classes, c=train_cfg.probe_c)
             scores["recipe_head_refit"] = (hp.logits(f), ood.all_scores(hp.logits(f), f, 1.0, stats, knn_k=knn_k), {
                 name: ood.all_scores(hp.logits(of), of, 1.0, stats, knn_k=knn_k) for name, (_, of) in ood_out.items()})
+        pb_probes = {}
         for m, fit_idx in (("probe", train), ("probe_trainval", rest)):
             pb = probe_baseline(feats[fit_idx], y[fit_idx], feats[test], ood_feats, n_classes, c=train_cfg.probe_c,
                                 knn_k=knn_k)
             scores[m] = (pb.test_logits, pb.test_scores, pb.ood_scores)
+            if composite_pair is not None:  # the same probe again, for the composites' frozen features
+                pb_probes[m] = probe.fit_probe(feats[fit_idx], y[fit_idx], n_classes, c=train_cfg.probe_c)
+        if composite_pair is not None:
+            comp, sets, kinds = composite_set([arrays[i] for i in test], y[test], composite_pair)
+            comp_logits = {}
+            if comp:
+                cds = ArrayDataset(comp, [0] * len(comp))
+                comp_logits["recipe"], cf = predict_logits_and_features(res.model, cds, device="cpu")
+                if head_refit:
+                    comp_logits["recipe_head_refit"] = hp.logits(cf)
+                frozen_cf = predict_logits_and_features(frozen, cds, device="cpu")[1]
+                comp_logits.update({m: lp.logits(frozen_cf) for m, lp in pb_probes.items()})
+            comp_out.append((test, sets, kinds, comp_logits))
         for m, (logits, id_s, ood_s) in scores.items():
             pred[m][test] = logits.argmax(1)
+            heldout[m][test] = logits
             for name, sets in ood_report(id_s, ood_s).items():
                 for method, r in sets.items():
                     per_fold[m].setdefault(name, {}).setdefault(method, []).append(r["auroc"])
         log(f"fold {k + 1}/{folds}: best epoch {res.best_epoch}, test acc recipe "
             f"{metrics.accuracy(y[test], pred['recipe'][test]):.2f} probe {metrics.accuracy(y[test], pred['probe'][test]):.2f}")
+    composites = {}
+    if composite_pair is not None:
+        for m in models:
+            all_logits, all_sets, all_kinds, masks = [], [], [], []
+            for test, sets, kinds, comp_logits in comp_out:
+                if not sets:
+                    continue
+                others = np.setdiff1d(np.arange(len(y)), test)
+                rule = conformal.calibrate(ood.softmax(heldout[m][others]), y[others], coverage=label_set_coverage)
+                all_logits.append(comp_logits[m])
+                all_sets += sets
+                all_kinds += kinds
+                masks.append(rule.mask(ood.softmax(comp_logits[m])))
+            composites[m] = composite_report(np.concatenate(all_logits), all_sets, all_kinds,
+                                             label_set_mask=np.concatenate(masks)) if all_sets else {"images": 0}
     return {
-        "folds": folds, "images": int(len(y)), "best_epochs": epochs,
+        "folds": folds, "images": int(len(y)), "best_epochs": epochs, "composites": composites,
         "models": {m: {"accuracy": metrics.accuracy(y, pred[m]), "macro_f1": metrics.macro_f1(y, pred[m], n_classes),
                        "ood_auroc": {name: {method: _mean(v) for method, v in sets.items()}
                                      for name, sets in per_fold[m].items()}}
@@ -207,3 +246,169 @@ def evaluate_test(y: np.ndarray, logits: np.ndarray, features: np.ndarray | None
                                               for m, v in by_method.items() if m in id_all and len(v)}
     result["ood_auroc_min"] = min(result["ood_auroc"].values()) if result["ood_auroc"] else None
     return result
+
+
+# --------------------------------------------------------------------------- two states in one photo
+
+COMPOSITE_KINDS = ("halves", "patch")
+
+
+def two_state_composites(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    """Four photos showing both states of two same-size uint8 HWC photos ``a`` and ``b``.
+
+    ``halves_ab`` / ``halves_ba``: the left half of one beside the right half of the other;
+    ``patch_ab`` / ``patch_ba``: CutMix-style, a central square of the second photo covering
+    half of the first one's area pasted into the first.
+    """
+    if a.shape != b.shape or a.ndim != 3:
+        raise ValueError(f"composites need two HWC photos of one size, got {a.shape} and {b.shape}")
+    h, w = a.shape[:2]
+    out = {}
+    for tag, (p, q) in {"ab": (a, b), "ba": (b, a)}.items():
+        half = p.copy()
+        half[:, w // 2:] = q[:, w // 2:]
+        out[f"halves_{tag}"] = half
+        ph, pw = int(round(h / np.sqrt(2))), int(round(w / np.sqrt(2)))
+        y0, x0 = (h - ph) // 2, (w - pw) // 2
+        patch = p.copy()
+        patch[y0:y0 + ph, x0:x0 + pw] = q[y0:y0 + ph, x0:x0 + pw]
+        out[f"patch_{tag}"] = patch
+    return out
+
+
+def composite_set(arrays: Sequence[np.ndarray], labels: Sequence[int], pair: tuple[int, int], *,
+                  max_pairs: int | None = None, seed: int = 0) -> tuple[list[np.ndarray], list[set[int]], list[str]]:
+    """Composites of every (class ``pair[0]`` photo, class ``pair[1]`` photo) pair (at most
+    ``max_pairs``, drawn with ``seed``): arrays, label sets ``{pair[0], pair[1]}`` and each
+    composite's kind (``halves`` / ``patch``). ``arrays`` may be a dict holding only the rows
+    of the two classes."""
+    y = np.asarray(labels)
+    pairs = [(i, j) for i in np.flatnonzero(y == pair[0]) for j in np.flatnonzero(y == pair[1])]
+    if max_pairs is not None and len(pairs) > max_pairs:
+        keep = np.random.default_rng(seed).choice(len(pairs), max_pairs, replace=False)
+        pairs = [pairs[k] for k in sorted(keep)]
+    out, sets, kinds = [], [], []
+    for i, j in pairs:
+        for name, img in two_state_composites(arrays[i], arrays[j]).items():
+            out.append(img)
+            sets.append({int(pair[0]), int(pair[1])})
+            kinds.append(name.split("_")[0])
+    return out, sets, kinds
+
+
+def composite_report(logits: np.ndarray, label_sets: Sequence[set[int]], kinds: Sequence[str], *,
+                     label_set_mask: np.ndarray | None = None) -> dict:
+    """Top-2 joint hit rate on two-state composites, overall and per kind; with the label sets'
+    membership mask (N, C) also their joint coverage (share of sets holding both labels) and
+    mean size."""
+    if not len(label_sets):
+        return {"images": 0}
+    kinds_arr = np.asarray(kinds)
+    by_kind = {k: np.flatnonzero(kinds_arr == k) for k in dict.fromkeys(kinds)}
+    out = {"images": len(label_sets), "top2_joint_hit_rate": metrics.top2_joint_hit_rate(logits, label_sets),
+           "by_kind": {k: metrics.top2_joint_hit_rate(logits[i], [label_sets[j] for j in i]) for k, i in by_kind.items()}}
+    if label_set_mask is not None:
+        out["label_set_joint_coverage"] = float(np.mean([all(label_set_mask[i, c] for c in s)
+                                                         for i, s in enumerate(label_sets)]))
+        out["label_set_mean_size"] = float(label_set_mask.sum(axis=1).mean())
+    return out
+
+
+def composite_evaluation(model, dataset: Dataset, labels: Sequence[int], pairs: Sequence[tuple[int, int]], *,
+                         temperature: float = 1.0, rule=None, device: str = "cpu", max_pairs: int = 200) -> dict:
+    """Two states in one photo without new photos, for ``model_evaluation``: composites of the
+    (test) ``dataset``'s single-label photos (``(uint8 CHW, label)`` items) for each class pair
+    (e.g. the tasks' positive labels, defect + dirt), :func:`composite_report` per pair (keyed
+    ``"a+b"`` by class index) and pooled; ``rule``: the version's ``conformal.LabelSets``."""
+    y = np.asarray(labels)
+    wanted = sorted({c for p in pairs for c in p})
+    rows = np.flatnonzero(np.isin(y, wanted))
+    arrays = {int(i): dataset[int(i)][0].permute(1, 2, 0).numpy() for i in rows}
+    per_pair, pooled = {}, ([], [], [], [])
+    for a, b in pairs:
+        comp, sets, kinds = composite_set(arrays, y, (a, b), max_pairs=max_pairs)
+        if not comp:
+            continue
+        logits = predict_logits(model, ArrayDataset(comp, [0] * len(comp)), device=device)
+        mask = rule.mask(ood.softmax(logits, temperature)) if rule is not None else None
+        per_pair[f"{a}+{b}"] = composite_report(logits, sets, kinds, label_set_mask=mask)
+        for acc, v in zip(pooled, (logits, sets, kinds, mask), strict=True):
+            acc.append(v)
+    if not per_pair:
+        return {"images": 0}
+    logits, masks = np.concatenate(pooled[0]), pooled[3]
+    out = composite_report(logits, [s for ss in pooled[1] for s in ss], [k for kk in pooled[2] for k in kk],
+                           label_set_mask=np.concatenate(masks) if rule is not None else None)
+    return {**out, "pairs": per_pair}
+
+
+# --------------------------------------------------------------------------- unfamiliar car photos vs irrelevant
+
+
+def leave_one_class_out(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arrays: dict[str, list[np.ndarray]],
+                        spec: ModelSpec, train_cfg: TrainConfig, left_out: Sequence[int], *, folds: int = 5,
+                        val_fraction: float = 0.15, seed: int = 0, knn_k: int = 1, target_tpr: float = 0.95,
+                        calibration_set: str | None = None, log: Callable[[str], object] = print) -> dict:
+    """How often car photos of a state the model never trained on are flagged OOD, per score.
+
+    For each class in ``left_out``: its photos leave the data; the other classes are split by
+    stratified k-fold as :func:`cross_validate` does (train / val / test); a model trains on
+    train. Every score (the package's, on the fine-tuned features, plus ``knn_pretrained``:
+    kNN in the frozen pretrained backbone's feature space) is thresholded on val two ways:
+    ``tpr`` (:func:`ood.threshold_at_tpr`, today's rule) and ``between``
+    (:func:`ood.threshold_between` against ``calibration_set``, one of ``ood_arrays``, as the
+    calibration would use a configured OOD set). Reported per score and rule: the left-out
+    class's flag rate, the ID test photos' flag rate and each irrelevant set's rejected share;
+    per score the AUROC of the ID test photos against each irrelevant set (mean over folds).
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    frozen = frozen_feature_model(spec)
+    pre = predict_logits_and_features(frozen, ArrayDataset(arrays, y), device="cpu")[1]
+    pre_ood = {k: predict_logits_and_features(frozen, ArrayDataset(v, [0] * len(v)), device="cpu")[1]
+               for k, v in ood_arrays.items()}
+    acc: dict[str, dict[str, list[float]]] = {}
+
+    def add(method: str, key: str, value: float) -> None:
+        acc.setdefault(method, {}).setdefault(key, []).append(float(value))
+
+    for c in left_out:
+        keep = np.flatnonzero(y != c)
+        kept_classes = sorted(set(y[keep].tolist()))
+        yk = np.searchsorted(kept_classes, y[keep])
+        spec_c = dataclasses.replace(spec, num_classes=len(kept_classes))
+        skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        for k, (rest, test) in enumerate(skf.split(np.zeros(len(keep)), yk)):
+            n_val = max(len(np.unique(yk[rest])), int(round(val_fraction * len(rest))))
+            train, val = train_test_split(rest, test_size=n_val, stratify=yk[rest], random_state=seed + k)
+            res = train_classifier(spec_c, ArrayDataset([arrays[i] for i in keep[train]], yk[train]),
+                                   ArrayDataset([arrays[i] for i in keep[val]], yk[val]), train_cfg,
+                                   log=lambda s, c=c, k=k: log(f"  left out {c}, fold {k + 1}: {s}"))
+            stats = ood.fit_feature_stats(res.train_features, res.train_labels)
+            bank = ood.fit_feature_stats(pre[keep[train]], yk[train])["knn_bank"]
+            groups = {"val": keep[val], "test": keep[test], "left_out": np.flatnonzero(y == c)}
+            scored: dict[str, dict[str, np.ndarray]] = {}
+            for g, idx in groups.items():
+                lg, f = predict_logits_and_features(res.model, ArrayDataset([arrays[i] for i in idx], [0] * len(idx)),
+                                                    device="cpu")
+                scored[g] = {**ood.all_scores(lg, f, 1.0, stats, knn_k=knn_k),
+                             "knn_pretrained": ood.knn_score(pre[idx], bank, knn_k)}
+            for name, v in ood_arrays.items():
+                lg, f = predict_logits_and_features(res.model, ArrayDataset(v, [0] * len(v)), device="cpu")
+                scored[f"ood:{name}"] = {**ood.all_scores(lg, f, 1.0, stats, knn_k=knn_k),
+                                         "knn_pretrained": ood.knn_score(pre_ood[name], bank, knn_k)}
+            cal = calibration_set or next(iter(ood_arrays))
+            for method in scored["val"]:
+                thresholds = {"tpr": ood.threshold_at_tpr(scored["val"][method], target_tpr),
+                              "between": ood.threshold_between(scored["val"][method], scored[f"ood:{cal}"][method],
+                                                               target_tpr)}
+                for rule, t in thresholds.items():
+                    add(method, f"{rule}/left_out_flagged", np.mean(scored["left_out"][method] < t))
+                    add(method, f"{rule}/test_flagged", np.mean(scored["test"][method] < t))
+                    for name in ood_arrays:
+                        add(method, f"{rule}/{name}_rejected", np.mean(scored[f"ood:{name}"][method] < t))
+                for name in ood_arrays:
+                    add(method, f"auroc/{name}", ood.auroc(scored["test"][method], scored[f"ood:{name}"][method]))
+            log(f"left out class {c}, fold {k + 1}/{folds}: best epoch {res.best_epoch}, left-out flagged by knn "
+                f"{acc['knn']['tpr/left_out_flagged'][-1]:.2f} (tpr rule)")
+    return {"left_out": [int(c) for c in left_out], "folds": folds, "calibration_set": calibration_set,
+            "target_tpr": target_tpr, "scores": {m: {k: _mean(v) for k, v in d.items()} for m, d in acc.items()}}

@@ -421,3 +421,25 @@ def package_score(logits, features, method: str, temperature: float, meta: dict)
     """``score`` with what the model package carries: ``meta["ood_stats"]`` (the feature
     statistics) and ``meta["extra"]["ood_knn_k"]`` (the k the kNN score was calibrated with)."""
     return score(logits, features, method, temperature, meta.get("ood_stats"), knn_k=package_knn_k(meta))
+
+
+# --------------------------------------------------------------------------- "not a car photo" (issue 26)
+
+
+def threshold_between(id_scores, irrelevant_scores, tpr: float = 0.95) -> float:
+    """A threshold that rejects what looks like the irrelevant images rather than what is merely
+    unfamiliar: :func:`threshold_at_tpr` of the ID (val) scores, lowered to the midpoint between
+    it and the highest irrelevant-image score when every irrelevant image scores below it.
+
+    The ID threshold alone sits at the edge of the few val photos, so a car photo of a state
+    never trained on (further from the train photos than any val photo, still far closer than a
+    document) is flagged; the midpoint keeps the margin to the irrelevant sets on both sides.
+    When the sets overlap (highest irrelevant score >= the ID threshold) it is the ID
+    threshold. Never higher than the ID threshold, so the val TPR stays >= ``tpr``.
+    """
+    t_id = threshold_at_tpr(id_scores, tpr)
+    irr = _scores1d(irrelevant_scores, "irrelevant_scores", allow_empty=True)
+    if irr.size == 0:
+        return t_id
+    top = float(irr.max())
+    return (t_id + top) / 2.0 if top < t_id else t_id

@@ -6,7 +6,8 @@ The default recipe converges from a few dozen to a few thousand photos per class
    logistic regression on the frozen pretrained features (``lib/probe.py``); PMG's new heads
    train ``lp_epochs`` with the backbone frozen.
 2. **FT**: then everything is fine-tuned (unless ``freeze_backbone``) on augmented training
-   images (random-resized crop, flip, mild colour jitter on the uint8 tensors, torch RNG),
+   images (random-resized crop, flip, mild colour jitter on the uint8 tensors, torch RNG;
+   optionally CutMix / mixup across the batch, :class:`BatchMixer`),
    with the backbone's BatchNorm statistics kept (batches of a few photos would overwrite
    ImageNet's), for at most ``epochs`` epochs, stopping after ``patience`` epochs without a
    better validation score.
@@ -61,6 +62,10 @@ class TrainConfig:
     lp_epochs: int = 3  # PMG only: head-only epochs before fine-tuning
     patience: int | None = 3  # None: run all `epochs`
     augment: bool = True
+    # mixed-sample training (timm's CutMix / mixup): Beta(alpha, alpha) mixing strengths, 0 = off
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mix_prob: float = 1.0  # share of FT batches that are mixed (when mixup or cutmix > 0)
 
 
 @dataclass
@@ -97,6 +102,42 @@ class Augmented(Dataset):
     def __getitem__(self, i: int):
         x, y = self.ds[i]
         return self.transform(x), y
+
+
+class BatchMixer:
+    """Mixed-sample training on one batch: CutMix (Yun et al., ICCV 2019) and/or mixup (Zhang
+    et al., ICLR 2018) with timm's box and target functions; the batch is mixed with itself
+    reversed, as timm's ``Mixup`` does in batch mode (which also works for odd batch sizes,
+    where timm's ``Mixup`` refuses). Returns soft targets (N, C) that ``F.cross_entropy`` takes
+    as class probabilities, so PMG's progressive steps use them unchanged. With both alphas set,
+    each mixed batch is CutMix or mixup with equal chance. Its own seeded RNG: reproducible.
+    """
+
+    def __init__(self, num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0,
+                 seed: int = 0):
+        if mixup < 0 or cutmix < 0 or not 0 <= prob <= 1:
+            raise ValueError(f"mixup/cutmix alphas must be >= 0 and mix_prob in [0, 1], got {mixup}, {cutmix}, {prob}")
+        self.num_classes, self.mixup, self.cutmix, self.prob = num_classes, mixup, cutmix, prob
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def active(self) -> bool:
+        return self.prob > 0 and (self.mixup > 0 or self.cutmix > 0)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from timm.data.mixup import cutmix_bbox_and_lam, mixup_target
+
+        if not self.active or x.shape[0] < 2 or self.rng.random() >= self.prob:
+            return x, y
+        use_cutmix = self.cutmix > 0 and (self.mixup <= 0 or self.rng.random() < 0.5)
+        lam = float(self.rng.beta(*(2 * [self.cutmix if use_cutmix else self.mixup])))
+        x = x.clone()
+        if use_cutmix:
+            (yl, yh, xl, xh), lam = cutmix_bbox_and_lam(x.shape, lam, correct_lam=True)
+            x[:, :, yl:yh, xl:xh] = x.flip(0)[:, :, yl:yh, xl:xh]
+        else:
+            x = x * lam + x.flip(0) * (1.0 - lam)
+        return x, mixup_target(y, self.num_classes, lam)
 
 
 def _autocast(device: torch.device):
@@ -334,6 +375,7 @@ def train_classifier(
     planned["epochs"] = sum(n for _, n, _ in phases)
 
     fit_ds = Augmented(train_ds, spec.image_size) if cfg.augment else train_ds
+    mixer = BatchMixer(spec.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob, seed=cfg.seed + 2)
     # A trailing batch of one would crash BatchNorm in train mode (PMG's reference skips
     # short batches for the same reason), so full batches only when there is at least one.
     train_loader = _loader(fit_ds, cfg.batch_size, shuffle=True, drop_last=n_train >= cfg.batch_size,
@@ -366,6 +408,8 @@ def train_classifier(
                 t1 = time.perf_counter()
                 x = to_input(xb, device)
                 y = torch.as_tensor(yb).to(device, non_blocking=True).long()
+                if mixer.active:
+                    x, y = mixer(x, y)
                 head_loss, total = train_step(model, opt, x, y, jig_gen, device)
                 t2 = time.perf_counter()
                 wait_s += t1 - t0
