@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from sofar_assets.lib.models import ModelSpec, build_model
-from sofar_assets.lib.serving import signature as serving_signature
 
 PACKAGE_FORMAT = "sofar-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -162,6 +161,26 @@ def _pip_requirements() -> list[str]:
         f"scipy=={base(scipy.__version__)}",
         f"scikit-learn=={base(sklearn.__version__)}",
     ]
+
+
+def serving_signature():
+    """The served model's signature (lib/serving.py's SofarPyfunc): photos in (bytes or URI, optional id), rows out."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "image_uri", required=False),
+                       ColSpec("string", "image_id", required=False)]),
+        outputs=Schema([
+            ColSpec("string", "image_id"), ColSpec("string", "image_uri", required=False),
+            ColSpec("string", "top1_label", required=False), ColSpec("double", "top1_prob", required=False),
+            ColSpec("string", "top2_label", required=False), ColSpec("double", "top2_prob", required=False),
+            ColSpec("string", "label_set", required=False), ColSpec("long", "label_set_size", required=False),
+            ColSpec("double", "ood_score", required=False), ColSpec("boolean", "is_ood"),
+            ColSpec("string", "error", required=False), ColSpec("string", "model_name"),
+            ColSpec("string", "model_version"),
+        ]),
+    )
 
 
 def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], registered_model_name: str, *,

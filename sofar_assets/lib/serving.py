@@ -21,6 +21,7 @@ import torch
 from sofar_assets.lib import ood, storage, uploads
 from sofar_assets.lib.conformal import LabelSets
 from sofar_assets.lib.inference import Item, predict_frame
+from sofar_assets.lib.packaging import PYFUNC_ARTIFACT, load_package
 from sofar_assets.lib.predictor import PREDICTION_COLUMNS, make_runner
 
 OUTPUT_COLUMNS = (*PREDICTION_COLUMNS, "model_name", "model_version")
@@ -117,26 +118,6 @@ def _given(v) -> bool:
     return not (isinstance(v, (str, bytes, bytearray)) and len(v) == 0)
 
 
-def signature():
-    """The served model's signature: photos in (bytes or URI, optional id), rows out."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import ColSpec, Schema
-
-    return ModelSignature(
-        inputs=Schema([ColSpec("binary", "image", required=False), ColSpec("string", "image_uri", required=False),
-                       ColSpec("string", "image_id", required=False)]),
-        outputs=Schema([
-            ColSpec("string", "image_id"), ColSpec("string", "image_uri", required=False),
-            ColSpec("string", "top1_label", required=False), ColSpec("double", "top1_prob", required=False),
-            ColSpec("string", "top2_label", required=False), ColSpec("double", "top2_prob", required=False),
-            ColSpec("string", "label_set", required=False), ColSpec("long", "label_set_size", required=False),
-            ColSpec("double", "ood_score", required=False), ColSpec("boolean", "is_ood"),
-            ColSpec("string", "error", required=False), ColSpec("string", "model_name"),
-            ColSpec("string", "model_version"),
-        ]),
-    )
-
-
 class SofarPyfunc(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc: a request table (``image`` bytes / ``image_uri``, ``image_id``) -> rows.
 
@@ -146,7 +127,6 @@ class SofarPyfunc(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context) -> None:
-        from sofar_assets.lib.packaging import PYFUNC_ARTIFACT, load_package
 
         model, meta = load_package(context.artifacts[PYFUNC_ARTIFACT])
         conf = dict(context.model_config or {})
