@@ -192,14 +192,8 @@ class DuckDBWarehouse(Warehouse):
 
     def append_rows(self, schema: TableSchema, df: pd.DataFrame) -> int:
         """One transaction: create/extend the table, ``INSERT`` the rows, ``COMMIT``."""
-        data = schema.to_arrow(df)
-        fq = self.fully_qualified(schema.name)
-        with self._transaction() as con:
-            self._ensure_table(con, schema.name, dict(schema.columns))
-            con.register("_sofar_frame", data)
-            cols = ", ".join(self.quote(c) for c in schema.columns)
-            con.execute(f"INSERT INTO {fq} ({cols}) SELECT {cols} FROM _sofar_frame")
-        return data.num_rows
+        cols = ", ".join(self.quote(c) for c in schema.columns)
+        return self.append_new(schema, df, lambda frame: f"SELECT {cols} FROM {frame}")
 
     def append_new(self, schema: TableSchema, df: pd.DataFrame, new_rows) -> int:
         """One transaction under the file's lock: create/extend the table, ``INSERT`` what
