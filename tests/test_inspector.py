@@ -189,7 +189,7 @@ def test_least_confident_is_not_padded_with_sure_photos():
 def test_judged_photos_leave_the_queue_and_a_second_verdict_warns(sofar, morning):
     wh, day = morning["wh"], DAYS[0]
     first = review.review_queue(wh, "predictions", day)
-    assert len(first) >= 2
+    assert len(first) >= 1  # (fewer OOD flags since ood.threshold: between; one photo is enough here)
     judged = first["image_id"].iloc[0]
     code, _, err = sofar("correct", judged, "irrelevant", "--inspector", "erin")
     assert code == 0 and "already judged" not in err

@@ -290,7 +290,7 @@ def test_evaluation_maps_the_n_class_model_onto_each_task(pipeline):
     # two states without new photos: composites of the test split's defect and dirt photos
     comp = evaluation["composites"]
     assert comp["images"] > 0 and comp["images"] % 4 == 0 and set(comp["by_kind"]) == {"halves", "patch"}
-    assert md["composites_top2_joint_hit_rate"].value == comp["top2_joint_hit_rate"]
+    assert md["composites_top2_joint_hit_rate"].value == pytest.approx(comp["top2_joint_hit_rate"], abs=5e-4)
     assert 0.0 <= comp["label_set_joint_coverage"] <= 1.0
     assert set(evaluation["tasks"]) == set(cfg.tasks)
     assert evaluation["tasks"]["defect"]["n"] > 0

@@ -170,12 +170,15 @@ def test_a_deleted_registry_is_an_error_and_creating_one_is_explicit(pipeline, d
     while the warehouse held rows saying model_version=1 of the old one."""
     import datetime as dt
 
+    import duckdb
     import pandas as pd
 
     from sofar_assets import cli
     from sofar_assets.lib.warehouse import PREDICTIONS
 
     shutil.copytree(Path(pipeline["cfg"].root), tmp_path / "state")
+    with duckdb.connect(str(tmp_path / "state" / "warehouse.duckdb")) as con:  # only the rows made here
+        con.execute("DROP TABLE IF EXISTS predictions")
     path = write_config(tmp_path, demo_data)
     cfg = load_config(path)
     defs = build_definitions(cfg)

@@ -132,7 +132,7 @@ def test_range_run_records_each_days_own_numbers_on_its_partition(env):
         if n_ood:
             sheet_rows = md["review_rows"].value
             assert "data:image/png;base64," in md["review_sheet"].value
-            assert sheet_rows.count("| ood ") == n_ood and f"{day.isoformat()}/" in sheet_rows
+            assert sheet_rows.count("| `ood` ") == n_ood and f"{day.isoformat()}/" in sheet_rows
         else:
             assert "review_sheet" not in md
     # one shard: the model loads once per run, from its store directly (not models:/ via the server)
