@@ -374,7 +374,7 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
         import subprocess
 
         doc = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "doctor"], cwd=REPO, capture_output=True,
-                             text=True, timeout=600, env=stack.env(**dagster.env, SOFAR_CONFIG=str(CONFIG)))
+                             text=True, timeout=600, env=stack.env(**dagster.env))  # SOFAR_CONFIG: prod-local.yaml
         for line in doc.stdout.splitlines():
             log(f"  sofar doctor | {line}")
         last = (doc.stdout.strip().splitlines() or [doc.stderr.strip()[-300:]])[-1]
