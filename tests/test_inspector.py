@@ -44,7 +44,9 @@ def morning(pipeline, demo_data, tmp_path_factory):
     for name in ("mlflow.db", "warehouse.duckdb"):
         shutil.copy2(src / name, folder / "state" / name)
     with duckdb.connect(str(folder / "state" / "warehouse.duckdb")) as con:  # only the days made here:
-        con.execute("DROP TABLE IF EXISTS predictions")  # other tests' days in the shared state are not ours
+        for (schema,) in con.execute("SELECT table_schema FROM information_schema.tables "
+                                     "WHERE table_name = 'predictions'").fetchall():
+            con.execute(f'DROP TABLE "{schema}".predictions')  # other tests' days in the shared state are not ours
     path = write_config(folder, demo_data)
     cfg = load_config(path)
     defs = build_definitions(cfg)

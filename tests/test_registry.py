@@ -178,7 +178,9 @@ def test_a_deleted_registry_is_an_error_and_creating_one_is_explicit(pipeline, d
 
     shutil.copytree(Path(pipeline["cfg"].root), tmp_path / "state")
     with duckdb.connect(str(tmp_path / "state" / "warehouse.duckdb")) as con:  # only the rows made here
-        con.execute("DROP TABLE IF EXISTS predictions")
+        for (schema,) in con.execute("SELECT table_schema FROM information_schema.tables "
+                                     "WHERE table_name = 'predictions'").fetchall():
+            con.execute(f'DROP TABLE "{schema}".predictions')
     path = write_config(tmp_path, demo_data)
     cfg = load_config(path)
     defs = build_definitions(cfg)
