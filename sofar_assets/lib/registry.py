@@ -205,14 +205,13 @@ def record_gate_config(client, name: str, version: str, gate) -> None:
 
 def recorded_gate(model_version, fallback):
     """``(gate settings, where they come from)``: the version's :data:`GATE_CONFIG_TAG`, or
-    ``fallback`` (the caller's config) for a version trained before the tag existed."""
-    from sofar_assets.config import GateConfig
-
+    ``fallback`` (the caller's config) for a version trained before the tag existed. The tag is
+    read back with ``fallback``'s own model class (config.GateConfig: lib does not import config)."""
     raw = dict(model_version.tags).get(GATE_CONFIG_TAG)
     if raw is None:
         return fallback, f"the current config's gate (v{model_version.version} has no {GATE_CONFIG_TAG} tag)"
     try:
-        return GateConfig.model_validate(json.loads(raw)), f"the gate v{model_version.version} was trained under"
+        return type(fallback).model_validate(json.loads(raw)), f"the gate v{model_version.version} was trained under"
     except ValueError as exc:
         raise EvidenceError(f"{model_version.name} v{model_version.version}: its {GATE_CONFIG_TAG} tag is "
                             f"not a gate config ({str(exc).splitlines()[0]})") from None
