@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from sofar_assets.lib.data import storage
+from sofar_assets.lib.model.train_config import TrainConfig  # the train: section (one model, lib's)
 from sofar_assets.lib.serving import gke
 from sofar_assets.lib.warehouse.names import check_dataset, check_identifier, check_project
 
@@ -206,30 +207,6 @@ class ModelConfig(_Strict):
     )
     image_size: int = Field(224, ge=32, le=1024)
     pmg_feature_dim: int = Field(512, ge=8)
-
-
-class TrainConfig(_Strict):
-    """The training recipe (lib/model/training.py): linear probe, then fine-tuning with patience."""
-
-    epochs: int = Field(20, ge=1, description="cap on fine-tuning epochs; patience usually stops earlier")
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    backbone_lr_factor: float = Field(0.1, ge=0, description="backbone lr = lr * this (PMG's 0.1; README)")
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    freeze_backbone: bool = False
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    num_workers: int = Field(0, ge=0)
-    linear_probe: bool | None = Field(
-        None, description="LP-FT: fit the head on frozen features first; null: only when fine-tuning")
-    probe_c: float = Field(1.0, gt=0, description="inverse L2 strength of the linear probe")
-    lp_epochs: int = Field(3, ge=0, description="pmg only: head-only epochs before fine-tuning")
-    patience: int | None = Field(3, ge=1, description="stop after N epochs without a better val score")
-    augment: bool = Field(True, description="random-resized crop, flip, colour jitter on the train split")
-    mixup: float = Field(0.4, ge=0, description="mixup Beta(alpha, alpha) on fine-tuning batches; 0 = off (README)")
-    cutmix: float = Field(1.0, ge=0, description="CutMix Beta(alpha, alpha) on fine-tuning batches; 0 = off")
-    mix_prob: float = Field(1.0, ge=0, le=1, description="share of batches mixed when mixup or cutmix > 0")
 
 
 class OodConfig(_Strict):

@@ -66,3 +66,16 @@ def test_demo_and_prod_configs_parse():
     for name in ("demo.yaml", "prod.yaml"):
         cfg = load_config(root / name, check_paths=False)
         assert cfg.vocabulary()
+
+
+def test_one_train_config_with_a_description_on_every_field():
+    """The ``train:`` section IS lib's recipe settings (no copy to bridge), and each field says
+    what it does (the config reference is generated from these descriptions)."""
+    from sofar_assets.config import SofarConfig
+    from sofar_assets.lib.model import training
+    from sofar_assets.lib.model.train_config import TrainConfig
+
+    assert SofarConfig.model_fields["train"].annotation is TrainConfig is training.TrainConfig
+    missing = [name for name, f in TrainConfig.model_fields.items() if not (f.description or "").strip()]
+    assert not missing, missing
+    assert TrainConfig().mixup == 0.4 and TrainConfig().cutmix == 1.0  # the config's defaults, lib's too

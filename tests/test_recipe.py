@@ -55,7 +55,7 @@ def test_cross_validation_recipe_vs_probe_on_real_photos(samples):
             assert auc == pytest.approx(pr["ood_auroc"][name][method], abs=1e-6), (name, method)
     # and the fine-tuning path runs end to end (one augmented epoch per fold)
     ft = evaluation.cross_validate(arrays, labels, _irrelevant(), spec,
-                                   TrainConfig(epochs=1, patience=None, device="cpu"), folds=2, log=lambda s: None)
+                                   TrainConfig(epochs=1, patience=None, device="cpu", mixup=0.0, cutmix=0.0), folds=2, log=lambda s: None)
     assert all(0 <= e <= 1 for e in ft["best_epochs"])
     assert 0.0 <= ft["models"]["recipe"]["accuracy"] <= 1.0
 

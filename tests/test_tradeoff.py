@@ -100,7 +100,7 @@ def test_multitask_loss_sums_each_heads_own_images():
 
 def test_multitask_heads_are_trained_saved_and_load_back(tmp_path):
     data = _Colours(16)
-    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=3, device="cpu")
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=0.05, seed=3, device="cpu", mixup=0.0, cutmix=0.0)
     torch.manual_seed(cfg.seed)  # train_multitask seeds the same way before building its model
     init = MultiTaskNet(SPEC, HEADS).state_dict()
     ds = MultiTaskDataset(data, data.targets)
@@ -227,3 +227,27 @@ def test_tradeoff_report_saves_the_multitask_learner(report_run):
     with torch.no_grad():
         out = model(torch.rand(2, 3, 32, 32))
     assert out.shape == (2, sum(model.head_sizes)) and torch.isfinite(out).all()
+
+
+def test_multitask_uses_the_training_data_loader(monkeypatch):
+    """ONE DataLoader builder: the multi-task learner's loaders seed their workers and keep them
+    across epochs like the classifier's (its own builder lacked both)."""
+    from torch.utils.data import DataLoader
+
+    from sofar_assets.lib.model import training
+
+    made = []
+    original = DataLoader.__init__
+
+    def spy(self, *args, **kwargs):
+        made.append(kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(DataLoader, "__init__", spy)
+    data = _Colours(8)
+    cfg = TrainConfig(epochs=1, batch_size=4, seed=3, device="cpu", num_workers=1, mixup=0.0, cutmix=0.0)
+    train_multitask(SPEC, HEADS, MultiTaskDataset(data, data.targets), MultiTaskDataset(data, data.targets), cfg,
+                    log=lambda _: None)
+    assert len(made) == 2  # train and val
+    for kwargs in made:
+        assert kwargs["worker_init_fn"] is training._worker_init and kwargs["persistent_workers"] is True

@@ -63,6 +63,8 @@ class Stripes(Dataset):
 
 # the plain SGD loop without the recipe's LP step, augmentation and early stopping
 SGD_ONLY = {"linear_probe": False, "augment": False, "patience": None}
+# no CutMix / mixup: what these tests trained with before the one TrainConfig took the config's defaults
+NO_MIX = {"mixup": 0.0, "cutmix": 0.0}
 
 
 def _spec(arch: str = "linear") -> ModelSpec:
@@ -85,7 +87,7 @@ def test_resolve_device():
 def test_frozen_linear_probe_learns_and_keeps_backbone_untouched():
     train, val = Stripes(32, seed=0), Stripes(16, seed=1)
     lines, rows = [], []
-    cfg = TrainConfig(epochs=3, batch_size=8, freeze_backbone=True, device="cpu", **SGD_ONLY)
+    cfg = TrainConfig(**NO_MIX, epochs=3, batch_size=8, freeze_backbone=True, device="cpu", **SGD_ONLY)
     res = train_classifier(_spec(), train, val, cfg, log=lines.append, on_epoch=rows.append)
 
     assert [r["epoch"] for r in res.history] == [1, 2, 3] and rows == res.history
@@ -111,7 +113,7 @@ def test_best_epoch_weights_are_restored_not_the_last():
     # Validation labels are the opposite of training labels: the better the model learns, the
     # worse its val macro-F1, so the best epoch is the first one and must be what comes back.
     train, val = Stripes(32, seed=0), Stripes(16, seed=1, flip_labels=True)
-    res = train_classifier(_spec(), train, val, TrainConfig(epochs=3, batch_size=8, freeze_backbone=True,
+    res = train_classifier(_spec(), train, val, TrainConfig(**NO_MIX, epochs=3, batch_size=8, freeze_backbone=True,
                                                             device="cpu", **SGD_ONLY), log=lambda s: None)
     f1s = [r["val_macro_f1"] for r in res.history]
     assert res.best_epoch == 1 and f1s[0] >= max(f1s)
@@ -122,7 +124,7 @@ def test_best_epoch_weights_are_restored_not_the_last():
 
 def test_pmg_trains_one_epoch_with_backbone_updates():
     train, val = Stripes(16, seed=2), Stripes(8, seed=3)
-    res = train_classifier(_spec("pmg"), train, val, TrainConfig(epochs=1, batch_size=8, device="cpu", **SGD_ONLY),
+    res = train_classifier(_spec("pmg"), train, val, TrainConfig(**NO_MIX, epochs=1, batch_size=8, device="cpu", **SGD_ONLY),
                            log=lambda s: None)
     (row,) = res.history
     assert all(math.isfinite(row[k]) for k in ("train_loss", "train_loss_total", "val_loss", "val_macro_f1"))
@@ -149,7 +151,7 @@ def test_val_macro_f1_ties_are_broken_by_val_loss():
     # Both classes are learnt at once, so val macro-F1 is 1.0 at every epoch while val loss
     # keeps falling: the kept epoch must be the lowest-loss one, not the first F1 = 1.0.
     train, val = Stripes(32, seed=0), Stripes(16, seed=1)
-    res = train_classifier(_spec(), train, val, TrainConfig(epochs=4, batch_size=8, freeze_backbone=True,
+    res = train_classifier(_spec(), train, val, TrainConfig(**NO_MIX, epochs=4, batch_size=8, freeze_backbone=True,
                                                             device="cpu", **SGD_ONLY), log=lambda s: None)
     f1s = [r["val_macro_f1"] for r in res.history]
     losses = [r["val_loss"] for r in res.history]
@@ -163,7 +165,7 @@ def test_lp_ft_starts_from_the_logistic_regression_probe_then_fine_tunes():
 
     train, val = Stripes(24, seed=0), Stripes(8, seed=1)
     rows = []
-    cfg = TrainConfig(epochs=2, batch_size=8, device="cpu", patience=None)
+    cfg = TrainConfig(**NO_MIX, epochs=2, batch_size=8, device="cpu", patience=None)
     res = train_classifier(_spec(), train, val, cfg, log=lambda s: None, on_epoch=rows.append)
     assert [(r["epoch"], r["phase"]) for r in res.history] == [(0, "lp"), (1, "ft"), (2, "ft")]
     assert res.history[0]["val_acc"] == 1.0  # the probe alone already separates the stripes
@@ -186,7 +188,7 @@ def test_lp_ft_starts_from_the_logistic_regression_probe_then_fine_tunes():
 def test_patience_stops_fine_tuning_when_val_stops_improving():
     # flipped val labels: every fine-tuning epoch only gets worse on val
     train, val = Stripes(16, seed=0), Stripes(8, seed=1, flip_labels=True)
-    res = train_classifier(_spec(), train, val, TrainConfig(epochs=10, batch_size=8, device="cpu", patience=2),
+    res = train_classifier(_spec(), train, val, TrainConfig(**NO_MIX, epochs=10, batch_size=8, device="cpu", patience=2),
                            log=lambda s: None)
     assert [r["phase"] for r in res.history] == ["lp", "ft", "ft"]
     assert res.best_epoch == 0
@@ -285,7 +287,7 @@ def test_mlflow_register_and_load_round_trip(mlflow_sqlite, tmp_path):
     from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 
     train, val = Stripes(16, seed=0), Stripes(8, seed=1)
-    res = train_classifier(_spec(), train, val, TrainConfig(epochs=1, batch_size=8, freeze_backbone=True,
+    res = train_classifier(_spec(), train, val, TrainConfig(**NO_MIX, epochs=1, batch_size=8, freeze_backbone=True,
                                                             device="cpu"), log=lambda s: None)
     model = res.model.eval()
     with pytest.raises(RuntimeError, match="active mlflow run"):
@@ -342,7 +344,7 @@ def test_mlflow_register_and_load_round_trip(mlflow_sqlite, tmp_path):
 def test_cuda_bf16_training_agrees_with_cpu_inference():
     train, val = Stripes(32, seed=0), Stripes(16, seed=1)
     for arch in ("linear", "pmg"):
-        res = train_classifier(_spec(arch), train, val, TrainConfig(epochs=2, batch_size=8, device="cuda",
+        res = train_classifier(_spec(arch), train, val, TrainConfig(**NO_MIX, epochs=2, batch_size=8, device="cuda",
                                                                     freeze_backbone=arch == "linear"),
                                log=lambda s: None)
         assert next(res.model.parameters()).device.type == "cuda"
@@ -375,7 +377,7 @@ def test_batch_mixer_cutmix_and_mixup_give_targets_matching_the_pixels():
 def test_mixed_sample_training_changes_the_training_not_the_interfaces(arch):
     train, val = Stripes(12, seed=4), Stripes(6, seed=5)
     runs = {}
-    for name, mix in {"plain": {}, "mixed": {"mixup": 0.4, "cutmix": 1.0}}.items():
+    for name, mix in {"plain": NO_MIX, "mixed": {"mixup": 0.4, "cutmix": 1.0}}.items():
         cfg = TrainConfig(epochs=1, batch_size=6, device="cpu", **SGD_ONLY, **mix)
         runs[name] = train_classifier(_spec(arch), train, val, cfg, log=lambda s: None)
     # soft targets make the training loss differ from the plain run's, same seed, same batches

@@ -28,7 +28,6 @@ from sofar_assets.lib.model import calibration, conformal, evaluation, metrics, 
 from sofar_assets.lib.model.gate import GATE_CHECKS, gate_results
 from sofar_assets.lib.model.models import ModelSpec
 from sofar_assets.lib.model.training import (
-    TrainConfig,
     predict_logits,
     predict_logits_and_features,
     train_classifier,
@@ -172,7 +171,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         if missing:
             context.log.warning(f"classes without training images: {missing}")
         spec = model_spec(cfg, len(classes))
-        tcfg = TrainConfig(**cfg.train.model_dump())
+        tcfg = cfg.train
         # a registry is created only on a first run: not when the warehouse remembers its versions
         mlflow_tracking.require_registry(cfg.model.name, registry.predicted_versions(warehouse.get(), cfg.model.name))
         experiment_id = mlflow_tracking.setup()

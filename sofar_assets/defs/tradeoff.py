@@ -23,7 +23,6 @@ from sofar_assets.lib.data import dataset as ds
 from sofar_assets.lib.data import storage
 from sofar_assets.lib.model import plots, tradeoff
 from sofar_assets.lib.model.multitask import save_multitask
-from sofar_assets.lib.model.training import TrainConfig
 from sofar_assets.lib.serving import registry
 from sofar_assets.settings import git_commit
 
@@ -69,7 +68,7 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
         spec = model_spec(cfg, len(classes))  # the champion's network, weights_file included
         try:
             result = tradeoff.compare_systems(
-                data, classes, tradeoff.task_spaces(cfg.tasks, classes), spec, TrainConfig(**cfg.train.model_dump()),
+                data, classes, tradeoff.task_spaces(cfg.tasks, classes), spec, cfg.train,
                 cache, ood_sets, batch_size=cfg.inference.batch_size, device=cfg.inference.device,
                 log=context.log.info,
             )

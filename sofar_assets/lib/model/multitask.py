@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from sofar_assets.lib.common.devices import resolve_device
 from sofar_assets.lib.model import metrics
 from sofar_assets.lib.model.models import ModelSpec, create_backbone
-from sofar_assets.lib.model.training import TrainConfig, make_optimizer, to_input
+from sofar_assets.lib.model.training import TrainConfig, make_loader, make_optimizer, to_input
 from sofar_assets.lib.serving.packaging import read_meta
 
 PACKAGE_FORMAT = "sofar-multitask/1"
@@ -136,13 +136,6 @@ class MultiTaskResult:
     best_val_score: float = float("nan")
 
 
-def _loader(ds: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, num_workers: int,
-            device: torch.device) -> DataLoader:
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", generator=gen)
-
-
 @torch.no_grad()
 def _val_logits(model: MultiTaskNet, loader: DataLoader, device: torch.device) -> tuple[list[np.ndarray], np.ndarray]:
     model.eval()
@@ -180,9 +173,9 @@ def train_multitask(
     model = MultiTaskNet(spec, head_sizes).to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    train_loader = _loader(train_ds, cfg.batch_size, shuffle=True, drop_last=len(train_ds) >= cfg.batch_size,
+    train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, drop_last=len(train_ds) >= cfg.batch_size,
                            seed=cfg.seed, num_workers=cfg.num_workers, device=device)
-    val_loader = _loader(val_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
+    val_loader = make_loader(val_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
                          num_workers=cfg.num_workers, device=device)
     history: list[dict] = []
     best_epoch, best_state, best_score = 0, None, math.nan

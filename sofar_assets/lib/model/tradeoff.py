@@ -352,7 +352,7 @@ def compare_systems(
         "target_tpr": TARGET_TPR,
         "model": {"arch": spec.arch, "backbone": spec.backbone, "image_size": size,
                   "multi_task_arch": "linear heads"},
-        "train": dataclasses.asdict(train_cfg),
+        "train": train_cfg.model_dump(),
         "rules": dict(RULES),
         "caveats": caveats(test_per_task, {n: len(df) for n, df in ood_sets.items()}, len(multi)),
     }

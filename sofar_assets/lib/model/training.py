@@ -39,33 +39,10 @@ from torchvision.transforms import v2
 from sofar_assets.lib.common.devices import resolve_device
 from sofar_assets.lib.model import metrics, probe
 from sofar_assets.lib.model.models import ModelSpec, SofarNet, build_model, jigsaw
+from sofar_assets.lib.model.train_config import TrainConfig
 
 # PMG's progressive steps: (jigsaw grid, head index, loss weight); None = whole image.
 PMG_STEPS: tuple[tuple[int | None, int, float], ...] = ((8, 0, 1.0), (4, 1, 1.0), (2, 2, 1.0), (None, 3, 2.0))
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 20  # a cap: patience usually stops earlier
-    batch_size: int = 16
-    lr: float = 2e-3
-    backbone_lr_factor: float = 0.1  # PMG's ratio; measured on the real photos (README, Model quality)
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    seed: int = 0
-    freeze_backbone: bool = False
-    device: str = "auto"
-    num_workers: int = 0
-    max_train_batches: int | None = None
-    linear_probe: bool | None = None  # LP before FT; None: only when the backbone is fine-tuned
-    probe_c: float = 1.0  # inverse L2 strength of the LP logistic regression
-    lp_epochs: int = 3  # PMG only: head-only epochs before fine-tuning
-    patience: int | None = 3  # None: run all `epochs`
-    augment: bool = True
-    # mixed-sample training (timm's CutMix / mixup): Beta(alpha, alpha) mixing strengths, 0 = off
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    mix_prob: float = 1.0  # share of FT batches that are mixed (when mixup or cutmix > 0)
 
 
 @dataclass
@@ -165,8 +142,10 @@ def _worker_init(worker_id: int) -> None:
     random.seed(s)
 
 
-def _loader(ds: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, num_workers: int,
-            device: torch.device) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int, num_workers: int,
+                device: torch.device) -> DataLoader:
+    """THE DataLoader of training and evaluation (also ``multitask.py``'s): seeded shuffling,
+    workers seeded from it, pinned memory on CUDA, workers kept across epochs."""
     gen = torch.Generator()
     gen.manual_seed(seed)
     return DataLoader(
@@ -286,7 +265,7 @@ def better(candidate: dict, best: dict | None) -> bool:
 def _fit_linear_probe(model: SofarNet, train_ds: Dataset, cfg: TrainConfig, device: torch.device,
                       num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """LP: logistic regression on the frozen features, copied into ``model.head``."""
-    loader = _loader(train_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
+    loader = make_loader(train_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
                      num_workers=cfg.num_workers, device=device)
     _, labels, feats = _run_eval(model, loader, device, mixed_precision=False, features=True)
     lp = probe.fit_probe(feats, labels, num_classes, c=cfg.probe_c, seed=cfg.seed)
@@ -323,7 +302,7 @@ def train_classifier(
     _seed_everything(cfg.seed)
     jig_gen = torch.Generator().manual_seed(cfg.seed + 1)
     model = build_model(spec).to(device, memory_format=torch.channels_last)
-    val_loader = _loader(val_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
+    val_loader = make_loader(val_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
                          num_workers=cfg.num_workers, device=device)
 
     history: list[dict] = []
@@ -378,7 +357,7 @@ def train_classifier(
     mixer = BatchMixer(spec.num_classes, cfg.mixup, cfg.cutmix, cfg.mix_prob, seed=cfg.seed + 2)
     # A trailing batch of one would crash BatchNorm in train mode (PMG's reference skips
     # short batches for the same reason), so full batches only when there is at least one.
-    train_loader = _loader(fit_ds, cfg.batch_size, shuffle=True, drop_last=n_train >= cfg.batch_size,
+    train_loader = make_loader(fit_ds, cfg.batch_size, shuffle=True, drop_last=n_train >= cfg.batch_size,
                            seed=cfg.seed, num_workers=cfg.num_workers, device=device)
     batches_per_epoch = len(train_loader)
     if cfg.max_train_batches is not None:
@@ -449,7 +428,7 @@ def _result(model, best_state, history, best_epoch, best_metrics, totals, featur
     model.load_state_dict(best_state)
     model.eval()
     if features is None:
-        loader = _loader(train_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
+        loader = make_loader(train_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
                          num_workers=cfg.num_workers, device=device)
         _, labels, features = _run_eval(model, loader, device, mixed_precision=False, features=True)
     step_s = totals["step_s"]
@@ -475,7 +454,7 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int = 64, dev
     """
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
-    loader = _loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers, device=dev)
+    loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers, device=dev)
     with torch.inference_mode():
         logits, _ = _run_eval(model, loader, dev, mixed_precision=False)
     if logits.shape[0] == 0:
@@ -489,7 +468,7 @@ def predict_logits_and_features(model: SofarNet, dataset: Dataset, batch_size: i
     """``(logits (N, C), penultimate features (N, D))`` float32, full precision, dataset order."""
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
-    loader = _loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers, device=dev)
+    loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers, device=dev)
     with torch.inference_mode():
         logits, _, feats = _run_eval(model, loader, dev, mixed_precision=False, features=True)
     if logits.shape[0] == 0:
