@@ -174,9 +174,9 @@ def train_multitask(
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
     train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, drop_last=len(train_ds) >= cfg.batch_size,
-                           seed=cfg.seed, num_workers=cfg.num_workers, device=device)
+                               seed=cfg.seed, num_workers=cfg.num_workers, device=device)
     val_loader = make_loader(val_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
-                         num_workers=cfg.num_workers, device=device)
+                             num_workers=cfg.num_workers, device=device)
     history: list[dict] = []
     best_epoch, best_state, best_score = 0, None, math.nan
     for epoch in range(1, cfg.epochs + 1):

@@ -266,7 +266,7 @@ def _fit_linear_probe(model: SofarNet, train_ds: Dataset, cfg: TrainConfig, devi
                       num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """LP: logistic regression on the frozen features, copied into ``model.head``."""
     loader = make_loader(train_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
-                     num_workers=cfg.num_workers, device=device)
+                         num_workers=cfg.num_workers, device=device)
     _, labels, feats = _run_eval(model, loader, device, mixed_precision=False, features=True)
     lp = probe.fit_probe(feats, labels, num_classes, c=cfg.probe_c, seed=cfg.seed)
     with torch.no_grad():
@@ -303,7 +303,7 @@ def train_classifier(
     jig_gen = torch.Generator().manual_seed(cfg.seed + 1)
     model = build_model(spec).to(device, memory_format=torch.channels_last)
     val_loader = make_loader(val_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
-                         num_workers=cfg.num_workers, device=device)
+                             num_workers=cfg.num_workers, device=device)
 
     history: list[dict] = []
     best_epoch, best_state, best_metrics = 0, None, None
@@ -358,7 +358,7 @@ def train_classifier(
     # A trailing batch of one would crash BatchNorm in train mode (PMG's reference skips
     # short batches for the same reason), so full batches only when there is at least one.
     train_loader = make_loader(fit_ds, cfg.batch_size, shuffle=True, drop_last=n_train >= cfg.batch_size,
-                           seed=cfg.seed, num_workers=cfg.num_workers, device=device)
+                               seed=cfg.seed, num_workers=cfg.num_workers, device=device)
     batches_per_epoch = len(train_loader)
     if cfg.max_train_batches is not None:
         batches_per_epoch = min(batches_per_epoch, cfg.max_train_batches)
@@ -429,7 +429,7 @@ def _result(model, best_state, history, best_epoch, best_metrics, totals, featur
     model.eval()
     if features is None:
         loader = make_loader(train_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
-                         num_workers=cfg.num_workers, device=device)
+                             num_workers=cfg.num_workers, device=device)
         _, labels, features = _run_eval(model, loader, device, mixed_precision=False, features=True)
     step_s = totals["step_s"]
     return TrainResult(
@@ -454,7 +454,8 @@ def predict_logits(model: nn.Module, dataset: Dataset, batch_size: int = 64, dev
     """
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
-    loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers, device=dev)
+    loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers,
+                         device=dev)
     with torch.inference_mode():
         logits, _ = _run_eval(model, loader, dev, mixed_precision=False)
     if logits.shape[0] == 0:
@@ -468,7 +469,8 @@ def predict_logits_and_features(model: SofarNet, dataset: Dataset, batch_size: i
     """``(logits (N, C), penultimate features (N, D))`` float32, full precision, dataset order."""
     dev = resolve_device(device)
     model.to(dev, memory_format=torch.channels_last)
-    loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers, device=dev)
+    loader = make_loader(dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_workers=num_workers,
+                         device=dev)
     with torch.inference_mode():
         logits, _, feats = _run_eval(model, loader, dev, mixed_precision=False, features=True)
     if logits.shape[0] == 0:
