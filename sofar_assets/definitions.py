@@ -16,6 +16,7 @@ from sofar_assets.config import SofarConfig, load_config
 from sofar_assets.defs.corrections import build_corrections_assets
 from sofar_assets.defs.data import build_dataset_asset, build_raw_label_asset
 from sofar_assets.defs.late_uploads import build_late_upload_sensor
+from sofar_assets.defs.metadata import OWNERS
 from sofar_assets.defs.model import build_model_assets
 from sofar_assets.defs.predictions import build_prediction_assets
 from sofar_assets.defs.resources import build_resources
@@ -41,6 +42,11 @@ def _executor(cfg: SofarConfig):
     return dg.in_process_executor
 
 
+def with_asset_policy(assets: list) -> list:
+    """The policy every asset follows, applied once here over all asset specs: its owners."""
+    return list(dg.map_asset_specs(lambda spec: spec.replace_attributes(owners=OWNERS), assets))
+
+
 def build_definitions(cfg: SofarConfig) -> dg.Definitions:
     raw = [build_raw_label_asset(cfg, name, task) for name, task in cfg.tasks.items()]
     dataset = build_dataset_asset(cfg, [a.key for a in raw])
@@ -55,7 +61,7 @@ def build_definitions(cfg: SofarConfig) -> dg.Definitions:
         tags=max_runtime_tags("train_and_promote"),
     )
     return dg.Definitions(
-        assets=[*raw, dataset, *model_assets, predictions, tradeoff_report, *corrections],
+        assets=with_asset_policy([*raw, dataset, *model_assets, predictions, tradeoff_report, *corrections]),
         asset_checks=gate_checks,
         jobs=[training_job, predictions_job, tradeoff_job],
         schedules=[schedule],

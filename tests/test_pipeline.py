@@ -256,6 +256,21 @@ def test_definitions_load_for_each_environment(name, monkeypatch):
     assert node.op.pool == "gpu"
 
 
+@pytest.mark.parametrize("name", ["demo.yaml", "prod.yaml"])
+def test_every_asset_has_the_owner_applied_once(name):
+    """The asset policy (owners) is applied once, in definitions.py, over every asset spec."""
+    from pathlib import Path
+
+    from sofar_assets.defs.metadata import OWNERS
+
+    cfg = load_config(Path(__file__).resolve().parents[1] / "config" / name, check_paths=False)
+    graph = build_definitions(cfg).resolve_asset_graph()
+    keys = graph.get_all_asset_keys()
+    assert len(keys) > 10
+    assert {k.to_user_string(): list(graph.get(k).owners) for k in keys} == {
+        k.to_user_string(): OWNERS for k in keys}
+
+
 def test_irrelevant_images_are_rejected_and_the_rate_is_reported(pipeline):
     md = _mat_metadata(pipeline["result"], "ood_calibration")
     report = md["ood_report"].value["documents"]
@@ -444,10 +459,10 @@ def test_feature_score_champion_serves_its_calibrated_scores(pipeline, demo_data
     import sofar_assets.defs.predictions as predictions
     from sofar_assets.defs.model import _split
 
-    cal = pipeline["result"].output_for_node("ood_calibration")
-    assert cal["score_method"] == pipeline["cfg"].ood.score == "knn"
+    cal = pipeline["result"].output_for_node("ood_calibration")  # a ModelRef: the scores are in its run
     client = pipeline["defs"].resources["mlflow_tracking"].client()
-    report = mlflow.artifacts.load_dict(f"runs:/{cal['run_id']}/ood_calibration.json")
+    report = mlflow.artifacts.load_dict(f"runs:/{cal.run_id}/ood_calibration.json")
+    assert report["score_method"] == pipeline["cfg"].ood.score == "knn"
     day = dt.date(2026, 11, 24)
     folder = tmp_path / "uploads" / day.isoformat()
     folder.mkdir(parents=True)
@@ -458,7 +473,7 @@ def test_feature_score_champion_serves_its_calibrated_scores(pipeline, demo_data
         shutil.copy(uri, folder / name)
         expected[name] = score
     docs = storage.list_files(pipeline["cfg"].resolve(pipeline["cfg"].ood_sets["documents"].folder))
-    for uri, score in zip(docs, cal["ood_scores"]["documents"], strict=True):
+    for uri, score in zip(docs, report["ood_scores"]["documents"], strict=True):
         shutil.copy(uri, folder / f"doc_{Path(uri).name}")
         expected[f"doc_{Path(uri).name}"] = score
     base = yaml.safe_load((pipeline["folder"] / "sofar.yaml").read_text())
@@ -471,7 +486,7 @@ def test_feature_score_champion_serves_its_calibrated_scores(pipeline, demo_data
     rows = rows.set_index(rows["image_uri"].map(lambda u: Path(u).name))
     assert sorted(rows.index) == sorted(expected) and rows["error"].isna().all()
     np.testing.assert_allclose(rows["ood_score"], [expected[n] for n in rows.index], rtol=1e-5, atol=1e-5)
-    assert (rows["is_ood"] == (rows["ood_score"] < cal["threshold"])).all()
+    assert (rows["is_ood"] == (rows["ood_score"] < report["threshold"])).all()
     assert rows.loc[[n for n in rows.index if n.startswith("doc_")], "is_ood"].all()
     assert not rows.loc[[n for n in rows.index if n.startswith("val")], "is_ood"].all()
 
@@ -510,3 +525,32 @@ def test_split_moves_between_dataset_versions_are_flagged(tmp_path, demo_data):
     assert not check.passed
     moved = check.metadata["moved_since_previous_version"].value
     assert moved and all(m["split_before"] != m["split_now"] for m in moved)
+
+
+def test_training_assets_hand_on_a_small_frozen_reference(pipeline):
+    """sofar_classifier and ood_calibration pass a frozen ModelRef (name, version, run id, dataset
+    hash), stored as that small JSON; the per-image scores are in the run's ood_calibration.json."""
+    import dataclasses
+    import json
+
+    from sofar_assets.lib.model.tracking import ModelRef
+
+    result = pipeline["result"]
+    classifier, calibrated = (result.output_for_node(n) for n in ("sofar_classifier", "ood_calibration"))
+    assert isinstance(classifier, ModelRef) and calibrated == classifier
+    assert calibrated.model_uri == f"models:/{pipeline['cfg'].model.name}/1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        calibrated.version = "2"
+    stored = json.loads((Path(pipeline["cfg"].io_manager_base) / "ood_calibration.json").read_text())
+    assert stored == dataclasses.asdict(calibrated)
+    pipeline["defs"].resources["mlflow_tracking"].setup()  # mlflow's URI is process-global
+    report = mlflow.artifacts.load_dict(f"runs:/{calibrated.run_id}/ood_calibration.json")
+    assert report["ood_scores"]["documents"] and report["ood_scores_by_method"]["documents"]
+
+
+def test_a_stored_reference_of_the_older_larger_shape_still_loads():
+    from sofar_assets.lib.model.tracking import ModelRef
+
+    old = {"model_name": "m", "version": 3, "model_uri": "models:/m/3", "run_id": "r", "dataset_hash": "h",
+           "classes": ["a"], "temperature": 1.5, "ood_scores": {"docs": [0.1]}}
+    assert ModelRef.from_dict(old) == ModelRef("m", "3", "r", "h")

@@ -18,7 +18,6 @@ from sofar_assets.lib.data.images import sha256_hex
 from sofar_assets.lib.model.plots import contact_sheet_png, png_to_markdown
 from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET, raw_labels_schema, raw_labels_table
 
-OWNERS = ["team:ml-platform"]
 DECODE_THREADS = 2
 CORRECTIONS_ASSET_KEY = dg.AssetKey(["raw_labels", "label_corrections"])
 """The inspectors' corrections scanned as a task source (defs/corrections.py)."""
@@ -71,7 +70,6 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         key=["raw_labels", task_name],
         group_name="ingest",
         kinds={cfg.storage.warehouse.kind, "python"},
-        owners=OWNERS,
         code_version="1",
         description=(
             f"Raw label table of the task-centric dataset **{task_name}** from {source} ({mapping}). "
@@ -123,21 +121,66 @@ DATASET_CHECKS = [
 ]
 
 
+def _dataset_checks(f: ds.DatasetFindings, cfg: SofarConfig,
+                    vocabulary: list[str]) -> list[dg.AssetCheckResult]:
+    def listed(lines) -> dg.MetadataValue:
+        return dg.MetadataValue.md("\n".join(lines) or "none")
+
+    warn = dg.AssetCheckSeverity.WARN
+    return [
+        dg.AssetCheckResult(
+            check_name="no_unreadable_files", passed=not f.unreadable, severity=warn,
+            metadata={"unreadable": len(f.unreadable),
+                      "files": listed(f"- {md_text(e, 400)}" for e in f.unreadable)}),
+        dg.AssetCheckResult(
+            check_name="min_images_per_class_and_split", passed=not f.too_small, severity=warn,
+            metadata={"minimum": cfg.dataset.min_per_class, "below": dg.MetadataValue.json(f.too_small)}),
+        dg.AssetCheckResult(
+            check_name="no_image_in_two_splits", passed=f.leaks == 0,
+            metadata={"hashes_in_two_splits": f.leaks, "moved_since_previous_version": dg.MetadataValue.json(
+                f.moved.head(50).to_dict("records"))}),
+        dg.AssetCheckResult(
+            check_name="vocabulary_consistent", passed=not f.typos, severity=warn,
+            metadata={"findings": dg.MetadataValue.json(f.typos),
+                      "vocabulary": dg.MetadataValue.json(vocabulary)}),
+        dg.AssetCheckResult(check_name="label_conflicts", passed=True, metadata={
+            "multi_label_images": len(f.multi), "conflicts": listed(
+                f"- {md_text(u)}: {lab.replace('|', ' + ')}"
+                for u, lab in zip(f.multi["image_uri"], f.multi["labels"], strict=True))}),
+    ]
+
+
+def _dataset_metadata(data, digest, raw, verdicts, findings: ds.DatasetFindings, vocabulary,
+                      card: str) -> dict:
+    return {
+        "dagster/row_count": len(data),
+        "dataset_hash": digest,
+        "classes": dg.MetadataValue.json(vocabulary),
+        "multi_label_images": len(findings.multi),
+        "unreadable_files": len(findings.unreadable),
+        "corrections": dg.MetadataValue.json(ds.correction_effects(raw, verdicts)),
+        "corrected_images": int(data["corrected_at"].notna().sum()),
+        "dataset_card": dg.MetadataValue.md(card),
+    }
+
+
 def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.AssetsDefinition:
     vocabulary = cfg.vocabulary()
+    task_labels = {n: t.labels for n, t in cfg.tasks.items()}
 
     @dg.asset(
         name="sofar_dataset",
         deps=[*raw_keys, CORRECTIONS_ASSET_KEY],
         group_name="ingest",
         kinds={cfg.storage.warehouse.kind, "pandas"},
-        owners=OWNERS,
         code_version="1",
-        check_specs=[dg.AssetCheckSpec(name, asset="sofar_dataset", description=desc) for name, desc in DATASET_CHECKS],
+        check_specs=[dg.AssetCheckSpec(name, asset="sofar_dataset", description=desc)
+                     for name, desc in DATASET_CHECKS],
         op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
         pool="warehouse_write",
     )
-    def sofar_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource):
+    def sofar_dataset(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                      image_store: ImageStoreResource):
         """The concatenated SOFAR dataset: every task's images in ONE label vocabulary.
 
         Shared labels (``normal``) are one class; identical photos (same sha256) are one row;
@@ -154,83 +197,20 @@ def build_dataset_asset(cfg: SofarConfig, raw_keys: list[dg.AssetKey]) -> dg.Ass
         wh = warehouse.get()
         raw = pd.concat([wh.read_table(raw_table_name(k.path[-1])) for k in raw_keys], ignore_index=True)
         verdicts = wh.read_table(RAW_CORRECTIONS.name) if wh.table_exists(RAW_CORRECTIONS.name) else None
-        label_tasks: dict[str, list[str]] = {}
-        for name, task in cfg.tasks.items():
-            for label in task.labels.values():
-                label_tasks.setdefault(label, []).append(name)
         data = ds.concatenate(
             raw, vocabulary, val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction,
-            corrections=verdicts, label_tasks=label_tasks,
+            corrections=verdicts, label_tasks=ds.label_tasks(task_labels),
         )
         previous = wh.read_table("sofar_dataset") if wh.table_exists("sofar_dataset") else None
         wh.write_table(SOFAR_DATASET.name, data, schema=SOFAR_DATASET)
-        counts = ds.counts_by(data, vocabulary)
+        findings = ds.dataset_findings(
+            data, raw, previous, vocabulary, task_labels, min_per_class=cfg.dataset.min_per_class,
+            val_fraction=cfg.dataset.val_fraction, test_fraction=cfg.dataset.test_fraction)
+        card = _dataset_card(data, ds.counts_by(data, vocabulary), raw, image_store, cfg, vocabulary)
         digest = ds.dataset_hash(data)
-        errors = raw[raw["error"].notna()]
-        multi = data[data["multi_label"]]
-        typos = ds.suspicious_labels({n: t.labels for n, t in cfg.tasks.items()})
-        split_cols = list(ds.SPLITS)
-        if cfg.dataset.val_fraction == 0:
-            split_cols.remove("val")
-        if cfg.dataset.test_fraction == 0:
-            split_cols.remove("test")
-        too_small = [
-            f"{label}/{split}: {int(counts.loc[label, split])}"
-            for label in vocabulary
-            for split in split_cols
-            if counts.loc[label, split] < cfg.dataset.min_per_class
-        ]
-        moved = ds.moved_between_versions(previous, data) if previous is not None else data.iloc[:0]
-        leaks = int(data["sha256"].duplicated().sum()) + len(moved)
-        checks = [
-            dg.AssetCheckResult(
-                check_name="no_unreadable_files",
-                passed=errors.empty,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"unreadable": len(errors), "files": dg.MetadataValue.md(
-                    "\n".join(f"- {md_text(e, 400)}" for e in errors["error"]) or "none")},
-            ),
-            dg.AssetCheckResult(
-                check_name="min_images_per_class_and_split",
-                passed=not too_small,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"minimum": cfg.dataset.min_per_class, "below": dg.MetadataValue.json(too_small)},
-            ),
-            dg.AssetCheckResult(
-                check_name="no_image_in_two_splits", passed=leaks == 0,
-                metadata={"hashes_in_two_splits": leaks, "moved_since_previous_version": dg.MetadataValue.json(
-                    moved.head(50).to_dict("records"))},
-            ),
-            dg.AssetCheckResult(
-                check_name="vocabulary_consistent",
-                passed=not typos,
-                severity=dg.AssetCheckSeverity.WARN,
-                metadata={"findings": dg.MetadataValue.json(typos), "vocabulary": dg.MetadataValue.json(vocabulary)},
-            ),
-            dg.AssetCheckResult(
-                check_name="label_conflicts",
-                passed=True,
-                metadata={"multi_label_images": len(multi), "conflicts": dg.MetadataValue.md(
-                    "\n".join(f"- {md_text(u)}: {lab.replace('|', ' + ')}"
-                              for u, lab in zip(multi["image_uri"], multi["labels"], strict=True))
-                    or "none")},
-            ),
-        ]
-        card = _dataset_card(data, counts, raw, image_store, cfg, vocabulary)
         context.log.info(f"sofar_dataset: {len(data)} images, {len(vocabulary)} classes, hash {digest[:12]}")
-        yield dg.MaterializeResult(
-            metadata={
-                "dagster/row_count": len(data),
-                "dataset_hash": digest,
-                "classes": dg.MetadataValue.json(vocabulary),
-                "multi_label_images": len(multi),
-                "unreadable_files": len(errors),
-                "corrections": dg.MetadataValue.json(ds.correction_effects(raw, verdicts)),
-                "corrected_images": int(data["corrected_at"].notna().sum()),
-                "dataset_card": dg.MetadataValue.md(card),
-            },
-            check_results=checks,
-        )
+        metadata = _dataset_metadata(data, digest, raw, verdicts, findings, vocabulary, card)
+        yield dg.MaterializeResult(metadata=metadata, check_results=_dataset_checks(findings, cfg, vocabulary))
 
     return sofar_dataset
 

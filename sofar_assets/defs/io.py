@@ -7,6 +7,7 @@ bucket in production) tells it to when the next step loads it; JSON can only eve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import dagster as dg
@@ -28,7 +29,9 @@ def _name(context: dg.OutputContext | dg.InputContext) -> str:
 class JsonIOManager(dg.ConfigurableIOManager):
     """Stores each output at ``<base_dir>/<asset key path>[/<partition>].json`` (a local folder or
     a ``gs://bucket/prefix``). Outputs must be JSON: dicts, lists, str, int, float (NaN allowed),
-    bool, None. Anything else is refused with an error naming the asset."""
+    bool, None, or a dataclass of those (stored as its fields; an input annotated with a dataclass
+    that has ``from_dict``, e.g. ``ModelRef``, is built back from them). Anything else is refused
+    with an error naming the asset."""
 
     base_dir: str = Field(description="local folder or gs://bucket/prefix")
 
@@ -38,6 +41,8 @@ class JsonIOManager(dg.ConfigurableIOManager):
 
     def handle_output(self, context: dg.OutputContext, obj: object) -> None:
         uri = self._uri(context)
+        if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            obj = dataclasses.asdict(obj)
         try:
             text = json.dumps(obj, allow_nan=True, indent=1)
         except (TypeError, ValueError) as exc:
@@ -59,7 +64,7 @@ class JsonIOManager(dg.ConfigurableIOManager):
                 f"{uri}: the stored output of asset {name} cannot be read ({exc.reason}); materialize {name} again"
             ) from None
         try:
-            return json.loads(data.decode("utf-8"))
+            value = json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             what = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else f"{exc.msg} at char {exc.pos}"
             raise StepOutputError(
@@ -67,3 +72,11 @@ class JsonIOManager(dg.ConfigurableIOManager):
                 f"was loaded or run. If it was not written by this pipeline, find out who wrote it; then "
                 f"materialize {name} again"
             ) from None
+        wanted = context.dagster_type.typing_type if context.dagster_type is not None else None
+        if dataclasses.is_dataclass(wanted) and hasattr(wanted, "from_dict") and isinstance(value, dict):
+            try:
+                return wanted.from_dict(value)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise StepOutputError(f"{uri}: the stored output of asset {name} is not a {wanted.__name__} "
+                                      f"({exc!r}); materialize {name} again") from None
+        return value

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dagster as dg
 
+OWNERS = ["team:ml-platform"]
+"""Who owns every asset: applied once, over all asset specs, in ``definitions.py``."""
+
 SETTINGS = frozenset({"ceiling", "floor", "allowed_drop", "min_test_images", "min_ood_images", "target",
                       "tolerance", "compared_days", "rule", "method", "evidence", "reason"})
 """Keys that hold a setting or a label, not a figure of this materialization: shown as text."""

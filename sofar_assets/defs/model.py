@@ -1,44 +1,41 @@
 """Training, OOD calibration, evaluation and the gated champion alias in the MLflow registry.
 
-Assets hand each other small pointers (model name + version + run id), never weights: the
-weights live in MLflow, so lineage holds and a backfill knows exactly which version it used.
+Assets hand each other a small frozen pointer (:class:`~sofar_assets.lib.model.tracking.ModelRef`:
+model name, version, run id, dataset hash), never weights or per-image scores: those live in
+MLflow (the package, ``ood_calibration.json``, ``evaluation.json``), so lineage holds and a
+backfill knows exactly which version it used. The work is in lib/: the recipe
+(``lib/model/training.py``), the calibration and evaluation of a version
+(``lib/model/evaluation.py``), what goes to MLflow (``lib/model/tracking.py``) and the version's
+tags and aliases (``lib/serving/registry.py``).
 """
 
 import functools
-import io
-import warnings
 
 import dagster as dg
-import mlflow
-import numpy as np
 import pandas as pd
-from PIL import Image
 
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
-from sofar_assets.defs.metadata import at_a_glance
+from sofar_assets.defs.metadata import OWNERS, at_a_glance
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib.common import links
 from sofar_assets.lib.common.devices import resolve_device
-from sofar_assets.lib.common.names import shown
 from sofar_assets.lib.data import dataset as ds
 from sofar_assets.lib.data import storage
 from sofar_assets.lib.data.images import ImageDataset
-from sofar_assets.lib.model import calibration, conformal, evaluation, metrics, ood, plots
+from sofar_assets.lib.model import calibration, evaluation, metrics, ood, plots, tracking
 from sofar_assets.lib.model.gate import GATE_CHECKS, gate_results
 from sofar_assets.lib.model.models import ModelSpec
-from sofar_assets.lib.model.training import (
-    predict_logits,
-    predict_logits_and_features,
-    train_classifier,
-)
+from sofar_assets.lib.model.tracking import ModelRef
+from sofar_assets.lib.model.training import TrainResult, predict_logits, train_classifier
 from sofar_assets.lib.review.corrections import INSPECTOR_OOD_SET, irrelevant_uris
 from sofar_assets.lib.serving import registry
 from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 from sofar_assets.lib.warehouse import RAW_CORRECTIONS
 from sofar_assets.settings import git_commit
 
-OWNERS = ["team:ml-platform"]
+__all__ = ["OWNERS", "build_model_assets", "model_spec"]  # OWNERS: defs/predictions.py, corrections.py
+
 
 def _split(data: pd.DataFrame, split: str) -> pd.DataFrame:
     return data[(data["split"] == split) & ~data["multi_label"]].reset_index(drop=True)
@@ -57,18 +54,8 @@ def _image_dataset(rows: pd.DataFrame, classes: list[str], cfg: SofarConfig, ima
     )
 
 
-def _png_image(png: bytes) -> Image.Image:
-    return Image.open(io.BytesIO(png)).convert("RGB")
-
-
-def _describe(client, name: str, version: str, text: str) -> None:
-    """Registry descriptions: the version's own, and the model's if it has none yet."""
-    client.update_model_version(name, version, description=text)
-    if not (client.get_registered_model(name).description or "").strip():
-        client.update_registered_model(name, (
-            "ONE N-class image classifier over every SOFAR inspection task (one label space), with a "
-            "OOD score threshold tagged on each version. @champion serves the daily predictions; it is "
-            "moved by the champion_model asset after the promotion gate, or by `sofar promote` / `sofar rollback`."))
+def _labels(rows: pd.DataFrame, classes: list[str]):
+    return rows["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
 
 
 def model_spec(cfg: SofarConfig, num_classes: int) -> ModelSpec:
@@ -94,63 +81,102 @@ def _ood_uris(cfg: SofarConfig, warehouse, context) -> dict[str, list[str]]:
     return sets
 
 
-def _ood_set_features(model, cfg: SofarConfig, image_store, context,
-                      ood_uris: dict[str, list[str]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """(logits, features) of every readable image of every OOD set (``_ood_uris``)."""
-    out = {}
-    for name, uris in ood_uris.items():
-        arrays, errors = calibration.read_images(uris, cfg.model.image_size,
-                                                 cache=image_store.cache(cfg.model.image_size))
-        for err in errors:
-            context.log.warning(f"OOD set {name!r}: image skipped: {shown(err, 400)}")
-        if not arrays:
-            context.log.warning(f"OOD set {name!r} has no readable images; skipped")
-            continue
-        out[name] = predict_logits_and_features(model, evaluation.ArrayDataset(arrays, [0] * len(arrays)),
-                                                device=cfg.inference.device)
-    return out
+def _ood_features(model, cfg: SofarConfig, image_store, warehouse, context):
+    return evaluation.ood_set_features(model, _ood_uris(cfg, warehouse, context), cfg.model.image_size,
+                                       cache=image_store.cache(cfg.model.image_size),
+                                       device=cfg.inference.device, log=context.log.warning)
+
+
+def _origin(cfg: SofarConfig, context) -> tracking.RunOrigin:
+    return tracking.RunOrigin(context.run_id, links.dagster_run_url(cfg.ui.dagster_url, context.run_id),
+                              git_commit())
 
 
 def _dataset_input(cfg: SofarConfig, data: pd.DataFrame, digest: str):
-    """``sofar_dataset`` as an MLflow dataset input: its hash as the digest, the warehouse table as
-    the source (the DuckDB file locally, the BigQuery console's table page in production)."""
-    from mlflow.data.http_dataset_source import HTTPDatasetSource
-
     wh = cfg.storage.warehouse
     if wh.kind == "bigquery":
-        source = HTTPDatasetSource(links.bigquery_table_url(wh.project, wh.dataset, "sofar_dataset"))
-    else:  # a local path (or gs:// root): MLflow resolves it to its artifact dataset source
-        source = f"{cfg.duckdb_path}#{wh.schema_}.sofar_dataset"
-    cols = [c for c in ("sha256", "label", "split", "task") if c in data.columns]
-    with warnings.catch_warnings():  # MLflow registers two local artifact sources and warns it picked one
-        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted")
-        return mlflow.data.from_pandas(data[cols], source=source, name="sofar_dataset", digest=digest[:16])
+        return tracking.dataset_input(data, digest, bigquery_table=(wh.project, wh.dataset))
+    return tracking.dataset_input(data, digest, local_table=f"{cfg.duckdb_path}#{wh.schema_}.sofar_dataset")
 
 
-def build_model_assets(cfg: SofarConfig) -> list:
-    classes = cfg.vocabulary()
-    index = {c: i for i, c in enumerate(classes)}
+def _mlflow_links(cfg: SofarConfig, experiment_id: str | None, run_id: str | None, version: str) -> dict:
+    """Clickable MLflow pages in the asset's metadata (base URL: ui.mlflow_url)."""
+    md = {"mlflow_model_version": dg.MetadataValue.url(
+        links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, version))}
+    if run_id is not None:
+        md["mlflow_run"] = dg.MetadataValue.url(
+            links.mlflow_run_url(cfg.ui.mlflow_url, experiment_id, run_id))
+    return md
 
-    def _mlflow_links(experiment_id: str | None, run_id: str | None, version: str) -> dict:
-        """Clickable MLflow pages in the asset's metadata (base URL: ui.mlflow_url)."""
-        md = {"mlflow_model_version": dg.MetadataValue.url(links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, version))}
-        if run_id is not None:
-            md["mlflow_run"] = dg.MetadataValue.url(links.mlflow_run_url(cfg.ui.mlflow_url, experiment_id, run_id))
-        return md
 
-    @dg.asset(
-        deps=["sofar_dataset"],
-        group_name="training",
-        kinds={"pytorch", "mlflow"},
-        owners=OWNERS,
-        code_version="2",
-        pool="gpu",
-        op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers, batch_size=cfg.train.batch_size,
-                          device=cfg.train.device),
+def _artifact_link(cfg: SofarConfig, run_id: str, key: str):
+    return dg.MetadataValue.url(links.mlflow_artifact_url(cfg.ui.mlflow_url, run_id, tracking.FIGURES[key]))
+
+
+# -- sofar_classifier -------------------------------------------------------------------------------
+def _fit_splits(data: pd.DataFrame, classes: list[str], context) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train_rows, val_rows = _split(data, "train"), _split(data, "val")
+    if train_rows.empty or val_rows.empty:
+        raise dg.Failure(
+            description=f"sofar_dataset has {len(train_rows)} train and {len(val_rows)} val single-label "
+            "images; both are needed. Add images or raise dataset.val_fraction in the config."
+        )
+    missing = sorted(set(classes) - set(train_rows["label"]))
+    if missing:
+        context.log.warning(f"classes without training images: {missing}")
+    return train_rows, val_rows
+
+
+def _training_figures(cfg, result: TrainResult, val_rows, classes, image_store) -> dict[str, bytes]:
+    logits = predict_logits(result.model, _image_dataset(val_rows, classes, cfg, image_store),
+                            device=cfg.train.device)
+    cm = metrics.confusion_matrix(_labels(val_rows, classes), logits.argmax(1), len(classes))
+    return {"val_confusion_matrix": plots.confusion_matrix_png(cm, classes),
+            "training_curves": plots.training_curves_png(result.history, ["train_loss", "val_loss"])}
+
+
+def _register(cfg: SofarConfig, result: TrainResult, spec: ModelSpec, classes: list[str], digest: str,
+              origin: tracking.RunOrigin, client, description: str) -> str:
+    """Log the package in the active run, register it, record its gate and describe it: the version."""
+    reg = log_and_register(
+        result.model, spec, classes, cfg.model.name,
+        extra={"dataset_hash": digest, "git_commit": origin.git_commit, "best_epoch": result.best_epoch,
+               "ood_knn_k": cfg.ood.knn_k},
+        ood_stats=ood.fit_feature_stats(result.train_features, result.train_labels,
+                                        knn_bank_max=cfg.ood.knn_bank_max,
+                                        knn_bank_reduction=cfg.ood.knn_bank_reduction),
+        model_config={"allowed_roots": cfg.upload_roots},  # the URIs the served model may read
+        tags=tracking.run_tags(origin, digest, val_macro_f1=f"{result.best_val_macro_f1:.4f}"),
     )
+    version = str(reg["version"])
+    # the gate this version is held to, whoever re-checks it later (promote, rollback)
+    registry.record_gate_config(client, cfg.model.name, version, cfg.gate)
+    tracking.describe(client, cfg.model.name, version, description)
+    return version
+
+
+def _classifier_metadata(cfg, ref: ModelRef, result: TrainResult, experiment_id: str) -> dict:
+    return at_a_glance({
+        "model_uri": ref.model_uri, "model_version": ref.version, "mlflow_run_id": ref.run_id,
+        **_mlflow_links(cfg, experiment_id, ref.run_id, ref.version),
+        "dataset_hash": ref.dataset_hash, "best_epoch": result.best_epoch,
+        "val_macro_f1": result.best_val_macro_f1, "train_images_per_s": result.images_per_s,
+        "data_wait_share": result.data_wait_share, "device": str(resolve_device(cfg.train.device)),
+        "training_curves": _artifact_link(cfg, ref.run_id, "training_curves"),
+        "val_confusion_matrix": _artifact_link(cfg, ref.run_id, "val_confusion_matrix"),
+    })
+
+
+def build_classifier_asset(cfg: SofarConfig) -> dg.AssetsDefinition:
+    classes = cfg.vocabulary()
+
+    @dg.asset(deps=["sofar_dataset"], group_name="training", kinds={"pytorch", "mlflow"}, code_version="2",
+              pool="gpu", op_tags=step_tags(cfg, gpu=True, workers=cfg.train.num_workers,
+                                            batch_size=cfg.train.batch_size, device=cfg.train.device))
     def sofar_classifier(
-        context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource, image_store: ImageStoreResource
-    ) -> dg.Output[dict]:
+        context: dg.AssetExecutionContext, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
+        image_store: ImageStoreResource,
+    ) -> dg.Output[ModelRef]:
         """ONE N-class classifier over the concatenated label space (the GPU step).
 
         Trains the configured architecture (``linear`` or the paper's ``pmg``) with the recipe
@@ -160,113 +186,72 @@ def build_model_assets(cfg: SofarConfig) -> list:
         train split, tagged with the dataset hash and the git commit).
         """
         data = warehouse.get().read_table("sofar_dataset")
-        digest = ds.dataset_hash(data)
-        train_rows, val_rows = _split(data, "train"), _split(data, "val")
-        if train_rows.empty or val_rows.empty:
-            raise dg.Failure(
-                description=f"sofar_dataset has {len(train_rows)} train and {len(val_rows)} val single-label images; "
-                "both are needed. Add images or raise dataset.val_fraction in the config."
-            )
-        missing = sorted(set(classes) - set(train_rows["label"]))
-        if missing:
-            context.log.warning(f"classes without training images: {missing}")
-        spec = model_spec(cfg, len(classes))
-        tcfg = cfg.train
+        digest, origin, spec = ds.dataset_hash(data), _origin(cfg, context), model_spec(cfg, len(classes))
+        train_rows, val_rows = _fit_splits(data, classes, context)
         # a registry is created only on a first run: not when the warehouse remembers its versions
-        mlflow_tracking.require_registry(cfg.model.name, registry.predicted_versions(warehouse.get(), cfg.model.name))
+        mlflow_tracking.require_registry(cfg.model.name,
+                                         registry.predicted_versions(warehouse.get(), cfg.model.name))
         experiment_id = mlflow_tracking.setup()
-        with mlflow.start_run(
-            experiment_id=experiment_id,
-            run_name=f"{cfg.model.name}-{context.run_id[:8]}",
-            tags={"dagster_run_id": context.run_id, "dataset_hash": digest, "git_commit": git_commit(),
-                  "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id)},
-        ) as run:
-            mlflow.log_params(
-                {**{f"model.{k}": v for k, v in spec.to_dict().items()},
-                 **{f"train.{k}": v for k, v in cfg.train.model_dump().items()},
-                 "dataset_hash": digest, "train_images": len(train_rows), "val_images": len(val_rows),
-                 "classes": ",".join(classes)}
-            )
-            mlflow.log_dict({"classes": classes}, "classes.json")
-            mlflow.log_input(_dataset_input(cfg, data, digest), context="training")  # "Dataset" in the run's view
-            result = train_classifier(
-                spec,
-                _image_dataset(train_rows, classes, cfg, image_store),
-                _image_dataset(val_rows, classes, cfg, image_store),
-                tcfg,
-                log=context.log.info,
-                on_epoch=lambda m: mlflow.log_metrics(
-                    {k: float(v) for k, v in m.items() if isinstance(v, (int, float)) and k != "epoch"},
-                    step=int(m["epoch"]),
-                ),
-            )
-            val_logits = predict_logits(result.model, _image_dataset(val_rows, classes, cfg, image_store),
-                                        device=tcfg.device)
-            val_y = val_rows["label"].map(index).to_numpy()
-            cm = metrics.confusion_matrix(val_y, val_logits.argmax(1), len(classes))
-            cm_png = plots.confusion_matrix_png(cm, classes)
-            curves_png = plots.training_curves_png(result.history, ["train_loss", "val_loss"])
-            mlflow.log_image(_png_image(cm_png), "val_confusion_matrix.png")
-            mlflow.log_image(_png_image(curves_png), "training_curves.png")
-            final = {f"best_{k}": float(v) for k, v in result.best_val_metrics.items() if isinstance(v, (int, float))}
-            mlflow.log_metrics({**final, "images_per_s": result.images_per_s, "data_wait_share": result.data_wait_share})
-            reg = log_and_register(
-                result.model,
-                spec,
-                classes,
-                cfg.model.name,
-                extra={"dataset_hash": digest, "git_commit": git_commit(), "best_epoch": result.best_epoch,
-                       "ood_knn_k": cfg.ood.knn_k},
-                ood_stats=ood.fit_feature_stats(result.train_features, result.train_labels,
-                                                knn_bank_max=cfg.ood.knn_bank_max,
-                                                knn_bank_reduction=cfg.ood.knn_bank_reduction),
-                model_config={"allowed_roots": cfg.upload_roots},  # the URIs the served model may read
-                tags={"dataset_hash": digest, "git_commit": git_commit(), "dagster_run_id": context.run_id,
-                      "dagster_run_url": links.dagster_run_url(cfg.ui.dagster_url, context.run_id),
-                      "val_macro_f1": f"{result.best_val_macro_f1:.4f}"},
-            )
-            # the gate this version is held to, whoever re-checks it later (promote, rollback)
-            registry.record_gate_config(mlflow_tracking.client(), cfg.model.name, str(reg["version"]), cfg.gate)
-            _describe(mlflow_tracking.client(), cfg.model.name, str(reg["version"]),
-                      f"{spec.arch} head on {spec.backbone} at {spec.image_size} px, {len(classes)} classes "
-                      f"({', '.join(classes)}); dataset {digest[:12]}, {len(train_rows)} train / {len(val_rows)} val "
-                      f"images; best epoch {result.best_epoch}, val macro-F1 {result.best_val_macro_f1:.3f}. "
-                      f"Trained by Dagster run {links.dagster_run_url(cfg.ui.dagster_url, context.run_id)}")
-        ref = {
-            "model_name": cfg.model.name,
-            "version": str(reg["version"]),
-            "model_uri": f"models:/{cfg.model.name}/{reg['version']}",
-            "run_id": run.info.run_id,
-            "dataset_hash": digest,
-            "classes": classes,
-        }
-        context.log.info(f"registered {ref['model_uri']} (val macro-F1 {result.best_val_macro_f1:.3f})")
-        return dg.Output(
-            ref,
-            metadata=at_a_glance({
-                "model_uri": ref["model_uri"],
-                "model_version": ref["version"],
-                "mlflow_run_id": ref["run_id"],
-                **_mlflow_links(experiment_id, ref["run_id"], ref["version"]),
-                "dataset_hash": digest,
-                "best_epoch": result.best_epoch,
-                "val_macro_f1": result.best_val_macro_f1,
-                "train_images_per_s": result.images_per_s,
-                "data_wait_share": result.data_wait_share,
-                "device": str(resolve_device(tcfg.device)),
-                "training_curves": dg.MetadataValue.url(links.mlflow_artifact_url(
-                    cfg.ui.mlflow_url, run.info.run_id, "training_curves.png")),
-                "val_confusion_matrix": dg.MetadataValue.url(links.mlflow_artifact_url(
-                    cfg.ui.mlflow_url, run.info.run_id, "val_confusion_matrix.png")),
-            }),
-        )
+        run_name = f"{cfg.model.name}-{context.run_id[:8]}"
+        with tracking.run(experiment_id, run_name, tracking.run_tags(origin, digest)) as run:
+            tracking.log_training_inputs(spec.to_dict(), cfg.train.model_dump(), classes, digest,
+                                         len(train_rows), len(val_rows), _dataset_input(cfg, data, digest))
+            result = train_classifier(spec, _image_dataset(train_rows, classes, cfg, image_store),
+                                      _image_dataset(val_rows, classes, cfg, image_store), cfg.train,
+                                      log=context.log.info, on_epoch=tracking.log_epoch)
+            figures = _training_figures(cfg, result, val_rows, classes, image_store)
+            tracking.log_training_result(result, figures)
+            text = tracking.version_description(spec, classes, digest, len(train_rows), len(val_rows), result,
+                                                origin.dagster_run_url)
+            version = _register(cfg, result, spec, classes, digest, origin, mlflow_tracking.client(), text)
+        ref = ModelRef(cfg.model.name, version, run.info.run_id, digest)
+        context.log.info(f"registered {ref.model_uri} (val macro-F1 {result.best_val_macro_f1:.3f})")
+        return dg.Output(ref, metadata=_classifier_metadata(cfg, ref, result, experiment_id))
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3", pool="gpu",
+    return sofar_classifier
+
+
+# -- ood_calibration --------------------------------------------------------------------------------
+def calibration_settings(cfg: SofarConfig) -> evaluation.CalibrationSettings:
+    index = {c: i for i, c in enumerate(cfg.vocabulary())}
+    return evaluation.CalibrationSettings(
+        score_method=cfg.ood.score, target_tpr=cfg.ood.target_tpr, threshold_rule=cfg.ood.threshold,
+        knn_k=cfg.ood.knn_k, coverage=cfg.conformal.coverage, conformal_method=cfg.conformal.method,
+        task_positives={t: index[task.positive_label] for t, task in cfg.tasks.items()},
+        device=cfg.inference.device)
+
+
+def _calibration_metadata(cfg, ref: ModelRef, cal: evaluation.VersionCalibration) -> dict:
+    report = cal.report
+    md = {
+        "threshold": report["threshold"], "temperature": report["temperature"], "score_method": cfg.ood.score,
+        "val_tpr": report["val_tpr"], "val_nll_before": report["val_nll_before"],
+        "val_nll_after": report["val_nll_after"],
+        "val_score_range": dg.MetadataValue.json([report["val_score_min"], report["val_score_max"]]),
+        "ood_report": dg.MetadataValue.json({k: {kk: vv for kk, vv in v.items() if kk != "scores"}
+                                             for k, v in report["ood_sets"].items()}),
+        "ood_scores_side_by_side": dg.MetadataValue.md(calibration.scores_table(report["ood_sets"])),
+        "task_auroc": dg.MetadataValue.json(report["task_auroc"]),
+        "label_sets": dg.MetadataValue.json(cal.label_sets.as_dict()),
+        "model_version": ref.version,
+    }
+    for name, r in report["ood_sets"].items():
+        md[f"auroc_{name}"] = r["auroc"]
+        md[f"rejected_share_{name}"] = r["rejected_share"]
+    if cal.roc_png:
+        md["roc"] = _artifact_link(cfg, ref.run_id, "roc")
+    return at_a_glance(md)
+
+
+def build_calibration_asset(cfg: SofarConfig) -> dg.AssetsDefinition:
+    classes = cfg.vocabulary()
+
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, code_version="4", pool="gpu",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def ood_calibration(
-        context: dg.AssetExecutionContext, sofar_classifier: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
-        image_store: ImageStoreResource,
-    ) -> dg.Output[dict]:
+        context: dg.AssetExecutionContext, sofar_classifier: ModelRef, warehouse: WarehouseResource,
+        mlflow_tracking: MlflowResource, image_store: ImageStoreResource,
+    ) -> dg.Output[ModelRef]:
         """Out-of-distribution threshold for the model version, and every OOD score side by side.
 
         Temperature scaling fitted on the val split (changes probabilities, not the top-2);
@@ -277,98 +262,135 @@ def build_model_assets(cfg: SofarConfig) -> list:
         irrelevant image set, and one-class AUROC per task. The conformal label-set rule
         (``conformal.coverage``, lib/model/conformal.py) is calibrated on the same val probabilities
         (temperature applied). Score method, temperature, threshold and the label-set rule are
-        tags on the MLflow model version (lib/serving/registry.py).
+        tags on the MLflow model version (lib/serving/registry.py); the report with every image's
+        scores is ``ood_calibration.json`` in the version's run (model_evaluation reads it there).
         """
-        client = mlflow_tracking.client()
-        model, meta = load_registered(sofar_classifier["model_uri"])
+        ref = sofar_classifier
+        model, meta = load_registered(ref.model_uri)
         val_rows = _split(warehouse.get().read_table("sofar_dataset"), "val")
-        logits, feats = predict_logits_and_features(model, _image_dataset(val_rows, classes, cfg, image_store),
-                                                    device=cfg.inference.device)
-        val_y = val_rows["label"].map(index).to_numpy()
-        report = calibration.calibrate(
-            logits, val_y, feats, meta["ood_stats"],
-            _ood_set_features(model, cfg, image_store, context, _ood_uris(cfg, warehouse, context)),
-            score_method=cfg.ood.score,
-            target_tpr=cfg.ood.target_tpr, knn_k=ood.package_knn_k(meta, cfg.ood.knn_k),  # the k serving uses
-            threshold_rule=cfg.ood.threshold,
-            task_positives={t: index[task.positive_label] for t, task in cfg.tasks.items()})
-        if report["temperature_at_bound"]:
-            context.log.warning(
-                f"temperature hit its lower bound {calibration.TEMPERATURE_MIN}: the val NLL keeps falling as it "
-                "sharpens (val split perfectly separated, or the model underconfident); probabilities use the bound")
-        temperature, threshold = report["temperature"], report["threshold"]
-        label_sets = conformal.calibrate(ood.softmax(logits, temperature), val_y, coverage=cfg.conformal.coverage,
-                                         method=cfg.conformal.method)
-        if np.isinf(label_sets.qhat):
-            context.log.warning(f"{len(val_y)} val images are too few for label sets at coverage "
-                                f"{cfg.conformal.coverage}: every set holds every label")
+        cal = evaluation.calibrate_version(
+            model, meta, _image_dataset(val_rows, classes, cfg, image_store), _labels(val_rows, classes),
+            _ood_features(model, cfg, image_store, warehouse, context), calibration_settings(cfg))
+        for warning in cal.warnings:
+            context.log.warning(warning)
+        report = cal.report
         registry.write_calibration(
-            client, sofar_classifier["model_name"], sofar_classifier["version"],
-            registry.Calibration(cfg.ood.score, temperature, threshold, label_sets), target_tpr=cfg.ood.target_tpr,
+            mlflow_tracking.client(), ref.model_name, ref.version,
+            registry.Calibration(cfg.ood.score, report["temperature"], report["threshold"], cal.label_sets),
+            target_tpr=cfg.ood.target_tpr,
             extra={f"ood_auroc_{k}": f"{v['auroc']:.4f}" for k, v in report["ood_sets"].items()},
         )
-        curves = {name: (*ood.roc_curve(report["val_scores"], s), report["ood_sets"][name]["auroc"])
-                  for name, s in report["ood_scores"].items()}
-        side_by_side = {f"{name}/{m}": r for name, sets in report["ood_sets"].items() for m, r in sets["scores"].items()}
-        with mlflow.start_run(run_id=sofar_classifier["run_id"]):
-            mlflow.log_dict(report, "ood_calibration.json")
-            mlflow.log_metrics({"ood_temperature": temperature, "ood_threshold": threshold,
-                                **({"conformal_qhat": label_sets.qhat} if np.isfinite(label_sets.qhat) else {}),
-                                **{f"ood_auroc_{k}": v["auroc"] for k, v in report["ood_sets"].items()},
-                                **{f"ood_fpr_at_tpr_{k}": v["fpr_at_tpr"] for k, v in report["ood_sets"].items()},
-                                **{f"ood_auroc_{k.replace('/', '_')}": v["auroc"] for k, v in side_by_side.items()},
-                                **{f"task_auroc_{k}": v for k, v in report["task_auroc"].items()}})
-            roc_png = plots.roc_png(curves) if curves else None
-            if roc_png:
-                mlflow.log_image(_png_image(roc_png), "ood_roc.png")
-        out = {**sofar_classifier, **{k: report[k] for k in ("score_method", "temperature", "threshold", "target_tpr")},
-               "ood_sets": report["ood_sets"], "ood_scores": report["ood_scores"],
-               "ood_scores_by_method": report["ood_scores_by_method"], "label_sets": label_sets.as_dict()}
-        md = {
-            "threshold": threshold, "temperature": temperature, "score_method": cfg.ood.score,
-            "val_tpr": report["val_tpr"], "val_nll_before": report["val_nll_before"],
-            "val_nll_after": report["val_nll_after"],
-            "val_score_range": dg.MetadataValue.json([report["val_score_min"], report["val_score_max"]]),
-            "ood_report": dg.MetadataValue.json({k: {kk: vv for kk, vv in v.items() if kk != "scores"}
-                                                 for k, v in report["ood_sets"].items()}),
-            "ood_scores_side_by_side": dg.MetadataValue.md(calibration.scores_table(report["ood_sets"])),
-            "task_auroc": dg.MetadataValue.json(report["task_auroc"]),
-            "label_sets": dg.MetadataValue.json(label_sets.as_dict()),
-            "model_version": sofar_classifier["version"],
-        }
-        for name, r in report["ood_sets"].items():
-            md[f"auroc_{name}"] = r["auroc"]
-            md[f"rejected_share_{name}"] = r["rejected_share"]
-        if roc_png:
-            md["roc"] = dg.MetadataValue.url(links.mlflow_artifact_url(cfg.ui.mlflow_url, sofar_classifier["run_id"],
-                                                                       "ood_roc.png"))
-        return dg.Output(out, metadata=at_a_glance(md))
+        tracking.log_calibration(ref.run_id, report, cal.label_sets.qhat, cal.roc_png)
+        return dg.Output(ref, metadata=_calibration_metadata(cfg, ref, cal))
 
-    def _probe_figures(data: pd.DataFrame, test_ds, y, context, image_store, warehouse) -> dict:
-        """The frozen-feature probe baseline on the same train/test split (and OOD sets)."""
-        train_rows = _split(data, "train")
+    return ood_calibration
+
+
+# -- model_evaluation -------------------------------------------------------------------------------
+def evaluation_settings(cfg: SofarConfig) -> evaluation.EvaluationSettings:
+    classes = cfg.vocabulary()
+    index = {c: i for i, c in enumerate(classes)}
+    return evaluation.EvaluationSettings(
+        classes=classes,
+        tasks={t: (index[task.positive_label], {index[lab] for lab in task.labels.values()})
+               for t, task in cfg.tasks.items()},
+        positives=sorted({index[t.positive_label] for t in cfg.tasks.values() if t.positive_label in index}),
+        knn_k=cfg.ood.knn_k, n_resamples=cfg.gate.bootstrap_resamples, device=cfg.inference.device)
+
+
+def _held_out(cfg: SofarConfig, data: pd.DataFrame, image_store) -> evaluation.HeldOut:
+    classes = cfg.vocabulary()
+    index = {c: i for i, c in enumerate(classes)}
+    test_rows = _split(data, "test")
+    if test_rows.empty:
+        raise dg.Failure(
+            description="sofar_dataset has no single-label test images; raise dataset.test_fraction")
+    multi = data[data["multi_label"]].reset_index(drop=True)
+    return evaluation.HeldOut(
+        _image_dataset(test_rows, classes, cfg, image_store), _labels(test_rows, classes),
+        _image_dataset(multi, classes, cfg, image_store) if not multi.empty else None,  # label: the first
+        [{index[lab] for lab in labels.split("|")} for labels in multi["labels"]])
+
+
+def _probe(cfg: SofarConfig, data: pd.DataFrame, test: evaluation.HeldOut, context, image_store, warehouse):
+    """The frozen-feature probe baseline (a callable), or None when the model IS the probe."""
+    if evaluation.model_is_the_probe(freeze_backbone=cfg.train.freeze_backbone,
+                                     linear_probe=cfg.train.linear_probe, arch=cfg.model.arch,
+                                     pretrained=cfg.model.pretrained):
+        return None
+    classes = cfg.vocabulary()
+
+    def figures() -> dict:
         frozen = evaluation.frozen_feature_model(model_spec(cfg, len(classes)))
-        _, train_f = predict_logits_and_features(frozen, _image_dataset(train_rows, classes, cfg, image_store),
-                                                 device=cfg.inference.device)
-        _, test_f = predict_logits_and_features(frozen, test_ds, device=cfg.inference.device)
-        ood_f = {k: f for k, (_, f) in _ood_set_features(frozen, cfg, image_store, context,
-                                                          _ood_uris(cfg, warehouse, context)).items()}
-        try:
-            pb = evaluation.probe_baseline(train_f, train_rows["label"].map(index).to_numpy(), test_f, ood_f,
-                                           len(classes), c=cfg.train.probe_c, knn_k=cfg.ood.knn_k)
-        except ValueError as exc:  # e.g. a train split with one class
-            context.log.warning(f"probe baseline skipped: {exc}")
-            return {"skipped": str(exc)}
-        pred = pb.test_logits.argmax(1)
-        return {"accuracy": metrics.accuracy(y, pred), "macro_f1": metrics.macro_f1(y, pred, len(classes)),
-                "ood_auroc_by_score": {name: {m: ood.auroc(pb.test_scores[m], v) for m, v in by.items()}
-                                       for name, by in pb.ood_scores.items()}}
+        train_rows = _split(data, "train")
+        ood_f = {k: f for k, (_, f) in _ood_features(frozen, cfg, image_store, warehouse, context).items()}
+        return evaluation.probe_figures(
+            frozen, _image_dataset(train_rows, classes, cfg, image_store), _labels(train_rows, classes),
+            test.dataset, test.y, ood_f, len(classes), c=cfg.train.probe_c, knn_k=cfg.ood.knn_k,
+            device=cfg.inference.device, log=context.log.warning)
 
-    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, owners=OWNERS, code_version="3", pool="gpu",
+    return figures
+
+
+def _champion_macro_f1(cfg, client, ref: ModelRef, test: evaluation.HeldOut,
+                       context) -> tuple[str | None, float | None]:
+    """The current champion re-scored on the same test split (None: no other champion, or not comparable)."""
+    champ = registry.champion_version(client, ref.model_name)
+    if champ is None or champ == ref.version:
+        return champ, None
+    champ_model, champ_meta = load_registered(registry.model_uri(ref.model_name, champ))
+    score = evaluation.rescore(champ_model, champ_meta["classes"], cfg.vocabulary(), test.dataset, test.y,
+                               device=cfg.inference.device)
+    if score is None:
+        context.log.warning(f"champion v{champ} has other classes {champ_meta['classes']}: not comparable")
+    return champ, score
+
+
+def _label_set_metadata(cf: dict | None) -> dict:
+    if cf is None:
+        return {}
+    return {
+        "label_set_target_coverage": cf["target"],
+        "label_set_coverage": cf["coverage"],
+        "label_set_coverage_ci": dg.MetadataValue.json(cf["coverage_ci"]),
+        "label_set_mean_size": cf["mean_set_size"],
+        "label_set_size_counts": dg.MetadataValue.json(cf["set_size_counts"]),
+        "label_sets_per_class": dg.MetadataValue.md(
+            pd.DataFrame(cf["per_class"]).T.drop(columns=["coverage_ci"]).to_markdown()),
+        **({"label_sets_multi_label": dg.MetadataValue.json(cf["multi_label"])}
+           if "multi_label" in cf else {}),
+    }
+
+
+def _evaluation_metadata(cfg, result: dict, experiment_id: str, run_id: str) -> dict:
+    return at_a_glance({
+        "model_version": result["version"], "test_macro_f1": result["macro_f1"],
+        "test_accuracy": result["accuracy"], "ece": result["ece"],
+        "top2_joint_hit_rate": result.get("top2_joint_hit_rate"),
+        "composites_top2_joint_hit_rate": result["composites"].get("top2_joint_hit_rate"),
+        "composites_label_set_joint_coverage": result["composites"].get("label_set_joint_coverage"),
+        "macro_f1_ci": dg.MetadataValue.json(result["macro_f1_ci"]),
+        "ece_ci": dg.MetadataValue.json(result["ece_ci"]),
+        "ood_auroc": dg.MetadataValue.json(result["ood_auroc"]),
+        "ood_auroc_ci": dg.MetadataValue.json(result["ood_auroc_ci"]),
+        "ood_auroc_by_score": dg.MetadataValue.json(result["ood_auroc_by_score"]),
+        "probe_baseline": dg.MetadataValue.json(result["probe"]),
+        "champion_version": result["champion_version"],
+        "champion_macro_f1_same_test": result["champion_macro_f1"],
+        **_mlflow_links(cfg, experiment_id, run_id, result["version"]),
+        "per_task": dg.MetadataValue.md(pd.DataFrame(result["tasks"]).T.to_markdown()),
+        "confusion_matrix": _artifact_link(cfg, run_id, "test_confusion_matrix"),
+        "reliability": _artifact_link(cfg, run_id, "reliability"),
+        **_label_set_metadata(result.get("conformal")),
+    })
+
+
+def build_evaluation_asset(cfg: SofarConfig) -> dg.AssetsDefinition:
+    @dg.asset(group_name="training", kinds={"mlflow", "numpy"}, code_version="4", pool="gpu",
               op_tags=step_tags(cfg, gpu=True, workers=cfg.inference.num_workers))
     def model_evaluation(
-        context: dg.AssetExecutionContext, ood_calibration: dict, warehouse: WarehouseResource, mlflow_tracking: MlflowResource,
-        image_store: ImageStoreResource,
+        context: dg.AssetExecutionContext, ood_calibration: ModelRef, warehouse: WarehouseResource,
+        mlflow_tracking: MlflowResource, image_store: ImageStoreResource,
     ) -> dg.Output[dict]:
         """The new version on the held-out test split, side by side with the current champion.
 
@@ -380,137 +402,45 @@ def build_model_assets(cfg: SofarConfig) -> list:
         often the set holds every label). The champion is re-scored on the same test split so
         the promotion gate compares like with like.
         """
-        ref = ood_calibration
-        client = mlflow_tracking.client()
+        ref, client = ood_calibration, mlflow_tracking.client()
         data = warehouse.get().read_table("sofar_dataset")
-        test_rows = _split(data, "test")
-        if test_rows.empty:
-            raise dg.Failure(description="sofar_dataset has no single-label test images; raise dataset.test_fraction")
-        test_ds = _image_dataset(test_rows, classes, cfg, image_store)
-        y = test_rows["label"].map(index).to_numpy()
-        model, meta = load_registered(ref["model_uri"])
-        logits, feats = predict_logits_and_features(model, test_ds, device=cfg.inference.device)
-        pred = logits.argmax(1)
-        multi = data[data["multi_label"]].reset_index(drop=True)
-        multi_logits = (predict_logits(model, _image_dataset(multi, classes, cfg, image_store),  # label: the first
-                                       device=cfg.inference.device) if not multi.empty else None)
-        multi_sets = [{index[lab] for lab in labels.split("|")} for labels in multi["labels"]]
-        result = {
-            "model_name": ref["model_name"], "version": ref["version"],
-            **evaluation.evaluate_test(
-                y, logits, feats, num_classes=len(classes), temperature=ref["temperature"],
-                score_method=ref["score_method"], stats=meta["ood_stats"], knn_k=ood.package_knn_k(meta, cfg.ood.knn_k),
-                ood_scores_by_method=ref.get("ood_scores_by_method")
-                or {k: {ref["score_method"]: v} for k, v in ref.get("ood_scores", {}).items()},
-                tasks={t: (index[task.positive_label], {index[lab] for lab in task.labels.values()})
-                       for t, task in cfg.tasks.items()},
-                multi_logits=multi_logits,
-                multi_label_sets=multi_sets,
-                n_resamples=cfg.gate.bootstrap_resamples),
-        }
-        probs = ood.softmax(logits, ref["temperature"])
-        if ref.get("label_sets"):
-            rule = conformal.LabelSets(**ref["label_sets"])
-            result["conformal"] = conformal.evaluate(rule, probs, y, classes)
-            if multi_logits is not None:
-                result["conformal"]["multi_label"] = conformal.joint_hit_rate(
-                    rule, ood.softmax(multi_logits, ref["temperature"]), multi_sets)
-        positives = sorted({index[t.positive_label] for t in cfg.tasks.values() if t.positive_label in index})
-        result["composites"] = evaluation.composite_evaluation(  # two states in one photo, from single-state ones
-            model, test_ds, y, [(a, b) for k, a in enumerate(positives) for b in positives[k + 1:]],
-            temperature=ref["temperature"], device=cfg.inference.device,
-            rule=conformal.LabelSets(**ref["label_sets"]) if ref.get("label_sets") else None)
-        if cfg.train.freeze_backbone and cfg.train.linear_probe is True and cfg.model.arch == "linear" \
-                and cfg.model.pretrained:
-            # the model IS the probe (LP on the frozen pretrained features, same split, same C)
-            result["probe"] = {"accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
-                               "ood_auroc_by_score": result["ood_auroc_by_score"], "same_as_model": True}
-        else:
-            result["probe"] = _probe_figures(data, test_ds, y, context, image_store, warehouse)
-        champ = registry.champion_version(client, ref["model_name"])
-        result["champion_version"] = champ
-        result["champion_macro_f1"] = None
-        if champ is not None and champ != ref["version"]:
-            champ_model, champ_meta = load_registered(registry.model_uri(ref["model_name"], champ))
-            if list(champ_meta["classes"]) == classes:
-                cl = predict_logits(champ_model, test_ds, device=cfg.inference.device)
-                result["champion_macro_f1"] = metrics.macro_f1(y, cl.argmax(1), len(classes))
-            else:
-                context.log.warning(f"champion v{champ} has other classes {champ_meta['classes']}: not comparable")
-        cm = metrics.confusion_matrix(y, pred, len(classes))
-        bins = metrics.reliability_bins(probs, y)
-        for k, v in {"test_macro_f1": result["macro_f1"], "test_accuracy": result["accuracy"],
-                     "test_ece": result["ece"]}.items():
-            client.set_model_version_tag(ref["model_name"], ref["version"], k, f"{v:.4f}")
-        with mlflow.start_run(run_id=ref["run_id"]):
-            mlflow.log_metrics({
-                "test_accuracy": result["accuracy"], "test_macro_f1": result["macro_f1"], "test_ece": result["ece"],
-                **{f"test_{t}_accuracy": m["accuracy"] for t, m in result["tasks"].items()},
-                **{f"test_{t}_f1": m["f1"] for t, m in result["tasks"].items()},
-                **({"top2_joint_hit_rate": result["top2_joint_hit_rate"]} if "top2_joint_hit_rate" in result else {}),
-                **{f"test_ood_auroc_{k}": v for k, v in result["ood_auroc"].items()},
-                **({"probe_test_macro_f1": result["probe"]["macro_f1"], "probe_test_accuracy": result["probe"]["accuracy"]}
-                   if result["probe"].get("macro_f1") is not None else {}),
-                **({"test_label_set_coverage": cf["coverage"], "test_label_set_mean_size": cf["mean_set_size"]}
-                   if (cf := result.get("conformal")) else {}),
-            })
-            mlflow.log_dict(result, "evaluation.json")
-            cm_png, rel_png = plots.confusion_matrix_png(cm, classes), plots.reliability_png(bins)
-            mlflow.log_image(_png_image(cm_png), "test_confusion_matrix.png")
-            mlflow.log_image(_png_image(rel_png), "reliability.png")
-        task_table = pd.DataFrame(result["tasks"]).T
-        cf = result.get("conformal")
-        label_set_md = {} if cf is None else {
-            "label_set_target_coverage": cf["target"],
-            "label_set_coverage": cf["coverage"],
-            "label_set_coverage_ci": dg.MetadataValue.json(cf["coverage_ci"]),
-            "label_set_mean_size": cf["mean_set_size"],
-            "label_set_size_counts": dg.MetadataValue.json(cf["set_size_counts"]),
-            "label_sets_per_class": dg.MetadataValue.md(pd.DataFrame(cf["per_class"]).T.drop(columns=["coverage_ci"])
-                                                        .to_markdown()),
-            **({"label_sets_multi_label": dg.MetadataValue.json(cf["multi_label"])} if "multi_label" in cf else {}),
-        }
-        return dg.Output(
-            result,
-            metadata=at_a_glance({
-                "model_version": ref["version"],
-                "test_macro_f1": result["macro_f1"],
-                "test_accuracy": result["accuracy"],
-                "ece": result["ece"],
-                "top2_joint_hit_rate": result.get("top2_joint_hit_rate"),
-                "composites_top2_joint_hit_rate": result["composites"].get("top2_joint_hit_rate"),
-                "composites_label_set_joint_coverage": result["composites"].get("label_set_joint_coverage"),
-                "macro_f1_ci": dg.MetadataValue.json(result["macro_f1_ci"]),
-                "ece_ci": dg.MetadataValue.json(result["ece_ci"]),
-                "ood_auroc": dg.MetadataValue.json(result["ood_auroc"]),
-                "ood_auroc_ci": dg.MetadataValue.json(result["ood_auroc_ci"]),
-                "ood_auroc_by_score": dg.MetadataValue.json(result["ood_auroc_by_score"]),
-                "probe_baseline": dg.MetadataValue.json(result["probe"]),
-                "champion_version": champ,
-                "champion_macro_f1_same_test": result["champion_macro_f1"],
-                **_mlflow_links(client.get_run(ref["run_id"]).info.experiment_id, ref["run_id"], ref["version"]),
-                "per_task": dg.MetadataValue.md(task_table.to_markdown()),
-                "confusion_matrix": dg.MetadataValue.url(links.mlflow_artifact_url(
-                    cfg.ui.mlflow_url, ref["run_id"], "test_confusion_matrix.png")),
-                "reliability": dg.MetadataValue.url(links.mlflow_artifact_url(
-                    cfg.ui.mlflow_url, ref["run_id"], "reliability.png")),
-                **label_set_md,
-            }),
-        )
+        test = _held_out(cfg, data, image_store)
+        model, meta = load_registered(ref.model_uri)
+        cal = registry.read_calibration(client.get_model_version(ref.model_name, ref.version))
+        scores = evaluation.ood_scores_by_method(tracking.load_calibration_report(ref.run_id))
+        ev = evaluation.evaluate_version(
+            model, meta, temperature=cal.temperature, score_method=cal.score_method,
+            label_sets=cal.label_sets, ood_scores=scores, test=test, settings=evaluation_settings(cfg),
+            probe=_probe(cfg, data, test, context, image_store, warehouse))
+        champ, champ_f1 = _champion_macro_f1(cfg, client, ref, test, context)
+        result = {"model_name": ref.model_name, "version": ref.version, **ev.result,
+                  "champion_version": champ, "champion_macro_f1": champ_f1}
+        registry.write_test_metrics(client, ref.model_name, ref.version, {"test_macro_f1": result["macro_f1"],
+                                    "test_accuracy": result["accuracy"], "test_ece": result["ece"]})
+        tracking.log_evaluation(ref.run_id, result, ev.figures)
+        experiment_id = client.get_run(ref.run_id).info.experiment_id
+        return dg.Output(result, metadata=_evaluation_metadata(cfg, result, experiment_id, ref.run_id))
 
-    gate = cfg.gate
+    return model_evaluation
+
+
+# -- the gate and champion_model --------------------------------------------------------------------
+def build_gate_checks(cfg: SofarConfig, model_evaluation: dg.AssetsDefinition) -> list:
+    """The blocking promotion-gate checks on ``model_evaluation`` (lib/model/gate.py)."""
 
     def _check(name: str, description: str):
         @dg.asset_check(name=name, asset=model_evaluation, blocking=True, description=description)
         def _gate_check(model_evaluation: dict) -> dg.AssetCheckResult:
-            passed, metadata = gate_results(model_evaluation, gate)[name]
+            passed, metadata = gate_results(model_evaluation, cfg.gate)[name]
             return dg.AssetCheckResult(passed=passed, metadata=at_a_glance(metadata))
 
         return _gate_check
 
-    gate_checks = [_check(name, description) for name, description in GATE_CHECKS.items()]
+    return [_check(name, description) for name, description in GATE_CHECKS.items()]
 
-    @dg.asset(group_name="training", kinds={"mlflow"}, owners=OWNERS, code_version="2")
+
+def build_champion_asset(cfg: SofarConfig) -> dg.AssetsDefinition:
+    @dg.asset(group_name="training", kinds={"mlflow"}, code_version="2")
     def champion_model(
         context: dg.AssetExecutionContext, model_evaluation: dict, mlflow_tracking: MlflowResource
     ) -> dg.Output[dict]:
@@ -526,7 +456,8 @@ def build_model_assets(cfg: SofarConfig) -> list:
         client = mlflow_tracking.client()
         name, version = model_evaluation["model_name"], str(model_evaluation["version"])
         try:
-            verdict, source = registry.registry_gate(client, name, version, gate, offered=model_evaluation)
+            verdict, source = registry.registry_gate(client, name, version, cfg.gate,
+                                                     offered=model_evaluation)
         except registry.EvidenceError as exc:
             raise dg.Failure(description=f"{exc}; the champion stays.") from None
         failed = {k: md for k, (ok, md) in verdict.items() if not ok}
@@ -540,11 +471,20 @@ def build_model_assets(cfg: SofarConfig) -> list:
         previous = registry.set_champion(client, name, version)
         registry.record_promotion(client, name, version, previous, by=user,
                                   reason="passed the promotion gate on model_evaluation",
-                                  via=f"champion_model (run {context.run_id[:8]})", gate=f"passed under {source}")
-        context.log.info(f"{name}@{registry.CHAMPION}: {'v' + previous if previous else 'none'} -> v{version}")
+                                  via=f"champion_model (run {context.run_id[:8]})",
+                                  gate=f"passed under {source}")
+        moved = f"{'v' + previous if previous else 'none'} -> v{version}"
+        context.log.info(f"{name}@{registry.CHAMPION}: {moved}")
         return dg.Output({"model_name": name, "version": version, "previous": previous},
                          metadata={"champion": f"models:/{name}@{registry.CHAMPION} = v{version}",
-                                   "previous_version": previous,
-                                   **_mlflow_links(None, None, version)})
+                                   "previous_version": previous, **_mlflow_links(cfg, None, None, version)})
 
-    return [sofar_classifier, ood_calibration, model_evaluation, champion_model], gate_checks
+    return champion_model
+
+
+def build_model_assets(cfg: SofarConfig) -> tuple[list, list]:
+    """The training assets (classifier → calibration → evaluation → champion) and the gate checks."""
+    model_evaluation = build_evaluation_asset(cfg)
+    assets = [build_classifier_asset(cfg), build_calibration_asset(cfg), model_evaluation,
+              build_champion_asset(cfg)]
+    return assets, build_gate_checks(cfg, model_evaluation)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import pandas as pd
 
@@ -216,3 +217,42 @@ def suspicious_labels(tasks: dict[str, dict[str, str]]) -> list[str]:
                 f"(used by {', '.join(sorted(users[close[0]]))})"
             )
     return findings
+
+
+def label_tasks(tasks: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """canonical label -> the tasks that have it (``tasks``: task -> its source -> canonical map)."""
+    out: dict[str, list[str]] = {}
+    for name, labels in tasks.items():
+        for label in labels.values():
+            out.setdefault(label, []).append(name)
+    return out
+
+
+@dataclass(frozen=True)
+class DatasetFindings:
+    """What ``sofar_dataset``'s checks report about a new dataset version."""
+
+    unreadable: list[str]  # the raw tables' error messages
+    too_small: list[str]  # "label/split: n" below the minimum
+    leaks: int  # hashes in two splits, within this version or moved since the previous one
+    moved: pd.DataFrame  # rows whose split changed since the previous version
+    typos: list[str]  # suspicious_labels
+    multi: pd.DataFrame  # the multi-label rows
+
+
+def dataset_findings(data: pd.DataFrame, raw: pd.DataFrame, previous: pd.DataFrame | None,
+                     vocabulary: list[str], tasks: dict[str, dict[str, str]], *, min_per_class: int,
+                     val_fraction: float, test_fraction: float) -> DatasetFindings:
+    """Unreadable files, classes too small per split, leaks between splits (and versions), label
+    typos and multi-label photos of ``data`` (made from ``raw``; ``previous``: the last version)."""
+    counts = counts_by(data, vocabulary)
+    empty = {"val"} if val_fraction == 0 else set()
+    empty |= {"test"} if test_fraction == 0 else set()
+    too_small = [f"{label}/{split}: {int(counts.loc[label, split])}"
+                 for label in vocabulary for split in SPLITS if split not in empty
+                 if counts.loc[label, split] < min_per_class]
+    moved = moved_between_versions(previous, data) if previous is not None else data.iloc[:0]
+    return DatasetFindings(
+        unreadable=list(raw[raw["error"].notna()]["error"]), too_small=too_small,
+        leaks=int(data["sha256"].duplicated().sum()) + len(moved), moved=moved,
+        typos=suspicious_labels(tasks), multi=data[data["multi_label"]])

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
 
-from sofar_assets.lib.model import conformal, metrics, ood, probe
+from sofar_assets.lib.common.names import shown
+from sofar_assets.lib.model import calibration, conformal, metrics, ood, plots, probe
 from sofar_assets.lib.model.models import ModelSpec, build_model
 from sofar_assets.lib.model.training import (
     TrainConfig,
@@ -417,3 +420,180 @@ def leave_one_class_out(arrays: Sequence[np.ndarray], labels: Sequence[int], ood
                 f"{acc['knn']['tpr/left_out_flagged'][-1]:.2f} (tpr rule)")
     return {"left_out": [int(c) for c in left_out], "folds": folds, "calibration_set": calibration_set,
             "target_tpr": target_tpr, "scores": {m: {k: _mean(v) for k, v in d.items()} for m, d in acc.items()}}
+
+
+# -- one registered version: what ood_calibration and model_evaluation compute -------------------
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """The ``ood:`` and ``conformal:`` settings a calibration needs (plain values, not the config)."""
+
+    score_method: str
+    target_tpr: float
+    threshold_rule: str
+    knn_k: int
+    coverage: float
+    conformal_method: str
+    task_positives: dict[str, int]
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class VersionCalibration:
+    """The calibration report (per-image scores included), the label-set rule, the ROC figure
+    and what a person should be warned about."""
+
+    report: dict
+    label_sets: conformal.LabelSets
+    roc_png: bytes | None
+    warnings: list[str]
+
+
+def ood_set_features(model, uris_by_set: dict[str, list[str]], size: int, *, cache=None, device: str = "auto",
+                     log: Callable[[str], Any] = print) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(logits, features) of every readable image of every OOD set; unreadable images and empty
+    sets are skipped, each with a message to ``log``."""
+    out = {}
+    for name, uris in uris_by_set.items():
+        arrays, errors = calibration.read_images(uris, size, cache=cache)
+        for err in errors:
+            log(f"OOD set {name!r}: image skipped: {shown(err, 400)}")
+        if not arrays:
+            log(f"OOD set {name!r} has no readable images; skipped")
+            continue
+        out[name] = predict_logits_and_features(model, ArrayDataset(arrays, [0] * len(arrays)), device=device)
+    return out
+
+
+def calibrate_version(model, meta: dict, val_ds: Dataset, val_y: np.ndarray,
+                      ood_features: dict[str, tuple[np.ndarray, np.ndarray]],
+                      settings: CalibrationSettings) -> VersionCalibration:
+    """Temperature, OOD threshold and every OOD score side by side (``calibration.calibrate``) on
+    the val split, then the conformal label-set rule on the tempered val probabilities."""
+    logits, feats = predict_logits_and_features(model, val_ds, device=settings.device)
+    report = calibration.calibrate(
+        logits, val_y, feats, meta["ood_stats"], ood_features, score_method=settings.score_method,
+        target_tpr=settings.target_tpr, knn_k=ood.package_knn_k(meta, settings.knn_k),  # the k serving uses
+        threshold_rule=settings.threshold_rule, task_positives=settings.task_positives)
+    warn = []
+    if report["temperature_at_bound"]:
+        warn.append(f"temperature hit its lower bound {calibration.TEMPERATURE_MIN}: the val NLL keeps "
+                    "falling as it sharpens (val split perfectly separated, or the model underconfident); "
+                    "probabilities use the bound")
+    label_sets = conformal.calibrate(ood.softmax(logits, report["temperature"]), val_y,
+                                     coverage=settings.coverage, method=settings.conformal_method)
+    if np.isinf(label_sets.qhat):
+        warn.append(f"{len(val_y)} val images are too few for label sets at coverage {settings.coverage}: "
+                    "every set holds every label")
+    curves = {name: (*ood.roc_curve(report["val_scores"], s), report["ood_sets"][name]["auroc"])
+              for name, s in report["ood_scores"].items()}
+    return VersionCalibration(report, label_sets, plots.roc_png(curves) if curves else None, warn)
+
+
+def model_is_the_probe(*, freeze_backbone: bool, linear_probe: bool | None, arch: str,
+                       pretrained: bool) -> bool:
+    """A frozen pretrained backbone with the linear probe as the ``linear`` head: the model IS the
+    frozen-feature probe (LP on the same features, same split, same C): no second fit."""
+    return freeze_backbone and linear_probe is True and arch == "linear" and pretrained
+
+
+def probe_figures(frozen, train_ds: Dataset, train_y: np.ndarray, test_ds: Dataset, y: np.ndarray,
+                  ood_features: dict[str, np.ndarray], num_classes: int, *, c: float, knn_k: int,
+                  device: str = "auto", log: Callable[[str], Any] = print) -> dict:
+    """The frozen-feature probe baseline on the same train/test split (and OOD set features of
+    ``frozen``): accuracy, macro-F1 and every score's OOD AUROC; ``{"skipped": why}`` if unfittable."""
+    _, train_f = predict_logits_and_features(frozen, train_ds, device=device)
+    _, test_f = predict_logits_and_features(frozen, test_ds, device=device)
+    try:
+        pb = probe_baseline(train_f, train_y, test_f, ood_features, num_classes, c=c, knn_k=knn_k)
+    except ValueError as exc:  # e.g. a train split with one class
+        log(f"probe baseline skipped: {exc}")
+        return {"skipped": str(exc)}
+    pred = pb.test_logits.argmax(1)
+    return {"accuracy": metrics.accuracy(y, pred), "macro_f1": metrics.macro_f1(y, pred, num_classes),
+            "ood_auroc_by_score": {name: {m: ood.auroc(pb.test_scores[m], v) for m, v in by.items()}
+                                   for name, by in pb.ood_scores.items()}}
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    """What an evaluation needs from the config, as plain values."""
+
+    classes: list[str]
+    tasks: dict[str, tuple[int, set[int]]]  # name -> (positive class, the task's own classes)
+    positives: list[int]  # the tasks' positive classes: the composites' pairs
+    knn_k: int = 1
+    n_resamples: int = 1000
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The held-out images: single-label test photos and the multi-label ones (labels as index sets)."""
+
+    dataset: Dataset
+    y: np.ndarray
+    multi: Dataset | None = None
+    multi_sets: list[set[int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class VersionEvaluation:
+    result: dict  # model_evaluation's output and evaluation.json (the gate reads it)
+    figures: dict[str, bytes]  # tracking.FIGURES keys
+
+
+def ood_scores_by_method(report: dict) -> dict[str, dict[str, list]]:
+    """The OOD sets' per-image scores of every method from a calibration report (an older report
+    has the configured method's only)."""
+    return report.get("ood_scores_by_method") or {
+        k: {report["score_method"]: v} for k, v in report.get("ood_scores", {}).items()}
+
+
+def _conformal(rule, probs, y, classes, multi_logits, multi_sets, temperature) -> dict:
+    out = conformal.evaluate(rule, probs, y, classes)
+    if multi_logits is not None:
+        multi_probs = ood.softmax(multi_logits, temperature)
+        out["multi_label"] = conformal.joint_hit_rate(rule, multi_probs, multi_sets)
+    return out
+
+
+def evaluate_version(model, meta: dict, *, temperature: float, score_method: str,
+                     label_sets: conformal.LabelSets | None, ood_scores: dict[str, dict[str, list]],
+                     test: HeldOut, settings: EvaluationSettings,
+                     probe: Callable[[], dict] | None) -> VersionEvaluation:
+    """One version on the test split: per-task and overall metrics with CIs, OOD AUROC of every
+    score, top-2 and label sets on multi-label photos, two-state composites, and the probe
+    baseline (``probe()``; ``{"same_as_model": True, ...}`` when :func:`model_is_the_probe`,
+    signalled by ``probe=None``). The champion's re-score is the caller's (:func:`rescore`)."""
+    classes, n = settings.classes, len(settings.classes)
+    logits, feats = predict_logits_and_features(model, test.dataset, device=settings.device)
+    multi_logits = None if test.multi is None else predict_logits(model, test.multi, device=settings.device)
+    result = evaluate_test(
+        test.y, logits, feats, num_classes=n, temperature=temperature, score_method=score_method,
+        stats=meta["ood_stats"], knn_k=ood.package_knn_k(meta, settings.knn_k),
+        ood_scores_by_method=ood_scores, tasks=settings.tasks, multi_logits=multi_logits,
+        multi_label_sets=test.multi_sets, n_resamples=settings.n_resamples)
+    probs = ood.softmax(logits, temperature)
+    if label_sets is not None:
+        result["conformal"] = _conformal(label_sets, probs, test.y, classes, multi_logits, test.multi_sets,
+                                         temperature)
+    pos = settings.positives
+    result["composites"] = composite_evaluation(  # two states in one photo, from single-state ones
+        model, test.dataset, test.y, [(a, b) for k, a in enumerate(pos) for b in pos[k + 1:]],
+        temperature=temperature, device=settings.device, rule=label_sets)
+    result["probe"] = probe() if probe is not None else {
+        "accuracy": result["accuracy"], "macro_f1": result["macro_f1"],
+        "ood_auroc_by_score": result["ood_auroc_by_score"], "same_as_model": True}
+    figures = {"test_confusion_matrix": plots.confusion_matrix_png(
+                   metrics.confusion_matrix(test.y, logits.argmax(1), n), classes),
+               "reliability": plots.reliability_png(metrics.reliability_bins(probs, test.y))}
+    return VersionEvaluation(result, figures)
+
+
+def rescore(model, model_classes: Sequence[str], classes: Sequence[str], test_ds: Dataset, y: np.ndarray, *,
+            device: str = "auto") -> float | None:
+    """Another version's (the champion's) macro-F1 on the same test split; None when its classes
+    differ (not comparable)."""
+    if list(model_classes) != list(classes):
+        return None
+    return metrics.macro_f1(y, predict_logits(model, test_ds, device=device).argmax(1), len(classes))

@@ -320,6 +320,12 @@ def write_calibration(client, name: str, version: str, calibration: Calibration,
         client.set_model_version_tag(name, str(version), key, value)
 
 
+def write_test_metrics(client, name: str, version: str, values: dict[str, float]) -> None:
+    """The version's headline test figures as tags (``test_macro_f1`` ...: 4 decimals), for the UI."""
+    for key, value in values.items():
+        client.set_model_version_tag(name, str(version), key, f"{value:.4f}")
+
+
 def read_calibration(model_version) -> Calibration:
     """The calibration tagged on a ``ModelVersion``; :class:`UncalibratedError` if the OOD tags
     are absent. ``label_sets`` is None for a version calibrated before label sets existed."""
