@@ -253,7 +253,7 @@ class OodConfig(_Strict):
     target_tpr: float = Field(0.95, gt=0, le=1, description="share of val photos the threshold keeps")
     threshold: Literal["target_tpr", "between"] = Field(
         "between", description="target_tpr: keep target_tpr of the val photos; between: lowered to the midpoint "
-        "towards the ood_sets' highest score when they all lie below (README, Model quality)")
+        "towards the ood_sets' highest score when they all lie below (docs/model-quality.md)")
     knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
     knn_bank_max: int | None = Field(
         10_000, ge=1, description="knn score: at most this many training features travel in the package "
