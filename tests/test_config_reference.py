@@ -18,7 +18,8 @@ SECTIONS_ALLOWED_WITHOUT_DESCRIPTIONS: set[str] = {"train"}
 
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("config_reference", REPO / "scripts" / "config_reference.py")
+    path = REPO / "scripts" / "config_reference.py"
+    spec = importlib.util.spec_from_file_location("config_reference", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
