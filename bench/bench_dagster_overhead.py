@@ -39,9 +39,10 @@ import yaml  # noqa: E402
 from sofar_assets.config import load_config  # noqa: E402
 from sofar_assets.definitions import build_definitions  # noqa: E402
 from sofar_assets.defs.predictions import day_uploads  # noqa: E402
-from sofar_assets.lib import daily, drift  # noqa: E402
-from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
-from sofar_assets.lib.packaging import load_registered, log_and_register  # noqa: E402
+from sofar_assets.lib.model.models import ModelSpec, build_model  # noqa: E402
+from sofar_assets.lib.review import drift  # noqa: E402
+from sofar_assets.lib.serving import daily  # noqa: E402
+from sofar_assets.lib.serving.packaging import load_registered, log_and_register  # noqa: E402
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool  # noqa: E402
 
 SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from sofar_assets.lib.images import PreprocessCache, load_image_array, sha256_hex  # noqa: E402
+from sofar_assets.lib.data.images import PreprocessCache, load_image_array, sha256_hex  # noqa: E402
 
 DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
                         if (p / "shared/data/sofar-public-samples").is_dir()),

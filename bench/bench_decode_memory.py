@@ -48,7 +48,8 @@ def child(folder: Path, budget: bool, workers: int, budget_mp: float | None) -> 
     import pandas as pd
     import torch
 
-    from sofar_assets.lib import daily, images
+    from sofar_assets.lib.data import images
+    from sofar_assets.lib.serving import daily
     from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool
 
     if not budget:
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.links, args.side, args.budget_mp = 4, 3000, 10.0
 
-    from sofar_assets.lib.images import DECODE_PIXELS_IN_FLIGHT
+    from sofar_assets.lib.data.images import DECODE_PIXELS_IN_FLIGHT
 
     budget_mp = args.budget_mp if args.budget_mp is not None else DECODE_PIXELS_IN_FLIGHT / 1e6
     with tempfile.TemporaryDirectory(prefix="bench-decode-mem-") as tmp:

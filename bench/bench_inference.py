@@ -35,8 +35,8 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
 
 import torch  # noqa: E402
 
-from sofar_assets.lib.images import load_image_array  # noqa: E402
-from sofar_assets.lib.inference import predict_images  # noqa: E402
+from sofar_assets.lib.data.images import load_image_array  # noqa: E402
+from sofar_assets.lib.serving.inference import predict_images  # noqa: E402
 
 DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
                         if (p / "shared/data/sofar-public-samples").is_dir()),
@@ -104,7 +104,7 @@ def rss_child(n: int, folder: str, num_workers: int) -> None:
 
     import pandas as pd
 
-    from sofar_assets.lib import daily
+    from sofar_assets.lib.serving import daily
     from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool
 
     paths = sorted(str(p) for p in Path(folder).glob("*.jpg"))
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.rss_counts, args.image_size, args.batch_size = 8, "100,300", 96, 4
 
-    from sofar_assets.lib.models import ModelSpec, build_model
+    from sofar_assets.lib.model.models import ModelSpec, build_model
 
     paths = sorted(str(p) for p in args.samples.rglob("*.jpg"))
     if not paths:

@@ -13,7 +13,7 @@ features with the offline ImageNet weights (frozen, no fine-tuning) at ``--size`
 
 - **the 20 shared photos** (../shared/data/sofar-public-samples; ID), against scikit-image's
   page and text images and 10 synthetic documents (OOD), as bench_recipe.py;
-- **the demo** (SYNTHETIC, ``lib/synthetic.generate_demo_data``: 326 task photos; OOD: its
+- **the demo** (SYNTHETIC, ``lib/data/synthetic.generate_demo_data``: 326 task photos; OOD: its
   documents and receipts).
 
 It also checks that ``ood.DeviceKnn`` (torch, on the inference device) gives the numpy scores.
@@ -38,9 +38,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
-from sofar_assets.lib import ood, storage, synthetic  # noqa: E402
-from sofar_assets.lib.images import load_image_array, resize_center_crop  # noqa: E402
-from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
+from sofar_assets.lib.data import storage, synthetic  # noqa: E402
+from sofar_assets.lib.data.images import load_image_array, resize_center_crop  # noqa: E402
+from sofar_assets.lib.model import ood  # noqa: E402
+from sofar_assets.lib.model.models import ModelSpec, build_model  # noqa: E402
 
 SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
                 if (p / "shared/data/sofar-public-samples").is_dir()),

@@ -7,17 +7,17 @@
 Config: the DEFAULT one (only tasks, uploads, ood_sets and partitions set): the two sample
 tasks map to the classes normal / defect / dirt (20 photos). Stratified k-fold: each fold's
 held-out photos are the test split; the rest is split into train and val as the pipeline
-would. The recipe (LP-FT, lib/training.py) trains on train and selects its epoch on val;
+would. The recipe (LP-FT, lib/model/training.py) trains on train and selects its epoch on val;
 the probe (logistic regression on frozen efficientnet_lite0 features) fits the same train
 split (`probe`) and train + val (`probe_trainval`). Irrelevant images: scikit-image's page
-and text images (2) and synthetic documents (lib/synthetic.py). Accuracy / macro-F1 pool
+and text images (2) and synthetic documents (lib/data/synthetic.py). Accuracy / macro-F1 pool
 the held-out predictions; AUROC is per fold, averaged, for every OOD score (the configured
 default is marked). Experiments: ``--set lr=0.01`` overrides one ``train:`` setting;
 ``--head-refit`` adds ``recipe_head_refit``, the same fine-tuned models with their head refitted
 by logistic regression on the fine-tuned train features.
 
 Two states in one photo (issue 26): ``--composites`` combines each fold's held-out defect and
-dirt photos (left/right halves, CutMix-style central patch; lib/evaluation.py) and reports
+dirt photos (left/right halves, CutMix-style central patch; lib/model/evaluation.py) and reports
 every model's top-2 joint hit rate on them beside the joint coverage of the label sets.
 Unfamiliar car photos: ``--loco`` leaves each named class (default defect, dirt) out of
 training in turn (``--loco-folds`` folds of the rest) and reports, per OOD score and threshold
@@ -44,11 +44,11 @@ if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
 from sofar_assets.config import parse_config  # noqa: E402
-from sofar_assets.lib import storage, synthetic  # noqa: E402
-from sofar_assets.lib.evaluation import cross_validate, leave_one_class_out  # noqa: E402
-from sofar_assets.lib.images import load_image_array, resize_center_crop  # noqa: E402
-from sofar_assets.lib.models import ModelSpec  # noqa: E402
-from sofar_assets.lib.training import TrainConfig  # noqa: E402
+from sofar_assets.lib.data import storage, synthetic  # noqa: E402
+from sofar_assets.lib.data.images import load_image_array, resize_center_crop  # noqa: E402
+from sofar_assets.lib.model.evaluation import cross_validate, leave_one_class_out  # noqa: E402
+from sofar_assets.lib.model.models import ModelSpec  # noqa: E402
+from sofar_assets.lib.model.training import TrainConfig  # noqa: E402
 
 # ../shared next to the checkout (a worktree sits one level deeper)
 DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in REPO.parents[:2]

@@ -66,8 +66,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from sofar_assets.config import InferenceConfig  # noqa: E402
-from sofar_assets.lib import daily, drift, manifest, storage  # noqa: E402
-from sofar_assets.lib.uploads import iter_table_uploads  # noqa: E402
+from sofar_assets.lib.data import manifest, storage  # noqa: E402
+from sofar_assets.lib.data.uploads import iter_table_uploads  # noqa: E402
+from sofar_assets.lib.review import drift  # noqa: E402
+from sofar_assets.lib.serving import daily  # noqa: E402
 from sofar_assets.lib.warehouse import PREDICTIONS, DuckDBWarehouse, ParquetSpool  # noqa: E402
 
 CLASSES = ["dashboard", "defect", "dirt", "normal", "seat"]

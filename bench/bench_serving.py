@@ -93,10 +93,11 @@ def register(tmp: Path, bank: int) -> str:
     import mlflow
     import torch
 
-    from sofar_assets.lib import ood, registry
-    from sofar_assets.lib.conformal import LabelSets
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.packaging import log_and_register
+    from sofar_assets.lib.model import ood
+    from sofar_assets.lib.model.conformal import LabelSets
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.serving.packaging import log_and_register
 
     uri = f"sqlite:///{tmp}/mlflow.db"
     mlflow.set_tracking_uri(uri)
@@ -177,9 +178,9 @@ def throughput(photos: list[bytes], rounds: int, tracking_uri: str) -> dict:
     import mlflow
     import torch
 
-    from sofar_assets.lib.images import load_image_array
-    from sofar_assets.lib.packaging import load_registered
-    from sofar_assets.lib.predictor import Predictor, Scoring, make_runner
+    from sofar_assets.lib.data.images import load_image_array
+    from sofar_assets.lib.serving.packaging import load_registered
+    from sofar_assets.lib.serving.predictor import Predictor, Scoring, make_runner
 
     torch.set_num_threads(1)
     mlflow.set_tracking_uri(tracking_uri)

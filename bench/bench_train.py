@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # runnable as a plain script from a checkout
     sys.path.insert(0, str(REPO))
 
-from sofar_assets.lib.images import ImageDataset, PreprocessCache, sha256_hex  # noqa: E402
-from sofar_assets.lib.models import ModelSpec, build_model  # noqa: E402
-from sofar_assets.lib.training import (  # noqa: E402
+from sofar_assets.lib.data.images import ImageDataset, PreprocessCache, sha256_hex  # noqa: E402
+from sofar_assets.lib.model.models import ModelSpec, build_model  # noqa: E402
+from sofar_assets.lib.model.training import (  # noqa: E402
     TrainConfig,
     make_optimizer,
     resolve_device,

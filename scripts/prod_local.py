@@ -67,9 +67,9 @@ def _gcs_put(client, uri: str, data: bytes) -> None:
 
 
 def upload_demo_data(cfg: SofarConfig, gcs_client, wh, schedule_day: dt.date, workdir: Path) -> dict[dt.date, int]:
-    """SYNTHETIC demo data (lib/synthetic.py) into the buckets and tables prod.yaml names.
+    """SYNTHETIC demo data (lib/data/synthetic.py) into the buckets and tables prod.yaml names.
     Returns the uploads per day (what the prediction table must hold)."""
-    from sofar_assets.lib.synthetic import DEMO_TASKS, generate_demo_data
+    from sofar_assets.lib.data.synthetic import DEMO_TASKS, generate_demo_data
     from sofar_assets.lib.warehouse import IMAGE_UPLOADS
     from sofar_assets.lib.warehouse.schemas import STRING, TableSchema
 
@@ -348,7 +348,7 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
 
         from mlflow import MlflowClient
 
-        from sofar_assets.lib import registry
+        from sofar_assets.lib.serving import registry
 
         client = MlflowClient(tracking_uri=ml.url)
         champion = registry.champion_version(client, cfg.model.name)

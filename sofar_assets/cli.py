@@ -84,7 +84,7 @@ def _stored_evaluation(mv) -> dict | None:
 
 def _gate(cfg: SofarConfig, mv) -> dict[str, tuple[bool, dict]] | None:
     """The promotion gate re-checked on the version's stored evaluation (None: never evaluated)."""
-    from sofar_assets.lib.gate import gate_results
+    from sofar_assets.lib.model.gate import gate_results
 
     evaluation = _stored_evaluation(mv)
     return None if evaluation is None else gate_results(evaluation, cfg.gate)
@@ -99,7 +99,7 @@ def _gate_text(verdict: dict[str, tuple[bool, dict]] | None) -> str:
 
 
 def _version_url(cfg: SofarConfig, version: str) -> str:
-    from sofar_assets.lib import links
+    from sofar_assets.lib.common import links
 
     return links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, version)
 
@@ -219,7 +219,8 @@ def _day_lines(health: list[dict], champion: str | None) -> list[str]:
 
 
 def status(days: int | None, *, until: dt.date | None = None, as_json: bool = False) -> None:
-    from sofar_assets.lib import health, registry
+    from sofar_assets.lib.review import health
+    from sofar_assets.lib.serving import registry
 
     cfg = _config()
     res = _resources(cfg)
@@ -311,7 +312,7 @@ def _no_rows(cfg: SofarConfig, table: str, day: dt.date) -> str:
 
 def _champion_note(cfg: SofarConfig, versions: list[str]) -> str:
     """'' when the day was scored by the champion, else a line saying which version scored it."""
-    from sofar_assets.lib import registry
+    from sofar_assets.lib.serving import registry
 
     champion = registry.champion_version(_client(cfg), cfg.model.name)
     if champion is None or all(v == str(champion) for v in versions):
@@ -321,9 +322,15 @@ def _champion_note(cfg: SofarConfig, versions: list[str]) -> str:
 
 
 def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int, as_json: bool = False) -> None:
-    from sofar_assets.lib import health, storage
-    from sofar_assets.lib.names import shown
-    from sofar_assets.lib.review import review_candidates, review_sheet_png, rows_text, select_for_review
+    from sofar_assets.lib.common.names import shown
+    from sofar_assets.lib.data import storage
+    from sofar_assets.lib.review import health
+    from sofar_assets.lib.review.queue import (
+        review_candidates,
+        review_sheet_png,
+        rows_text,
+        select_for_review,
+    )
 
     cfg = _config()
     wh = _resources(cfg)["warehouse"].get()
@@ -383,8 +390,8 @@ def _queue_ready(wh, table: str, day: dt.date, cfg: SofarConfig) -> None:
 
 
 def review_day(day: dt.date, *, limit: int, out: Path | None, as_json: bool = False) -> None:
-    from sofar_assets.lib import storage
-    from sofar_assets.lib.review import (
+    from sofar_assets.lib.data import storage
+    from sofar_assets.lib.review.queue import (
         QUEUE_ORDER,
         judged_in_queue,
         review_queue,
@@ -431,7 +438,8 @@ def _loopback(host: str) -> bool:
 
 def review_app(cfg: SofarConfig, day: dt.date | None, *, inspector: str, behind_proxy: bool = False):
     """The review page's Starlette app over the config's warehouse (also what the browser test serves)."""
-    from sofar_assets.lib import health, storage
+    from sofar_assets.lib.data import storage
+    from sofar_assets.lib.review import health
     from sofar_assets.review_app import build_app
 
     wh = _resources(cfg)["warehouse"].get()
@@ -473,7 +481,7 @@ def _move_champion(cfg: SofarConfig, client, version: str, *, reason: str, force
     evaluation, under the gate settings recorded on it at training); the logic is lib.registry's."""
     from mlflow.exceptions import MlflowException
 
-    from sofar_assets.lib import registry
+    from sofar_assets.lib.serving import registry
 
     name = cfg.model.name
     try:
@@ -519,7 +527,7 @@ def promote(version: str, *, reason: str, force: bool, by: str) -> None:
 
 
 def rollback(*, reason: str, force: bool, by: str, to: str | None) -> None:
-    from sofar_assets.lib import registry
+    from sofar_assets.lib.serving import registry
 
     cfg = _config()
     client = _client(cfg)
@@ -535,7 +543,7 @@ def rollback(*, reason: str, force: bool, by: str, to: str | None) -> None:
 
 def init_registry() -> None:
     """Create the MLflow registry explicitly (training refuses to recreate one the warehouse remembers)."""
-    from sofar_assets.lib import registry
+    from sofar_assets.lib.serving import registry
 
     cfg = _config()
     res = _resources(cfg)
@@ -561,7 +569,8 @@ def _ms_iso(ms) -> str:
 
 def versions(*, as_json: bool = False) -> None:
     """Every registered version: its gate verdict, dataset hash, metrics and promotion record."""
-    from sofar_assets.lib import health, registry
+    from sofar_assets.lib.review import health
+    from sofar_assets.lib.serving import registry
 
     cfg = _config()
     client = _client(cfg)
@@ -642,7 +651,7 @@ def backfill(start: dt.date, end: dt.date, *, local: bool, dagster_url: str | No
     """Submit ``daily_predictions`` for START..END as the UI's backfill dialog does (GraphQL
     ``launchPartitionBackfill``: the daemon fans it out by the asset's backfill policy), or run it
     here with ``--local`` (``dg launch --partition-range``, one run)."""
-    from sofar_assets.lib import health
+    from sofar_assets.lib.review import health
 
     cfg = _config()
     if start > end:
@@ -763,7 +772,7 @@ def add_task(name: str, folder: str, labels: list[str], positive: str | None) ->
 # -- correct ----------------------------------------------------------------------------------------
 def correct(image_id: str | None, label: str | None, csv_file: Path | None, inspector: str) -> None:
     """Record inspectors' verdicts: one (IMAGE_ID LABEL) or a CSV, validated all-or-nothing."""
-    from sofar_assets.lib import corrections as corr
+    from sofar_assets.lib.review import corrections as corr
 
     if csv_file is not None and (image_id or label):
         raise CliError("give IMAGE_ID LABEL or --csv FILE, not both")
@@ -793,7 +802,7 @@ def correct(image_id: str | None, label: str | None, csv_file: Path | None, insp
 
 def _warn_judged_before(wh, image_ids: list[str]) -> None:
     """A note on stderr for each photo that already has a verdict (the latest one wins)."""
-    from sofar_assets.lib.review import earlier_verdicts
+    from sofar_assets.lib.review.queue import earlier_verdicts
 
     earlier = earlier_verdicts(wh, image_ids).drop_duplicates("image_id", keep="last")
     for r in earlier.head(20).itertuples(index=False):
@@ -808,9 +817,9 @@ def _loop_summary(cfg: SofarConfig, wh, champ) -> None:
     whether the current sofar_dataset (vs the champion's) includes them."""
     import pandas as pd
 
-    from sofar_assets.lib import corrections as corr
-    from sofar_assets.lib import dataset as ds
-    from sofar_assets.lib import field_accuracy as fa
+    from sofar_assets.lib.data import dataset as ds
+    from sofar_assets.lib.review import corrections as corr
+    from sofar_assets.lib.review import field_accuracy as fa
     from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET
 
     if not wh.table_exists(corr.TABLE):
@@ -857,7 +866,7 @@ def _loop_summary(cfg: SofarConfig, wh, champ) -> None:
 
 # -- demo-data / summary --------------------------------------------------------------------------
 def demo_data(out: Path) -> None:
-    from sofar_assets.lib.synthetic import demo_corrections, generate_demo_data
+    from sofar_assets.lib.data.synthetic import demo_corrections, generate_demo_data
 
     if (out / "SYNTHETIC.md").exists():
         if not (out / "corrections.csv").exists():  # demo data from before the corrections loop
@@ -869,7 +878,8 @@ def demo_data(out: Path) -> None:
 
 
 def summary() -> None:
-    from sofar_assets.lib import links, registry
+    from sofar_assets.lib.common import links
+    from sofar_assets.lib.serving import registry
 
     cfg = _config()
     res = _resources(cfg)
@@ -884,7 +894,7 @@ def summary() -> None:
         f"FROM {{table:{table}}} GROUP BY prediction_date ORDER BY prediction_date"
     )
     if len(per_day):  # versions compare as numbers ("10" after "9"), not max() over text
-        from sofar_assets.lib.health import newest
+        from sofar_assets.lib.review.health import newest
 
         first, last = (dt.date.fromisoformat(str(d)[:10]) for d in (per_day["prediction_date"].iloc[0],
                                                                       per_day["prediction_date"].iloc[-1]))
@@ -942,8 +952,8 @@ def serving_sync(namespace: str, deployment: str) -> None:
     """Roll the serving Deployment onto the current @champion (deploy/serving/, run by its CronJob)."""
     import kubernetes
 
-    from sofar_assets.lib import registry
-    from sofar_assets.lib.serving import sync_rollout
+    from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.serving.pyfunc import sync_rollout
 
     cfg = _config()
     client = _client(cfg)
@@ -1095,7 +1105,7 @@ def _run(args) -> int | None:
         case "serving-sync":
             serving_sync(args.namespace, args.deployment)
         case "export-weights":
-            from sofar_assets.lib.models import export_offline_weights
+            from sofar_assets.lib.model.models import export_offline_weights
 
             print(f"ImageNet weights written to {export_offline_weights(args.path)}")
 
@@ -1103,7 +1113,7 @@ def _run(args) -> int | None:
 def _user_error(cmd: str, exc: Exception) -> int | None:
     """Exit code and one line on stderr for an error a person can fix; None: a bug (re-raised)."""
     from sofar_assets.config import ConfigError
-    from sofar_assets.lib.corrections import CorrectionError
+    from sofar_assets.lib.review.corrections import CorrectionError
 
     if isinstance(exc, ConfigError):
         print(exc, file=sys.stderr)

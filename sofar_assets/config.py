@@ -29,7 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from sofar_assets.lib import gke, storage
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.serving import gke
 from sofar_assets.lib.warehouse.names import check_dataset, check_identifier, check_project
 
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -223,7 +224,7 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    """The training recipe (lib/training.py): linear probe, then fine-tuning with patience."""
+    """The training recipe (lib/model/training.py): linear probe, then fine-tuning with patience."""
 
     epochs: int = Field(20, ge=1, description="cap on fine-tuning epochs; patience usually stops earlier")
     batch_size: int = Field(16, ge=1)
@@ -263,7 +264,7 @@ class OodConfig(_Strict):
 
 
 class ConformalConfig(_Strict):
-    """Calibrated label sets beside the top-2 (lib/conformal.py), calibrated on the val split."""
+    """Calibrated label sets beside the top-2 (lib/model/conformal.py), calibrated on the val split."""
 
     coverage: float = Field(0.9, gt=0, lt=1, description="target share of photos whose true label is in the set")
     method: Literal["lac", "aps"] = Field("lac", description="lac: smallest sets (may be empty); aps: adaptive")
@@ -328,7 +329,7 @@ class KubernetesConfig(_Strict):
     )
     gpu_machine: str | None = Field(
         None, description="machine type of the GPU node pool (e.g. g2-standard-8): every GPU step's pod is "
-        "checked at load to fit its allocatable (lib/gke.py); null: not checked")
+        "checked at load to fit its allocatable (lib/serving/gke.py); null: not checked")
     start_timeout_s: int = Field(
         1800, ge=60, description="a step pod still Pending (unschedulable, image not pulled) after this fails "
         "the step, saying why (defs/k8s.py)")
@@ -343,7 +344,7 @@ class KubernetesConfig(_Strict):
     @classmethod
     def _known_machine(cls, v: str | None) -> str | None:
         if v is not None and v not in gke.MACHINES:
-            raise ValueError(f"unknown GPU machine type {v!r}; known: {', '.join(gke.MACHINES)} (lib/gke.py)")
+            raise ValueError(f"unknown GPU machine type {v!r}; known: {', '.join(gke.MACHINES)} (lib/serving/gke.py)")
         return v
 
     @field_validator("cache_subdir")
@@ -378,7 +379,7 @@ class PartitionsConfig(_Strict):
 
 
 class UiConfig(_Strict):
-    """Where people open the two UIs; used to build links between them (lib/links.py)."""
+    """Where people open the two UIs; used to build links between them (lib/common/links.py)."""
 
     dagster_url: str = Field("http://127.0.0.1:3000", description="the Dagster UI (links from MLflow; "
                              "`sofar backfill` / `retrain` submit to it)")
@@ -572,7 +573,7 @@ GPU_STEPS = ("train", "inference")  # the settings of the steps that hold a GPU 
 
 def gpu_pod_problems(cfg: SofarConfig) -> list[str]:
     """Each GPU step's pod against ``kubernetes.gpu_machine``: its requests must fit one node's
-    allocatable (lib/gke.py), and the node selector must pick GPUs that machine carries."""
+    allocatable (lib/serving/gke.py), and the node selector must pick GPUs that machine carries."""
     k8s = cfg.kubernetes
     if k8s.gpu_machine is None:
         return []

@@ -19,7 +19,8 @@ from zoneinfo import ZoneInfo
 
 from sofar_assets import settings
 from sofar_assets.config import BigQueryTarget, SofarConfig
-from sofar_assets.lib import registry, storage
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.serving import registry
 
 STAGING_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "storage.objects.get",
                        "storage.objects.list")
@@ -288,7 +289,7 @@ def check_gpu_here(cfg: SofarConfig, client_factory: Callable[[], object]) -> li
 
     import torch
 
-    from sofar_assets.lib.devices import gpu_missing_message
+    from sofar_assets.lib.common.devices import gpu_missing_message
 
     if not torch.cuda.is_available():
         return [Check("GPU", False, gpu_missing_message())]
@@ -298,7 +299,7 @@ def check_gpu_here(cfg: SofarConfig, client_factory: Callable[[], object]) -> li
     version = champion_version(client_factory(), cfg.model.name)
     if version is None:
         return [*checks, Check("forward pass", True, "no champion yet: nothing to run (train_and_promote first)")]
-    from sofar_assets.lib.packaging import load_registered
+    from sofar_assets.lib.serving.packaging import load_registered
 
     model, _ = load_registered(registry.model_uri(cfg.model.name, version))
     model = model.to(device).eval()

@@ -23,9 +23,9 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from sofar_assets.lib import review
-from sofar_assets.lib.corrections import CorrectionError
-from sofar_assets.lib.dataset import IRRELEVANT
+from sofar_assets.lib.data.dataset import IRRELEVANT
+from sofar_assets.lib.review import queue as review
+from sofar_assets.lib.review.corrections import CorrectionError
 
 IAP_USER_HEADER = "x-goog-authenticated-user-email"  # "accounts.google.com:alice@example.com"
 QUEUE_LIMIT = 200

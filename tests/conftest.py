@@ -30,7 +30,7 @@ def samples() -> Path:
 
 
 def write_config(folder: Path, data: Path, **overrides) -> Path:
-    """A tiny but complete config over SYNTHETIC data in ``data`` (see lib/synthetic.py)."""
+    """A tiny but complete config over SYNTHETIC data in ``data`` (see lib/data/synthetic.py)."""
     cfg = {
         "tasks": {
             "defect": {"folder": str(data / "tasks/defect"), "labels": {"0_NORMAL": "normal", "1_DEFECT": "defect"}},
@@ -58,7 +58,7 @@ def write_config(folder: Path, data: Path, **overrides) -> Path:
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
-    from sofar_assets.lib.synthetic import generate_demo_data
+    from sofar_assets.lib.data.synthetic import generate_demo_data
 
     out = tmp_path_factory.mktemp("demo-data")
     generate_demo_data(out, per_class=12, days=DAYS, per_day=9, ood_per_set=8, corrupt_upload_on=DAYS[1])

@@ -23,8 +23,8 @@ from PIL import Image
 from sofar_assets import cli
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import registry
-from sofar_assets.lib.gate import GATE_CHECKS
+from sofar_assets.lib.model.gate import GATE_CHECKS
+from sofar_assets.lib.serving import registry
 from sofar_assets.settings import REPO_ROOT
 
 from conftest import DAYS, _assets, write_config
@@ -168,7 +168,7 @@ def test_show_writes_the_review_sheet_and_prints_the_rows(sofar, state, tmp_path
 
 
 def test_review_prints_the_days_queue_and_draws_it(sofar, state, tmp_path):
-    from sofar_assets.lib.review import review_queue_counts
+    from sofar_assets.lib.review.queue import review_queue_counts
 
     mv = registry.champion(state["client"], state["cfg"].model.name)
     assert registry.read_calibration(mv).label_sets is not None  # ood_calibration tagged the rule
@@ -295,16 +295,16 @@ def test_demo_data_and_summary(sofar, tmp_path):
 
 def test_logging_a_model_prints_no_third_party_warnings(tmp_path, caplog):
     """What made `make run` noisy when a version is registered: MLflow's type-hint and
-    input-example UserWarnings and its CloudPickle warning (fixed at source in lib/packaging.py)."""
+    input-example UserWarnings and its CloudPickle warning (fixed at source in lib/serving/packaging.py)."""
     import logging
     import warnings
 
     import pandas as pd
     from PIL import Image
 
-    from sofar_assets.lib import registry
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.packaging import load_registered, log_and_register
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 
     spec = ModelSpec(num_classes=3, arch="linear", backbone="efficientnet_lite0", image_size=32,
                      pretrained=False, pmg_feature_dim=8)
@@ -336,7 +336,7 @@ def test_logging_a_model_prints_no_third_party_warnings(tmp_path, caplog):
 def test_dagster_and_mlflow_link_each_other(pipeline):
     """Dagster metadata links the MLflow run and version; MLflow carries the Dagster run URL, the
     registry descriptions, and the classic-ML experiment kind."""
-    from sofar_assets.lib import links
+    from sofar_assets.lib.common import links
 
     cfg, result = pipeline["cfg"], pipeline["result"]
     client = pipeline["defs"].resources["mlflow_tracking"].client()

@@ -1,4 +1,4 @@
-"""Calibrated label sets (lib/conformal.py): coverage on synthetic data within sampling error, the
+"""Calibrated label sets (lib/model/conformal.py): coverage on synthetic data within sampling error, the
 finite-sample quantile, the registry tags, and the day's review queue selected in the warehouse
 (DuckDB, and the BigQuery emulator)."""
 
@@ -15,8 +15,8 @@ import pytest
 from test_warehouse_api import rows
 
 from sofar_assets.config import ConfigError, parse_config
-from sofar_assets.lib import conformal, registry
-from sofar_assets.lib.review import (
+from sofar_assets.lib.model import conformal
+from sofar_assets.lib.review.queue import (
     AMBIGUOUS_SET,
     EMPTY_SET,
     OOD,
@@ -25,6 +25,7 @@ from sofar_assets.lib.review import (
     review_queue_counts,
     review_sheet_png,
 )
+from sofar_assets.lib.serving import registry
 from sofar_assets.lib.warehouse import (
     PREDICTIONS,
     BigQueryWarehouse,

@@ -1,5 +1,5 @@
 """Inspectors' corrections: validated all-or-nothing, a task source of the dataset, and the
-champion's real-world accuracy per day (lib/corrections.py, lib/field_accuracy.py,
+champion's real-world accuracy per day (lib/review/corrections.py, lib/review/field_accuracy.py,
 defs/corrections.py, `sofar correct`)."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pytest
 from sofar_assets import cli
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import corrections as corr
-from sofar_assets.lib import field_accuracy as fa
+from sofar_assets.lib.review import corrections as corr
+from sofar_assets.lib.review import field_accuracy as fa
 from sofar_assets.lib.warehouse import (
     INT64,
     LABEL_CORRECTIONS,
@@ -350,7 +350,7 @@ def test_a_flipped_label_is_a_new_dataset_version_the_training_step_reads(pipeli
     normal. The next sofar_dataset version has it as `normal`, and sofar_classifier hands it to the
     training loop as `normal` (the loop itself is stopped there: training is tested elsewhere)."""
     from sofar_assets.defs import model as model_defs
-    from sofar_assets.lib import dataset as ds
+    from sofar_assets.lib.data import dataset as ds
 
     src = Path(pipeline["cfg"].root)
     (tmp_path / "state").mkdir()

@@ -1,9 +1,9 @@
 import pandas as pd
 import pytest
 
-from sofar_assets.lib import dataset as ds
-from sofar_assets.lib import storage
-from sofar_assets.lib.images import PreprocessCache, sha256_hex
+from sofar_assets.lib.data import dataset as ds
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import PreprocessCache, sha256_hex
 
 VOCAB = ["normal", "defect", "dirt"]
 

@@ -15,8 +15,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from sofar_assets.lib import daily, images
-from sofar_assets.lib.images import PixelBudget
+from sofar_assets.lib.data import images
+from sofar_assets.lib.data.images import PixelBudget
+from sofar_assets.lib.serving import daily
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool
 
 

@@ -23,7 +23,7 @@ def test_worse_model_fails_the_gate_and_the_champion_stays(tmp_path, demo_data):
     first = dg.materialize(_assets(defs), selection=TRAINING_SELECTION, **run)
     assert first.success
     # every OOD score side by side; the package carries what the feature scores need
-    from sofar_assets.lib import ood
+    from sofar_assets.lib.model import ood
 
     cal = first.output_for_node("ood_calibration")
     assert set(cal["ood_sets"]["documents"]["scores"]) == set(ood.METHODS)
@@ -94,7 +94,7 @@ def _evaluation(**over) -> dict:
 
 def test_gate_states_its_evidence_and_passes_a_good_model():
     from sofar_assets.config import GateConfig
-    from sofar_assets.lib.gate import GATE_CHECKS, gate_results
+    from sofar_assets.lib.model.gate import GATE_CHECKS, gate_results
 
     res = gate_results(_evaluation(), GateConfig())
     assert set(res) == set(GATE_CHECKS) and all(ok for ok, _ in res.values())
@@ -106,7 +106,7 @@ def test_gate_states_its_evidence_and_passes_a_good_model():
 
 def test_too_few_images_is_insufficient_evidence_not_a_comparison():
     from sofar_assets.config import GateConfig
-    from sofar_assets.lib.gate import failed_checks, gate_results
+    from sofar_assets.lib.model.gate import failed_checks, gate_results
 
     # 3 test images and a much worse macro-F1: with 3 images that is noise, and the gate says so
     ev = _evaluation(test_images=3, macro_f1=0.5, ece=0.4)
@@ -127,7 +127,7 @@ def test_too_few_images_is_insufficient_evidence_not_a_comparison():
 
 def test_first_model_is_promoted_only_by_the_configured_rule():
     from sofar_assets.config import GateConfig
-    from sofar_assets.lib.gate import gate_results
+    from sofar_assets.lib.model.gate import gate_results
 
     first = _evaluation(champion_version=None, champion_macro_f1=None)
     ok, md = gate_results(first, GateConfig(first_model="promote_if_checks_pass"))["macro_f1_not_worse_than_champion"]
@@ -138,7 +138,7 @@ def test_first_model_is_promoted_only_by_the_configured_rule():
 
 def test_the_gate_can_require_beating_the_frozen_feature_probe():
     from sofar_assets.config import GateConfig
-    from sofar_assets.lib.gate import gate_results
+    from sofar_assets.lib.model.gate import gate_results
 
     worse = _evaluation(macro_f1=0.7, probe={"accuracy": 0.85, "macro_f1": 0.85})
     ok, md = gate_results(worse, GateConfig())["not_worse_than_probe"]
@@ -151,8 +151,8 @@ def test_the_gate_can_require_beating_the_frozen_feature_probe():
 
 def test_the_gate_blocks_label_sets_that_significantly_under_cover():
     from sofar_assets.config import GateConfig
-    from sofar_assets.lib import conformal
-    from sofar_assets.lib.gate import gate_results
+    from sofar_assets.lib.model import conformal
+    from sofar_assets.lib.model.gate import gate_results
 
     def figures(n: int, covered: int) -> dict:
         """The rule's sets are {a} on every row; ``covered`` of the ``n`` true labels are a."""

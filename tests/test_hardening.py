@@ -22,8 +22,8 @@ import yaml
 from sofar_assets.config import ConfigError, load_config, parse_config
 from sofar_assets.definitions import build_definitions
 from sofar_assets.defs.resources import build_resources
-from sofar_assets.lib import storage, uploads
-from sofar_assets.lib.storage import ImageReadError
+from sofar_assets.lib.data import storage, uploads
+from sofar_assets.lib.data.storage import ImageReadError
 
 from conftest import DAYS, _assets
 
@@ -233,7 +233,7 @@ def test_links_may_point_into_the_allowed_roots(tmp_path, photos):
 
 
 def test_refused_uploads_become_error_rows_in_listing_order():
-    from sofar_assets.lib.inference import PREDICTION_COLUMNS
+    from sofar_assets.lib.serving.inference import PREDICTION_COLUMNS
 
     ups = [uploads.Upload("d/a", "/u/a", "/u/a"), uploads.Upload("d/b", "/u/b", None, "UploadRefused: /u/b: pipe"),
            uploads.Upload("d/\\xff", "/u/\\xff", "/u/\udcff")]

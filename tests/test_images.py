@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import ExifTags, Image
 
-from sofar_assets.lib import images
-from sofar_assets.lib.images import (
+from sofar_assets.lib.data import images
+from sofar_assets.lib.data.images import (
     ImageDataset,
     ImageDecodeError,
     PreprocessCache,

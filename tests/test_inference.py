@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from sofar_assets.lib import ood
-from sofar_assets.lib.images import load_image_array
-from sofar_assets.lib.inference import PREDICTION_COLUMNS, predict_frame, predict_images
+from sofar_assets.lib.data.images import load_image_array
+from sofar_assets.lib.model import ood
+from sofar_assets.lib.serving.inference import PREDICTION_COLUMNS, predict_frame, predict_images
 
 CLASSES = ["red", "green", "blue"]
 SCALE = 5.0
@@ -87,7 +87,7 @@ def test_rows_labels_and_errors(items):
 
 
 def test_label_sets_beside_the_top2_and_null_on_error_rows(items):
-    from sofar_assets.lib.conformal import LabelSets
+    from sofar_assets.lib.model.conformal import LabelSets
 
     df = run(items, label_sets=LabelSets("lac", 0.9, 0.96, 500)).set_index("image_id")  # keep p >= 0.04
     # r: (0.987, 0.007, 0.007); b2: blue 0.947, green 0.047; grey: uniform thirds
@@ -177,10 +177,10 @@ def test_cuda_matches_cpu(items):
 def test_feature_scores_serve_what_the_calibration_scored(tmp_path, method):
     """A package calibrated with a feature score: predict_images scores with forward_features and
     the package's ood_stats, equal to the calibration's score of the same images."""
-    from sofar_assets.lib import calibration, evaluation
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.packaging import load_package, save_package
-    from sofar_assets.lib.training import predict_logits_and_features
+    from sofar_assets.lib.model import calibration, evaluation
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.model.training import predict_logits_and_features
+    from sofar_assets.lib.serving.packaging import load_package, save_package
 
     torch.manual_seed(0)
     # timm's tiny test network: the real SofarNet and package code, 256 features instead of 1280

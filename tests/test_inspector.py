@@ -26,7 +26,9 @@ import pytest
 from sofar_assets import cli
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import health, registry, review
+from sofar_assets.lib.review import health
+from sofar_assets.lib.review import queue as review
+from sofar_assets.lib.serving import registry
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS
 from sofar_assets.settings import REPO_ROOT
 
@@ -217,7 +219,7 @@ def test_page_verdicts_are_validated_stored_once_and_undone(morning):
     assert got["stored"] and not again["stored"] and again["corrected_at"] == got["corrected_at"]
     rows = review.earlier_verdicts(wh, [image_id])
     assert len(rows[rows["inspector"] == "fay"]) == 1  # a repeated verdict is stored once
-    from sofar_assets.lib.corrections import CorrectionError
+    from sofar_assets.lib.review.corrections import CorrectionError
 
     with pytest.raises(CorrectionError, match="not-a-label"):
         review.record_verdict(wh, image_id, "not-a-label", vocab, inspector="fay")

@@ -52,7 +52,7 @@ from sofar_assets.defs.k8s import (
     step_k8s_config,
     step_tags,
 )
-from sofar_assets.lib import gke
+from sofar_assets.lib.serving import gke
 
 ROOT = Path(__file__).resolve().parents[1]
 PROD_CONFIG = ROOT / "config" / "prod.yaml"
@@ -214,7 +214,7 @@ def step_problems(cfg, defs, launcher, steps=None) -> list[str]:
         # a step that loads a registered model AND reads data (images via the store or the warehouse)
         # runs the model; champion_model only talks to the registry; plan_shards lists the day's
         # uploads (warehouse) and resolves the champion (registry) but loads no model; score_shard
-        # reads its manifest slices' images through lib/storage (no resource)
+        # reads its manifest slices' images through lib/data/storage (no resource)
         runs_model = (("mlflow_tracking" in resources and bool({"image_store", "warehouse"} & resources)
                        and not step.key.endswith(".plan_shards")) or step.key.endswith(".score_shard[?]"))
         reads_images = "image_store" in resources or runs_model
@@ -518,8 +518,8 @@ def test_weights_file_gives_the_same_logits_as_the_package(tmp_path, samples):
     """The image's build step for real (its RUN line), then both loading paths on a real photo:
     ImageNet logits (backbone + the weights' own classifier) and the PMG stage features."""
     from sofar_assets.cli import main
-    from sofar_assets.lib.images import load_image_array
-    from sofar_assets.lib.models import ModelSpec, build_model, offline_imagenet_state_dict
+    from sofar_assets.lib.data.images import load_image_array
+    from sofar_assets.lib.model.models import ModelSpec, build_model, offline_imagenet_state_dict
 
     weights = tmp_path / "opt" / "efficientnet_lite0.safetensors"
     main(["export-weights", str(weights)])
@@ -543,7 +543,7 @@ def test_weights_file_gives_the_same_logits_as_the_package(tmp_path, samples):
 def test_weights_file_errors_name_the_file(tmp_path):
     from safetensors.torch import save_file
 
-    from sofar_assets.lib.models import ModelSpec, build_model
+    from sofar_assets.lib.model.models import ModelSpec, build_model
 
     missing = tmp_path / "nope.safetensors"
     with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
@@ -735,7 +735,7 @@ def _any_job():
 
 
 def test_a_gpu_step_that_sees_no_cuda_fails_at_once_naming_build_and_driver(cfg, defs, launcher, monkeypatch):
-    from sofar_assets.lib.devices import GpuMissingError, resolve_device
+    from sofar_assets.lib.common.devices import GpuMissingError, resolve_device
 
     for job_name, step, _ in prod_steps(defs):
         container = render_step(launcher, job_name, step).spec.template.spec.containers[0]
@@ -757,7 +757,7 @@ WAREHOUSE_WRITES = re.compile(r"\.(write_table|replace_day|append_rows|replace_p
 
 def test_every_gpu_step_and_every_warehouse_write_is_in_its_pool(defs, launcher):
     """Generic over every op of every prod job: the GPU comes from the rendered pod, a warehouse
-    write from the op's own code (a call of the warehouse's write methods or lib/daily.commit_day)."""
+    write from the op's own code (a call of the warehouse's write methods or lib/serving/daily.commit_day)."""
     import inspect
 
     from sofar_assets.defs.k8s import POOL_GPU, POOL_WAREHOUSE_WRITE

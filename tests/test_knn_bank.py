@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from sofar_assets.lib import ood
+from sofar_assets.lib.model import ood
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -58,7 +58,7 @@ def test_knn_score_is_the_distance_to_the_kth_nearest_row():
 def test_predict_images_scores_knn_on_the_device_with_the_same_scores(tmp_path, monkeypatch):
     from PIL import Image
 
-    from sofar_assets.lib.inference import predict_frame
+    from sofar_assets.lib.serving.inference import predict_frame
 
     class Net(torch.nn.Module):
         def forward_features(self, x):

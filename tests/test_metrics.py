@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from sofar_assets.lib.metrics import (
+from sofar_assets.lib.model.metrics import (
     accuracy,
     binary_task_metrics,
     confusion_matrix,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sofar_assets.lib.models import (
+from sofar_assets.lib.model.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelSpec,

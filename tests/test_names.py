@@ -20,7 +20,8 @@ from PIL import Image
 from sofar_assets import cli
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import names, review
+from sofar_assets.lib.common import names
+from sofar_assets.lib.review import queue as review
 
 from conftest import _assets
 

@@ -3,8 +3,8 @@ import math
 import numpy as np
 import pytest
 
-from sofar_assets.lib import ood
-from sofar_assets.lib.ood import (
+from sofar_assets.lib.model import ood
+from sofar_assets.lib.model.ood import (
     all_scores,
     auroc,
     fit_feature_stats,

@@ -15,9 +15,11 @@ import torch
 
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import ood, registry, storage
-from sofar_assets.lib.images import ImageDataset
-from sofar_assets.lib.packaging import load_registered
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import ImageDataset
+from sofar_assets.lib.model import ood
+from sofar_assets.lib.serving import registry
+from sofar_assets.lib.serving.packaging import load_registered
 
 from conftest import DAYS, _assets, write_config
 
@@ -69,7 +71,7 @@ def test_model_is_registered_with_lineage_tags_and_loads_back(pipeline):
     mv = client.get_model_version(cfg.model.name, "1")
     tags = dict(mv.tags)
     data = _warehouse(pipeline).read_table("sofar_dataset")
-    from sofar_assets.lib.dataset import dataset_hash
+    from sofar_assets.lib.data.dataset import dataset_hash
 
     assert tags["dataset_hash"] == dataset_hash(data)
     from sofar_assets.settings import git_commit

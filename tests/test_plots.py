@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sofar_assets.lib import plots
-from sofar_assets.lib.metrics import confusion_matrix, reliability_bins
-from sofar_assets.lib.ood import auroc, roc_curve, softmax
+from sofar_assets.lib.model import plots
+from sofar_assets.lib.model.metrics import confusion_matrix, reliability_bins
+from sofar_assets.lib.model.ood import auroc, roc_curve, softmax
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

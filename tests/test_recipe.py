@@ -8,10 +8,11 @@ import random
 import numpy as np
 import pytest
 
-from sofar_assets.lib import calibration, evaluation, ood, synthetic
-from sofar_assets.lib.images import load_image_array, resize_center_crop
-from sofar_assets.lib.models import ModelSpec
-from sofar_assets.lib.training import TrainConfig
+from sofar_assets.lib.data import synthetic
+from sofar_assets.lib.data.images import load_image_array, resize_center_crop
+from sofar_assets.lib.model import calibration, evaluation, ood
+from sofar_assets.lib.model.models import ModelSpec
+from sofar_assets.lib.model.training import TrainConfig
 
 SIZE = 64
 CLASSES = {"0_NORMAL": 0, "1_DEFECT": 1, "1_DIRT": 2}
@@ -158,8 +159,8 @@ def test_two_state_composites_and_their_top2_report():
 
 
 def test_composite_evaluation_scores_a_model_on_composites_of_its_test_photos():
-    from sofar_assets.lib import conformal
-    from sofar_assets.lib.models import build_model
+    from sofar_assets.lib.model import conformal
+    from sofar_assets.lib.model.models import build_model
 
     rng = np.random.default_rng(4)
     arrays = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(5)]

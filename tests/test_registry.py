@@ -1,4 +1,4 @@
-"""The registry's bookkeeping (lib/registry.py) on a real sqlite MLflow registry: the champion
+"""The registry's bookkeeping (lib/serving/registry.py) on a real sqlite MLflow registry: the champion
 stack that rollback walks back, version numbers, one-line reasons, and the gate's evidence read
 from what the registry holds (the version's logged evaluation and metrics, its recorded gate)."""
 
@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from sofar_assets.config import GateConfig, load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import registry
+from sofar_assets.lib.serving import registry
 
 from conftest import _assets, write_config
 

@@ -9,10 +9,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from sofar_assets.lib import links, storage
-from sofar_assets.lib.images import decode_image
-from sofar_assets.lib.plots import _fit_thumb
-from sofar_assets.lib.review import LEAST_CONFIDENT, OOD, review_sheet_png, rows_text, select_for_review
+from sofar_assets.lib.common import links
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import decode_image
+from sofar_assets.lib.model.plots import _fit_thumb
+from sofar_assets.lib.review.queue import LEAST_CONFIDENT, OOD, review_sheet_png, rows_text, select_for_review
 
 
 def _rows(uris: list[str]) -> pd.DataFrame:

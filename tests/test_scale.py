@@ -23,8 +23,9 @@ from PIL import Image
 
 from sofar_assets.config import load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import daily, drift, registry
-from sofar_assets.lib.inference import Item, predict_frame, predict_images
+from sofar_assets.lib.review import drift
+from sofar_assets.lib.serving import daily, registry
+from sofar_assets.lib.serving.inference import Item, predict_frame, predict_images
 
 from conftest import _assets
 
@@ -433,11 +434,11 @@ def test_staged_rows_are_the_schema_conversion_of_the_frame(tmp_path):
         PREDICTIONS.to_arrow(errors_only.assign(**constants)))
 
 
-# ---- a day listed once, shards sized by the day (lib/manifest.py) --------------------------------
+# ---- a day listed once, shards sized by the day (lib/data/manifest.py) --------------------------------
 
 
 def _day_of(n: int, day: str = "2026-11-01"):
-    from sofar_assets.lib.uploads import Upload
+    from sofar_assets.lib.data.uploads import Upload
 
     for i in range(n):  # every 7th upload a refused one: it travels as an error record, never read
         path = f"/u/{day}/{i:06d}" + ("-\udcff.jpg" if i % 5 == 1 else ".jpg")  # a name that is not UTF-8
@@ -457,7 +458,7 @@ def _cases():
 @pytest.mark.parametrize(("count", "per_shard", "max_shards", "rows_per_group"), _cases())
 def test_manifest_lists_a_day_once_and_its_shards_cover_it_exactly(tmp_path, count, per_shard, max_shards,
                                                                    rows_per_group):
-    from sofar_assets.lib import manifest
+    from sofar_assets.lib.data import manifest
 
     path = tmp_path / "m.parquet"
     assert manifest.write_manifest(_day_of(count), path, rows_per_group=rows_per_group) == count
@@ -480,13 +481,13 @@ def test_manifest_lists_a_day_once_and_its_shards_cover_it_exactly(tmp_path, cou
 
 
 def test_shard_count_follows_the_days_size():
-    from sofar_assets.lib.manifest import shard_count
+    from sofar_assets.lib.data.manifest import shard_count
 
     assert [shard_count(n, 100_000, 16) for n in (0, 1, 100_000, 100_001, 1_000_000, 10**8)] == [1, 1, 1, 2, 10, 16]
 
 
 def test_a_fixed_shards_per_day_cuts_every_day_in_n(tmp_path):
-    from sofar_assets.lib import manifest
+    from sofar_assets.lib.data import manifest
 
     units = manifest.pack({"a": ("a.parquet", 10), "b": ("b.parquet", 2)}, images_per_shard=1, max_shards=9,
                           fixed_shards=3)
@@ -564,7 +565,7 @@ def test_the_uploads_table_is_listed_in_pages_not_read_whole(tmp_path, monkeypat
     assert pages == [50, 50, 20]
 
 
-# ---- the gs:// connection pool matches the reads in flight (lib/storage.py) ----------------------
+# ---- the gs:// connection pool matches the reads in flight (lib/data/storage.py) ----------------------
 
 
 @pytest.mark.parametrize("in_flight", [16, 32])
@@ -576,7 +577,7 @@ def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, 
     import logging
     from concurrent.futures import ThreadPoolExecutor
 
-    from sofar_assets.lib import storage
+    from sofar_assets.lib.data import storage
     from sofar_assets.stack.gcs_latency import LatencyGcs
 
     def discarded(pool_size: int) -> int:
@@ -602,7 +603,7 @@ def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, 
 
 
 def test_shard_pods_read_the_model_from_the_artifact_store_not_through_the_proxy():
-    from sofar_assets.lib.registry import direct_source
+    from sofar_assets.lib.serving.registry import direct_source
 
     class Client:
         def __init__(self, uri):

@@ -156,9 +156,9 @@ def test_a_corrupt_photo_gets_a_clear_error_row(served_day, server):
 def test_onnx_agrees_with_pytorch_on_every_shared_photo(samples):
     """The production network (efficientnet_lite0, offline ImageNet weights, 224 px): ONNX Runtime's
     logits and features equal PyTorch's to 1e-4 on each real photo, after the one decode."""
-    from sofar_assets.lib.images import load_image_array
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.predictor import OnnxRunner, TorchRunner, export_onnx
+    from sofar_assets.lib.data.images import load_image_array
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.serving.predictor import OnnxRunner, TorchRunner, export_onnx
 
     torch.manual_seed(0)
     model = build_model(ModelSpec(num_classes=7, pretrained=True)).eval()
@@ -206,7 +206,7 @@ def test_serving_manifests_pass_kubernetes_schema_validation():
 def test_serving_manifests_fit_together_and_serve_the_champion():
     from sofar_assets.cli import build_parser
     from sofar_assets.config import load_config
-    from sofar_assets.lib.serving import CHAMPION_ANNOTATION
+    from sofar_assets.lib.serving.pyfunc import CHAMPION_ANNOTATION
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "prod.yaml", check_paths=False)
     docs = rendered_serving()
@@ -238,7 +238,7 @@ def test_a_champion_move_rolls_the_deployment_once():
     the pods onto the new version; nothing is patched while the champion stays."""
     from types import SimpleNamespace
 
-    from sofar_assets.lib.serving import CHAMPION_ANNOTATION, sync_rollout
+    from sofar_assets.lib.serving.pyfunc import CHAMPION_ANNOTATION, sync_rollout
 
     class Apps:
         def __init__(self):
@@ -267,10 +267,10 @@ def test_runtime_onnx_scores_like_torch_and_says_what_is_missing(tmp_path, sampl
     """``inference.runtime: onnx`` gives the torch rows (labels equal, scores to 1e-4) through the
     same predict_images; a package without model.onnx or an unknown runtime is a clear error."""
     from sofar_assets.config import ConfigError, parse_config
-    from sofar_assets.lib.inference import predict_frame
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.packaging import load_package, save_package
-    from sofar_assets.lib.predictor import make_runner
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.serving.inference import predict_frame
+    from sofar_assets.lib.serving.packaging import load_package, save_package
+    from sofar_assets.lib.serving.predictor import make_runner
 
     torch.manual_seed(0)
     spec = ModelSpec(num_classes=3, backbone="test_efficientnet", pretrained=False, image_size=64)
@@ -298,9 +298,13 @@ def test_calibration_travels_in_the_package_and_a_copied_version_keeps_the_owner
     from another version's logged model (the same package) does not overwrite it."""
     import mlflow
 
-    from sofar_assets.lib import registry
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.packaging import load_registered, log_and_register, write_calibration_artifact
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.serving.packaging import (
+        load_registered,
+        log_and_register,
+        write_calibration_artifact,
+    )
 
     previous = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -95,9 +95,9 @@ def test_mlflow_server_auth_and_gcs_artifacts(stack_servers, monkeypatch):  # no
     import torch
 
     from sofar_assets.defs.resources import MlflowResource
-    from sofar_assets.lib import registry
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.packaging import load_registered, log_and_register
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 
     server = stack_servers.mlflow
     for key, value in server.client_env().items():
@@ -146,9 +146,9 @@ def test_a_shard_reads_the_model_from_gcs_not_through_the_server(stack_servers, 
     import torch
 
     from sofar_assets.defs.resources import MlflowResource
-    from sofar_assets.lib import registry
-    from sofar_assets.lib.models import ModelSpec, build_model
-    from sofar_assets.lib.packaging import load_registered, log_and_register
+    from sofar_assets.lib.model.models import ModelSpec, build_model
+    from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 
     from stack_servers import ARTIFACTS
 
@@ -279,7 +279,7 @@ def test_a_day_staged_in_gcs_commits_into_the_bigquery_emulator(stack_servers, e
 
     from test_warehouse_api import D1, rows, spooled
 
-    from sofar_assets.lib import daily
+    from sofar_assets.lib.serving import daily
     from sofar_assets.lib.warehouse import PREDICTIONS, BigQueryWarehouse
 
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", stack_servers.gcs.url)

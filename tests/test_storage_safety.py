@@ -17,9 +17,9 @@ from PIL import Image
 
 from sofar_assets.config import ConfigError, load_config
 from sofar_assets.definitions import build_definitions
-from sofar_assets.lib import dataset as ds
-from sofar_assets.lib import storage, uploads
-from sofar_assets.lib.storage import ImageReadError
+from sofar_assets.lib.data import dataset as ds
+from sofar_assets.lib.data import storage, uploads
+from sofar_assets.lib.data.storage import ImageReadError
 
 from conftest import _assets, write_config
 
@@ -204,7 +204,7 @@ def test_a_day_folder_swapped_for_a_link_mid_run_scores_nothing_outside(
 
 
 def test_an_oversized_correction_photo_is_rejected_naming_it(pipeline, tmp_path, photos):
-    from sofar_assets.lib import corrections as corr
+    from sofar_assets.lib.review import corrections as corr
 
     root, day = tmp_path / "uploads", dt.date(2026, 11, 22)
     (root / day.isoformat()).mkdir(parents=True)

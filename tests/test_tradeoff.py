@@ -14,10 +14,10 @@ import torch.nn.functional as F
 
 from sofar_assets.config import load_config
 from sofar_assets.definitions import TRAINING_SELECTION, build_definitions
-from sofar_assets.lib import tradeoff
-from sofar_assets.lib.dataset import dataset_hash
-from sofar_assets.lib.models import ModelSpec
-from sofar_assets.lib.multitask import (
+from sofar_assets.lib.data.dataset import dataset_hash
+from sofar_assets.lib.model import tradeoff
+from sofar_assets.lib.model.models import ModelSpec
+from sofar_assets.lib.model.multitask import (
     IGNORE,
     MultiTaskDataset,
     MultiTaskNet,
@@ -26,7 +26,7 @@ from sofar_assets.lib.multitask import (
     save_multitask,
     train_multitask,
 )
-from sofar_assets.lib.training import TrainConfig
+from sofar_assets.lib.model.training import TrainConfig
 
 from conftest import _assets, write_config
 

@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from sofar_assets.lib.models import ModelSpec, build_model
-from sofar_assets.lib.training import (
+from sofar_assets.lib.model.models import ModelSpec, build_model
+from sofar_assets.lib.model.training import (
     Augmented,
     TrainConfig,
     better,
@@ -159,7 +159,7 @@ def test_val_macro_f1_ties_are_broken_by_val_loss():
 
 
 def test_lp_ft_starts_from_the_logistic_regression_probe_then_fine_tunes():
-    from sofar_assets.lib import probe
+    from sofar_assets.lib.model import probe
 
     train, val = Stripes(24, seed=0), Stripes(8, seed=1)
     rows = []
@@ -214,7 +214,7 @@ def test_predict_logits_keeps_dataset_order():
 
 
 def test_package_round_trip(tmp_path):
-    from sofar_assets.lib.packaging import load_package, save_package
+    from sofar_assets.lib.serving.packaging import load_package, save_package
 
     torch.manual_seed(0)
     spec = ModelSpec(num_classes=3, arch="pmg", pretrained=False, image_size=SIZE, pmg_feature_dim=16)
@@ -231,7 +231,7 @@ def test_package_round_trip(tmp_path):
         assert torch.equal(loaded(x), model(x))
         ref_logits, ref_feats = model.forward_features(x)
     # the package's ONNX export (PMG here) gives the same logits and features on ONNX Runtime
-    from sofar_assets.lib.predictor import OnnxRunner
+    from sofar_assets.lib.serving.predictor import OnnxRunner
 
     logits, feats = OnnxRunner(onnx_model)(torch.from_numpy((x.numpy() * 255).round().astype(np.uint8))
                                            .permute(0, 2, 3, 1), features=True)
@@ -245,8 +245,8 @@ def test_package_round_trip(tmp_path):
 
 
 def test_package_carries_the_feature_score_statistics(tmp_path):
-    from sofar_assets.lib import ood
-    from sofar_assets.lib.packaging import OOD_STATS_FILE, load_package, save_package
+    from sofar_assets.lib.model import ood
+    from sofar_assets.lib.serving.packaging import OOD_STATS_FILE, load_package, save_package
 
     spec = ModelSpec(num_classes=2, backbone="resnet10t", pretrained=False, image_size=SIZE)
     model = build_model(spec).eval()
@@ -282,7 +282,7 @@ def mlflow_sqlite(tmp_path):
 def test_mlflow_register_and_load_round_trip(mlflow_sqlite, tmp_path):
     import mlflow
 
-    from sofar_assets.lib.packaging import load_registered, log_and_register
+    from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 
     train, val = Stripes(16, seed=0), Stripes(8, seed=1)
     res = train_classifier(_spec(), train, val, TrainConfig(epochs=1, batch_size=8, freeze_backbone=True,
@@ -308,8 +308,8 @@ def test_mlflow_register_and_load_round_trip(mlflow_sqlite, tmp_path):
         assert torch.allclose(loaded(x), want, atol=1e-5)
 
     # the served pyfunc: photo bytes in, the prediction rows out, once the version is calibrated
-    from sofar_assets.lib import registry
-    from sofar_assets.lib.inference import predict_frame
+    from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.serving.inference import predict_frame
 
     with pytest.raises(Exception, match="no calibration.json"):
         mlflow.pyfunc.load_model("models:/sofar-clf/1")
@@ -354,7 +354,7 @@ def test_cuda_bf16_training_agrees_with_cpu_inference():
 
 
 def test_batch_mixer_cutmix_and_mixup_give_targets_matching_the_pixels():
-    from sofar_assets.lib.training import BatchMixer
+    from sofar_assets.lib.model.training import BatchMixer
 
     x = torch.stack([torch.full((3, 32, 32), float(v)) for v in (0.0, 1.0, 2.0)])  # odd batch: timm's Mixup refuses
     y = torch.tensor([0, 1, 2])

@@ -4,9 +4,9 @@
         ├─▶ raw_labels/label_corrections ─▶ sofar_dataset ─▶ … retrain + gate (train_and_promote)
         └─▶ field_accuracy (daily partitions, after daily_predictions)
 
-The rule when a verdict disagrees with a task label is in ``lib/dataset.py`` (the verdict
-overrides, the latest verdict wins); validation in ``lib/corrections.py``; the per-day figures
-and their trailing-week check in ``lib/field_accuracy.py``.
+The rule when a verdict disagrees with a task label is in ``lib/data/dataset.py`` (the verdict
+overrides, the latest verdict wins); validation in ``lib/review/corrections.py``; the per-day figures
+and their trailing-week check in ``lib/review/field_accuracy.py``.
 """
 
 import datetime as dt
@@ -20,10 +20,10 @@ from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.predictions import run_days
 from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
-from sofar_assets.lib import corrections as corr
-from sofar_assets.lib import field_accuracy as fa
-from sofar_assets.lib.drift import trailing_window
-from sofar_assets.lib.names import md_text, shown
+from sofar_assets.lib.common.names import md_text, shown
+from sofar_assets.lib.review import corrections as corr
+from sofar_assets.lib.review import field_accuracy as fa
+from sofar_assets.lib.review.drift import trailing_window
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, RAW_CORRECTIONS
 
 FIELD_CHECK = "field_accuracy_vs_trailing_7_days"
@@ -115,7 +115,7 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         check_specs=[dg.AssetCheckSpec(
             FIELD_CHECK, asset="field_accuracy",
             description="Warns when a day's real-world accuracy, coverage or OOD precision drops against the "
-            "trailing 7 days: more than lib/field_accuracy.py DROP_MARGIN below AND a one-sided Fisher exact "
+            "trailing 7 days: more than lib/review/field_accuracy.py DROP_MARGIN below AND a one-sided Fisher exact "
             "test p < DROP_ALPHA.")],
     )
     def field_accuracy(context: dg.AssetExecutionContext, warehouse: WarehouseResource) -> dg.MaterializeResult:

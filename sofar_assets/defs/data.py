@@ -11,11 +11,11 @@ from PIL import Image
 from sofar_assets.config import SofarConfig, TaskSource
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
-from sofar_assets.lib import dataset as ds
-from sofar_assets.lib import storage
-from sofar_assets.lib.images import sha256_hex
-from sofar_assets.lib.names import md_text, shown
-from sofar_assets.lib.plots import contact_sheet_png, png_to_markdown
+from sofar_assets.lib.common.names import md_text, shown
+from sofar_assets.lib.data import dataset as ds
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import sha256_hex
+from sofar_assets.lib.model.plots import contact_sheet_png, png_to_markdown
 from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET, raw_labels_schema, raw_labels_table
 
 OWNERS = ["team:ml-platform"]

@@ -12,7 +12,7 @@ import json
 import dagster as dg
 from pydantic import Field
 
-from sofar_assets.lib import storage
+from sofar_assets.lib.data import storage
 
 MAX_OUTPUT_BYTES = 64_000_000  # a step output is a small dict; anything bigger is not ours
 

@@ -5,8 +5,8 @@ reads images asks for what it uses: CPU for its DataLoader workers (or decode th
 for them, a memory-backed ``/dev/shm`` sized for the batches the workers hand over (Kubernetes'
 default is 64 MB: eight workers die with a bus error), and the shared cache volume. A step that
 runs a model also gets a GPU when its device may be CUDA, on a GPU node; its pod is sized to fit
-``kubernetes.gpu_machine`` (lib/gke.py; the config refuses workers that do not fit) and carries
-``SOFAR_REQUIRE_GPU=1`` so that a pod whose GPU is broken fails at once (lib/devices.py) instead
+``kubernetes.gpu_machine`` (lib/serving/gke.py; the config refuses workers that do not fit) and carries
+``SOFAR_REQUIRE_GPU=1`` so that a pod whose GPU is broken fails at once (lib/common/devices.py) instead
 of training on the CPU. Every step Job carries its start timeout: ``sofar_k8s_executor`` fails a
 step whose pod is still Pending after it, saying why. Outside Kubernetes the tags are inert.
 The run launcher (deploy/helm/values.yaml) adds the environment every pod needs.
@@ -19,8 +19,9 @@ import datetime as dt
 import dagster as dg
 
 from sofar_assets.config import SofarConfig
-from sofar_assets.lib import gke, storage
-from sofar_assets.lib.gke import PREFETCH_FACTOR, shm_mi  # noqa: F401  (re-exported: tests, callers)
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.serving import gke
+from sofar_assets.lib.serving.gke import PREFETCH_FACTOR, shm_mi  # noqa: F401  (re-exported: tests, callers)
 
 K8S_CONFIG_TAG = "dagster-k8s/config"
 RUNS_MODEL_TAG = "sofar/runs_model"  # a model forward pass: GPU when the device may be CUDA
@@ -29,7 +30,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 SHM_VOLUME = "dshm"
 CACHE_VOLUME = "sofar-cache"
 CACHE_INIT_MOUNT = "/share"
-REQUIRE_GPU_ENV = "SOFAR_REQUIRE_GPU"  # read by settings.gpu_required(); lib/devices refuses a CPU fallback
+REQUIRE_GPU_ENV = "SOFAR_REQUIRE_GPU"  # read by settings.gpu_required(); lib/common/devices refuses a CPU fallback
 START_TIMEOUT_ANNOTATION = "sofar/start-timeout-seconds"
 POD_UID = 10001  # the image's user (deploy/Dockerfile: useradd --uid 10001); the cache folder's owner
 POOL_GPU = "gpu"  # every step that holds a GPU

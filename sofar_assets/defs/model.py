@@ -18,21 +18,24 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.metadata import at_a_glance
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
-from sofar_assets.lib import calibration, conformal, evaluation, links, metrics, ood, plots, registry, storage
-from sofar_assets.lib import dataset as ds
-from sofar_assets.lib.corrections import INSPECTOR_OOD_SET, irrelevant_uris
-from sofar_assets.lib.devices import resolve_device
-from sofar_assets.lib.gate import GATE_CHECKS, gate_results
-from sofar_assets.lib.images import ImageDataset
-from sofar_assets.lib.models import ModelSpec
-from sofar_assets.lib.names import shown
-from sofar_assets.lib.packaging import load_registered, log_and_register
-from sofar_assets.lib.training import (
+from sofar_assets.lib.common import links
+from sofar_assets.lib.common.devices import resolve_device
+from sofar_assets.lib.common.names import shown
+from sofar_assets.lib.data import dataset as ds
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import ImageDataset
+from sofar_assets.lib.model import calibration, conformal, evaluation, metrics, ood, plots
+from sofar_assets.lib.model.gate import GATE_CHECKS, gate_results
+from sofar_assets.lib.model.models import ModelSpec
+from sofar_assets.lib.model.training import (
     TrainConfig,
     predict_logits,
     predict_logits_and_features,
     train_classifier,
 )
+from sofar_assets.lib.review.corrections import INSPECTOR_OOD_SET, irrelevant_uris
+from sofar_assets.lib.serving import registry
+from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 from sofar_assets.lib.warehouse import RAW_CORRECTIONS
 from sofar_assets.settings import git_commit
 
@@ -152,7 +155,7 @@ def build_model_assets(cfg: SofarConfig) -> list:
         """ONE N-class classifier over the concatenated label space (the GPU step).
 
         Trains the configured architecture (``linear`` or the paper's ``pmg``) with the recipe
-        of ``lib/training.py`` (linear probe, then fine-tuning on augmented photos with
+        of ``lib/model/training.py`` (linear probe, then fine-tuning on augmented photos with
         patience), keeps the epoch with the best val macro-F1 (ties: lower val loss), and
         registers it in MLflow (safetensors + JSON config + the feature-score statistics of the
         train split, tagged with the dataset hash and the git commit).
@@ -273,9 +276,9 @@ def build_model_assets(cfg: SofarConfig) -> list:
         thresholded at the target in-distribution TPR on the val split. AUROC and FPR@TPR of
         every score (max logit, energy, max softmax, Mahalanobis, kNN) on each configured
         irrelevant image set, and one-class AUROC per task. The conformal label-set rule
-        (``conformal.coverage``, lib/conformal.py) is calibrated on the same val probabilities
+        (``conformal.coverage``, lib/model/conformal.py) is calibrated on the same val probabilities
         (temperature applied). Score method, temperature, threshold and the label-set rule are
-        tags on the MLflow model version (lib/registry.py).
+        tags on the MLflow model version (lib/serving/registry.py).
         """
         client = mlflow_tracking.client()
         model, meta = load_registered(sofar_classifier["model_uri"])

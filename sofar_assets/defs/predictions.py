@@ -6,7 +6,7 @@ several pods and still be committed at once:
     plan_shards ──(one unit per shard, sized by the day)──> score_shard × n ──> commit_days
 
 * ``plan_shards`` resolves the champion ONCE for the run (every shard scores with the same
-  version), lists each day of the run ONCE into a manifest (lib/manifest.py: staged Parquet,
+  version), lists each day of the run ONCE into a manifest (lib/data/manifest.py: staged Parquet,
   streamed from the folder or the uploads table in pages), gives each day
   ``ceil(uploads / inference.images_per_shard)`` shards (at most ``inference.max_shards``; or
   ``inference.shards_per_day`` when set) and emits one work unit per step through Dagster's
@@ -36,12 +36,16 @@ from sofar_assets.defs.metadata import at_a_glance
 from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.defs.runs import max_runtime_tags
-from sofar_assets.lib import daily, drift, manifest, ood, plots, registry, review, storage
-from sofar_assets.lib.conformal import LabelSets
-from sofar_assets.lib.names import md_frame
-from sofar_assets.lib.packaging import load_registered
-from sofar_assets.lib.predictor import make_runner
-from sofar_assets.lib.uploads import Upload, iter_folder_day, iter_table_uploads
+from sofar_assets.lib.common.names import md_frame
+from sofar_assets.lib.data import manifest, storage
+from sofar_assets.lib.data.uploads import Upload, iter_folder_day, iter_table_uploads
+from sofar_assets.lib.model import ood, plots
+from sofar_assets.lib.model.conformal import LabelSets
+from sofar_assets.lib.review import drift
+from sofar_assets.lib.review import queue as review
+from sofar_assets.lib.serving import daily, registry
+from sofar_assets.lib.serving.packaging import load_registered
+from sofar_assets.lib.serving.predictor import make_runner
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool, iter_uploads
 
 PREDICTIONS_TABLE = PREDICTIONS.name
@@ -50,9 +54,9 @@ CHECKS = {
     "rows_match_uploads": "One row per uploaded photo for every day in the run (error rows included), "
     "read back from the table after the day's single commit.",
     "ood_rate_vs_trailing_7_days": "Warns when a day's OOD share spikes against the trailing 7 days "
-    "(lib/drift.py: ood_spike).",
+    "(lib/review/drift.py: ood_spike).",
     "label_mix_vs_trailing_7_days": "Warns when a day's top-1 label mix drifts from the trailing 7 days "
-    "(lib/drift.py: total variation > LABEL_TV_MAX).",
+    "(lib/review/drift.py: total variation > LABEL_TV_MAX).",
     "uploads_found": "Warns when a day of the run has no uploads at all, naming where it looked (a missing "
     "day folder or an empty window of the uploads table usually means the upload job did not run).",
 }
@@ -69,7 +73,7 @@ def uploads_location(cfg: SofarConfig, day: dt.date) -> str:
 
 def review_metadata(wh, day: dt.date, facts: dict, read=storage.read_bytes,
                     review_url: str = "http://127.0.0.1:8765") -> dict:
-    """A partition's review queue (lib/review.py: OOD-flagged photos, then those whose label set
+    """A partition's review queue (lib/review/queue.py: OOD-flagged photos, then those whose label set
     holds other than one label, most uncertain first): its size per reason, and the first photos
     as a sheet with their top-2, label set and OOD score (``sofar review DAY`` draws the same), and
     a link to the review page on that day (``sofar review --serve``)."""

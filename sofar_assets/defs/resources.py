@@ -21,8 +21,9 @@ from pydantic import Field, PrivateAttr
 
 from sofar_assets.config import BigQueryTarget, SofarConfig
 from sofar_assets.defs.io import JsonIOManager
-from sofar_assets.lib import links, storage
-from sofar_assets.lib.images import PreprocessCache
+from sofar_assets.lib.common import links
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import PreprocessCache
 from sofar_assets.lib.warehouse import BigQueryWarehouse, DuckDBWarehouse, Warehouse
 
 
@@ -167,7 +168,7 @@ class MlflowResource(dg.ConfigurableResource):
         anything is created. With no such rows, training creates the registry (a first run)."""
         from mlflow.exceptions import MlflowException
 
-        from sofar_assets.lib import registry
+        from sofar_assets.lib.serving import registry
 
         if not predicted:
             return

@@ -2,7 +2,7 @@
 
 Not part of ``train_and_promote`` (it trains T + 2 models): run it on demand with
 ``dagster job execute -m sofar_assets.definitions -j tradeoff_report_job``. The math lives in
-``lib/tradeoff.py`` and ``lib/multitask.py``.
+``lib/model/tradeoff.py`` and ``lib/model/multitask.py``.
 """
 
 import io
@@ -18,11 +18,13 @@ from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS, model_spec
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.defs.runs import max_runtime_tags
-from sofar_assets.lib import dataset as ds
-from sofar_assets.lib import plots, registry, storage, tradeoff
-from sofar_assets.lib.multitask import save_multitask
-from sofar_assets.lib.names import shown
-from sofar_assets.lib.training import TrainConfig
+from sofar_assets.lib.common.names import shown
+from sofar_assets.lib.data import dataset as ds
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.model import plots, tradeoff
+from sofar_assets.lib.model.multitask import save_multitask
+from sofar_assets.lib.model.training import TrainConfig
+from sofar_assets.lib.serving import registry
 from sofar_assets.settings import git_commit
 
 REPORT_FILE = "tradeoff_report.json"

@@ -53,7 +53,7 @@ class LocalOnly:
 
     def refusal(self, scope) -> str | None:
         """Why this request is refused (None: it is served)."""
-        from sofar_assets.lib.names import shown
+        from sofar_assets.lib.common.names import shown
 
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         host = headers.get("host", "")

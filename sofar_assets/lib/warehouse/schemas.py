@@ -175,7 +175,7 @@ PREDICTIONS = TableSchema(
         "top1_prob": FLOAT64,
         "top2_label": STRING,
         "top2_prob": FLOAT64,
-        "label_set": STRING,  # conformal label set (lib/conformal.py): "a|b", "" when empty
+        "label_set": STRING,  # conformal label set (lib/model/conformal.py): "a|b", "" when empty
         "label_set_size": INT64,
         "ood_score": FLOAT64,
         "is_ood": BOOL,
@@ -223,7 +223,7 @@ LABEL_CORRECTIONS = TableSchema(
 )
 """Inspectors' verdicts on predicted photos (``sofar correct``, a CSV import, or any other writer):
 one row per verdict, appended, never rewritten; ``prediction_date`` is the predictions partition
-of the photo it judges (see lib/corrections.py)."""
+of the photo it judges (see lib/review/corrections.py)."""
 
 _RAW_LABELS_COLUMNS = {
     "task": STRING,

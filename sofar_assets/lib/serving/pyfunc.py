@@ -4,8 +4,8 @@ What ``mlflow models serve`` runs (:class:`SofarPyfunc`, logged as code by
 ``packaging.log_and_register``). A request is a table with, per photo, ``image`` (the photo's
 bytes: MLflow's binary column, base64 in JSON) or ``image_uri`` (a path or gs:// URI under the
 model's ``allowed_roots``), and an optional ``image_id``. Each photo goes through the same
-read + decode (:func:`~sofar_assets.lib.inference.predict_images`) and the same scoring core
-(:class:`~sofar_assets.lib.predictor.Predictor`) as ``daily_predictions``, with the version's
+read + decode (:func:`~sofar_assets.lib.serving.inference.predict_images`) and the same scoring core
+(:class:`~sofar_assets.lib.serving.predictor.Predictor`) as ``daily_predictions``, with the version's
 calibration and feature statistics from its own package, so a photo gets the row the daily
 table holds for it. A photo that cannot be read or decoded gets an error row, never a failed
 request.
@@ -18,11 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sofar_assets.lib import ood, storage, uploads
-from sofar_assets.lib.conformal import LabelSets
-from sofar_assets.lib.inference import Item, predict_frame
-from sofar_assets.lib.packaging import PYFUNC_ARTIFACT, load_package
-from sofar_assets.lib.predictor import PREDICTION_COLUMNS, make_runner
+from sofar_assets.lib.data import storage, uploads
+from sofar_assets.lib.model import ood
+from sofar_assets.lib.model.conformal import LabelSets
+from sofar_assets.lib.serving.inference import Item, predict_frame
+from sofar_assets.lib.serving.packaging import PYFUNC_ARTIFACT, load_package
+from sofar_assets.lib.serving.predictor import PREDICTION_COLUMNS, make_runner
 
 OUTPUT_COLUMNS = (*PREDICTION_COLUMNS, "model_name", "model_version")
 DEFAULT_MAX_BYTES = 50_000_000

@@ -14,9 +14,14 @@ import torch
 from sklearn.model_selection import StratifiedKFold, train_test_split
 from torch.utils.data import Dataset
 
-from . import conformal, metrics, ood, probe
-from .models import ModelSpec, build_model
-from .training import TrainConfig, predict_logits, predict_logits_and_features, train_classifier
+from sofar_assets.lib.model import conformal, metrics, ood, probe
+from sofar_assets.lib.model.models import ModelSpec, build_model
+from sofar_assets.lib.model.training import (
+    TrainConfig,
+    predict_logits,
+    predict_logits_and_features,
+    train_classifier,
+)
 
 
 class ArrayDataset(Dataset):

@@ -26,11 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sofar_assets.lib import storage
-from sofar_assets.lib.conformal import LabelSets
-from sofar_assets.lib.images import ImageDecodeError, load_image_array
-from sofar_assets.lib.predictor import PREDICTION_COLUMNS, Predictor, Scoring, frame, make_runner  # noqa: F401
-from sofar_assets.lib.uploads import safe_text
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import ImageDecodeError, load_image_array
+from sofar_assets.lib.data.uploads import safe_text
+from sofar_assets.lib.model.conformal import LabelSets
+from sofar_assets.lib.serving.predictor import PREDICTION_COLUMNS, Predictor, Scoring, frame, make_runner  # noqa: F401
 
 
 class Item(NamedTuple):
@@ -154,7 +154,7 @@ class _BatchSampler:
             return self.sent.popleft()
 
 
-_frame = frame  # the rows of one batch: lib/predictor.py
+_frame = frame  # the rows of one batch: lib/serving/predictor.py
 
 
 def predict_images(
@@ -191,7 +191,7 @@ def predict_images(
     ``model.forward_features``, the pass the calibration scores with
     (``training.predict_logits_and_features``), and the package's ``ood_stats``; without the
     statistics it needs this raises before reading any image. ``label_set`` is the
-    conformal set of ``label_sets`` (lib/conformal.py) over those probabilities: its labels by
+    conformal set of ``label_sets`` (lib/model/conformal.py) over those probabilities: its labels by
     descending probability joined by "|" ("" for an empty set), ``label_set_size`` their count
     (both NULL without ``label_sets``). A row whose image could
     not be read or decoded has ``error`` set ("ImageReadError: <uri>: <reason>" (a reason is
@@ -200,8 +200,8 @@ def predict_images(
     Each DataLoader worker reads up to ``reads_in_flight`` images of its batch at once with
     ``read_bytes(uri)`` (``storage.read_bytes`` also gets ``max_bytes`` and ``read_kwargs``, its
     timeout and retries). ``model`` is a torch network (put in eval mode and moved to ``device``)
-    or a runner of lib/predictor.py (``make_runner``: e.g. the package's ONNX export on ONNX
-    Runtime); the scoring itself is :class:`~sofar_assets.lib.predictor.Predictor`'s. ``log`` receives
+    or a runner of lib/serving/predictor.py (``make_runner``: e.g. the package's ONNX export on ONNX
+    Runtime); the scoring itself is :class:`~sofar_assets.lib.serving.predictor.Predictor`'s. ``log`` receives
     a progress line every ``log_every`` images and a final ``predicted N/N images`` line with the
     rate (``total``, when known, gives the percentage and the ETA on the way).
     """

@@ -2,7 +2,7 @@
 
 A package is a folder holding ``model.safetensors`` (the state dict), ``sofar_model.json``
 (format tag, :class:`ModelSpec`, class names, free-form extras), ``model.onnx`` (the same
-network exported for ONNX Runtime, lib/predictor.py), ``calibration.json`` once the version is
+network exported for ONNX Runtime, lib/serving/predictor.py), ``calibration.json`` once the version is
 calibrated (:func:`write_calibration_artifact`: score method, temperature, threshold, label-set
 rule, and the registered name and version) and, when given,
 ``ood_stats.safetensors``: what the feature OOD scores need at prediction time (the kNN bank
@@ -11,7 +11,7 @@ of normalised training features, the Mahalanobis class means and precision; see
 the network is rebuilt from the spec and the tensors are loaded into it.
 
 In MLflow the package travels as the ``package`` artifact of a pyfunc model
-(:class:`~sofar_assets.lib.serving.SofarPyfunc`: photo bytes or URIs in, prediction rows
+(:class:`~sofar_assets.lib.serving.pyfunc.SofarPyfunc`: photo bytes or URIs in, prediction rows
 out), logged as code (``pyfunc_model.py``), so nothing is pickled, with this package's code in
 the model's ``code_paths``: it loads (and ``mlflow models serve`` serves it) without this
 repository. :func:`load_registered` reads the package artifact directly.
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sofar_assets.lib.models import ModelSpec, build_model
+from sofar_assets.lib.model.models import ModelSpec, build_model
 
 PACKAGE_FORMAT = "sofar-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -59,7 +59,7 @@ def save_package(model: nn.Module, spec: ModelSpec, classes: list[str], director
         save_numpy({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in ood_stats.items()},
                    str(directory / OOD_STATS_FILE))
     if onnx:
-        from sofar_assets.lib.predictor import export_onnx
+        from sofar_assets.lib.serving.predictor import export_onnx
 
         (directory / ONNX_FILE).write_bytes(export_onnx(model, spec.image_size))
     meta = {"format": PACKAGE_FORMAT, "spec": spec.to_dict(), "classes": list(classes), "extra": dict(extra or {})}
@@ -164,7 +164,7 @@ def _pip_requirements() -> list[str]:
 
 
 def serving_signature():
-    """The served model's signature (lib/serving.py's SofarPyfunc): photos in (bytes or URI, optional id), rows out."""
+    """The served model's signature (lib/serving/pyfunc.py's SofarPyfunc): photos in (bytes or URI, optional id), rows out."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
@@ -188,7 +188,7 @@ def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], regi
                      ood_stats: dict[str, np.ndarray] | None = None, model_config: dict | None = None) -> dict:
     """Log the model as a pyfunc in the active run, register it and tag the new version.
 
-    The pyfunc is lib/serving.py's (photos in, prediction rows out) with this package's code in
+    The pyfunc is lib/serving/pyfunc.py's (photos in, prediction rows out) with this package's code in
     ``code_paths``; ``model_config`` is its serving configuration (``allowed_roots``, ``runtime``,
     ``threads``, ``max_bytes``). It answers once the version is calibrated
     (:func:`write_calibration_artifact`).
@@ -208,7 +208,7 @@ def log_and_register(model: nn.Module, spec: ModelSpec, classes: list[str], regi
                 name="model",
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),  # models from code: no pickle
                 artifacts={PYFUNC_ARTIFACT: str(pkg)},
-                code_paths=[str(Path(__file__).resolve().parents[1])],  # sofar_assets: loads without the repo
+                code_paths=[str(Path(__file__).resolve().parents[2])],  # sofar_assets: loads without the repo
                 model_config={"runtime": "onnx", "threads": 1, **(model_config or {})},
                 registered_model_name=registered_model_name,
                 signature=serving_signature(),

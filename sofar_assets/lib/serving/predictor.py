@@ -1,8 +1,8 @@
 """The scoring core: a batch of decoded photos -> the prediction table's columns.
 
 ONE implementation, called by both users of a model version: ``daily_predictions`` (through
-:func:`~sofar_assets.lib.inference.predict_images`, which streams and batches the reads) and the
-served MLflow model (:mod:`~sofar_assets.lib.pyfunc_model`). Network -> logits (+ penultimate
+:func:`~sofar_assets.lib.serving.inference.predict_images`, which streams and batches the reads) and the
+served MLflow model (:mod:`~sofar_assets.lib.serving.pyfunc_model`). Network -> logits (+ penultimate
 features) -> ``softmax(logits / temperature)`` -> top-2 -> conformal label set -> OOD score and
 verdict, so a photo gets the same row from both.
 
@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sofar_assets.lib import ood
-from sofar_assets.lib.conformal import LabelSets, set_labels
-from sofar_assets.lib.devices import resolve_device
+from sofar_assets.lib.common.devices import resolve_device
+from sofar_assets.lib.model import ood
+from sofar_assets.lib.model.conformal import LabelSets, set_labels
 
 RUNTIMES = ("torch", "onnx")
 ONNX_INPUT = "images"
@@ -89,7 +89,7 @@ class TorchRunner:
 
     def __call__(self, x, features: bool, on_device: bool = False) -> tuple[np.ndarray, object]:
         """Logits as numpy; features as numpy, or as a tensor left on the device (``on_device``:
-        the kNN search of :class:`~sofar_assets.lib.ood.DeviceKnn` runs there)."""
+        the kNN search of :class:`~sofar_assets.lib.model.ood.DeviceKnn` runs there)."""
         x = torch.as_tensor(x)
         with torch.inference_mode():
             x = _nchw01(x.to(self.device, non_blocking=True))
@@ -130,7 +130,7 @@ class OnnxRunner:
 def make_runner(model, meta: dict | None = None, runtime: str = "torch", device: str | torch.device = "auto",
                 threads: int | None = None):
     """The runner for ``runtime``: ``torch`` wraps ``model``; ``onnx`` runs the package's
-    ``model.onnx`` (``meta["onnx_model"]``, :func:`~sofar_assets.lib.packaging.load_package`)
+    ``model.onnx`` (``meta["onnx_model"]``, :func:`~sofar_assets.lib.serving.packaging.load_package`)
     on the CPU. A runner passes through unchanged."""
     if isinstance(model, (TorchRunner, OnnxRunner)):
         return model

@@ -24,9 +24,9 @@ from collections.abc import Iterable
 import pandas as pd
 from scipy.stats import fisher_exact
 
-from sofar_assets.lib.corrections import latest_sql
-from sofar_assets.lib.dataset import IRRELEVANT
-from sofar_assets.lib.drift import TRAILING_DAYS, trailing_window
+from sofar_assets.lib.data.dataset import IRRELEVANT
+from sofar_assets.lib.review.corrections import latest_sql
+from sofar_assets.lib.review.drift import TRAILING_DAYS, trailing_window
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTIONS
 
 COUNT_COLUMNS = ["corrected", "in_vocabulary", "top1_correct", "with_label_set", "covered", "flagged",

@@ -24,7 +24,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sofar_assets.lib.uploads import Upload
+from sofar_assets.lib.data.uploads import Upload
 
 SCHEMA = pa.schema([
     pa.field("image_id", pa.string(), nullable=False),

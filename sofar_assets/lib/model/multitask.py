@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from sofar_assets.lib import metrics
-from sofar_assets.lib.devices import resolve_device
-from sofar_assets.lib.models import ModelSpec, create_backbone
-from sofar_assets.lib.packaging import read_meta
-from sofar_assets.lib.training import TrainConfig, make_optimizer, to_input
+from sofar_assets.lib.common.devices import resolve_device
+from sofar_assets.lib.model import metrics
+from sofar_assets.lib.model.models import ModelSpec, create_backbone
+from sofar_assets.lib.model.training import TrainConfig, make_optimizer, to_input
+from sofar_assets.lib.serving.packaging import read_meta
 
 PACKAGE_FORMAT = "sofar-multitask/1"
 WEIGHTS_FILE = "model.safetensors"

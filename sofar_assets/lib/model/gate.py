@@ -4,7 +4,7 @@ Used by the blocking asset checks on ``model_evaluation`` AND by ``champion_mode
 (and by ``sofar promote``), so promoting a stored evaluation later cannot skip the gate.
 
 Every verdict's metadata states its evidence: the point estimate, its bootstrap confidence
-interval (``*_ci``, 95 % percentile, from ``lib/evaluation.py``) and the image counts. With
+interval (``*_ci``, 95 % percentile, from ``lib/model/evaluation.py``) and the image counts. With
 fewer test images than ``gate.min_test_images`` (or OOD images than ``gate.min_ood_images``)
 a check does not compare noise: it reports ``evidence: insufficient`` with the counts and
 passes or fails as ``gate.insufficient_evidence`` says. The first model (no champion yet) is

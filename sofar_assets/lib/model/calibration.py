@@ -10,8 +10,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from . import ood, storage
-from .images import ImageDecodeError, PreprocessCache, load_image_array, sha256_hex
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import ImageDecodeError, PreprocessCache, load_image_array, sha256_hex
+from sofar_assets.lib.model import ood
 
 # A perfectly separated val split (or a very underconfident model) drives the NLL-optimal
 # temperature towards 0, where every probability is 1.0; the bound keeps them informative.

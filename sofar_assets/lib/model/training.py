@@ -1,9 +1,9 @@
-"""Training recipe for :class:`~sofar_assets.lib.models.SofarNet` (linear head or PMG).
+"""Training recipe for :class:`~sofar_assets.lib.model.models.SofarNet` (linear head or PMG).
 
 The default recipe converges from a few dozen to a few thousand photos per class:
 
 1. **LP** (linear probe, Kumar et al. ICLR 2022): the ``linear`` head is first fitted by
-   logistic regression on the frozen pretrained features (``lib/probe.py``); PMG's new heads
+   logistic regression on the frozen pretrained features (``lib/model/probe.py``); PMG's new heads
    train ``lp_epochs`` with the backbone frozen.
 2. **FT**: then everything is fine-tuned (unless ``freeze_backbone``) on augmented training
    images (random-resized crop, flip, mild colour jitter on the uint8 tensors, torch RNG;
@@ -36,9 +36,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from sofar_assets.lib import metrics, probe
-from sofar_assets.lib.devices import resolve_device
-from sofar_assets.lib.models import ModelSpec, SofarNet, build_model, jigsaw
+from sofar_assets.lib.common.devices import resolve_device
+from sofar_assets.lib.model import metrics, probe
+from sofar_assets.lib.model.models import ModelSpec, SofarNet, build_model, jigsaw
 
 # PMG's progressive steps: (jigsaw grid, head index, loss weight); None = whole image.
 PMG_STEPS: tuple[tuple[int | None, int, float], ...] = ((8, 0, 1.0), (4, 1, 1.0), (2, 2, 1.0), (None, 3, 2.0))

@@ -3,7 +3,7 @@
 The predictions table is written in two phases so that a day is never half replaced:
 
 1. :func:`score_days` streams the uploads of every day of a run through
-   :func:`~sofar_assets.lib.inference.predict_images` ONCE (one DataLoader, the model loaded
+   :func:`~sofar_assets.lib.serving.inference.predict_images` ONCE (one DataLoader, the model loaded
    once) and appends each batch's rows to that day's spool (a parquet file, one row group per
    batch), counting rows, errors, OOD rows and labels on the way. Memory is the DataLoader's
    prefetch plus one batch, whatever a day's size.
@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from sofar_assets.lib import storage
-from sofar_assets.lib.inference import as_item, predict_images
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.serving.inference import as_item, predict_images
 
 
 class Spool(Protocol):
@@ -109,7 +109,7 @@ def score_days(
     """Score the uploads of several days in ONE streaming pass and stage each day's rows.
 
     ``days`` yields ``(day, items)`` in order; ``items`` are anything
-    :func:`~sofar_assets.lib.inference.predict_images` takes and are consumed lazily. Each
+    :func:`~sofar_assets.lib.serving.inference.predict_images` takes and are consumed lazily. Each
     batch's rows (the prediction columns plus ``prediction_date=day`` and the constant
     ``columns``, e.g. model name and version) go to ``open_spool(day)``, opened at the day's
     first row and closed when its last row is out. Rows are appended in groups of up to
@@ -310,7 +310,7 @@ def staging_uri(root: str, day: dt.date, run_id: str, shard: int, shards: int) -
 
 
 def manifest_uri(root: str, day: dt.date, run_id: str) -> str:
-    """Where a run's listing of ``day`` (lib/manifest.py) is staged until the day is committed."""
+    """Where a run's listing of ``day`` (lib/data/manifest.py) is staged until the day is committed."""
     name = f"staging/manifests/{day.isoformat()}/{run_id}/uploads.parquet"
     return f"{root.rstrip('/')}/{name}" if storage.is_gcs(root) else str(Path(root) / name)
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from sofar_assets.lib import storage
+from sofar_assets.lib.data import storage
 
 # Bump whenever the pixels produced by load_image_array change (resampling filter, draft
 # policy, colour handling): cached arrays of an older version are then simply never read.

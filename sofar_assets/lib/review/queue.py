@@ -1,7 +1,7 @@
 """A day's predictions at a glance: which rows a person should look at, and a sheet to look at.
 
 :func:`review_queue` is the day's review queue, selected in the warehouse: the scored photos
-flagged out-of-distribution, and those whose conformal label set (lib/conformal.py) holds
+flagged out-of-distribution, and those whose conformal label set (lib/model/conformal.py) holds
 other than one label (none reaches the coverage bar, or several are plausible), most
 uncertain first. The ``daily_predictions`` asset draws it on each partition's review sheet;
 ``sofar review DAY`` prints it and can draw it. :func:`select_for_review` picks the OOD-flagged
@@ -19,9 +19,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFont
 
-from sofar_assets.lib.images import decode_image
-from sofar_assets.lib.names import shown, shown_frame
-from sofar_assets.lib.plots import _fit_thumb
+from sofar_assets.lib.common.names import shown, shown_frame
+from sofar_assets.lib.data.images import decode_image
+from sofar_assets.lib.model.plots import _fit_thumb
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS
 
 OOD = "ood"
@@ -251,7 +251,7 @@ def record_verdict(wh, image_id: str, label: str, vocabulary, *, inspector: str,
     (:func:`lib.corrections.record`). The same verdict (image, label, inspector) given again is
     stored once: the earlier row stays and ``stored`` is False. Returns ``stored``,
     ``corrected_at`` (ISO, what :func:`retract_verdict` needs) and ``earlier`` verdicts on the photo."""
-    from sofar_assets.lib import corrections as corr
+    from sofar_assets.lib.review import corrections as corr
 
     earlier = earlier_verdicts(wh, [image_id])
     same = earlier[(earlier["label"] == label) & (earlier["inspector"] == inspector)]

@@ -32,12 +32,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sofar_assets.lib import metrics, ood, storage
-from sofar_assets.lib.devices import resolve_device
-from sofar_assets.lib.images import ImageDataset, ImageDecodeError, PreprocessCache, sha256_hex
-from sofar_assets.lib.models import ModelSpec
-from sofar_assets.lib.multitask import IGNORE, MultiTaskDataset, MultiTaskNet, train_multitask
-from sofar_assets.lib.training import TrainConfig, predict_logits, train_classifier
+from sofar_assets.lib.common.devices import resolve_device
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.images import ImageDataset, ImageDecodeError, PreprocessCache, sha256_hex
+from sofar_assets.lib.model import metrics, ood
+from sofar_assets.lib.model.models import ModelSpec
+from sofar_assets.lib.model.multitask import IGNORE, MultiTaskDataset, MultiTaskNet, train_multitask
+from sofar_assets.lib.model.training import TrainConfig, predict_logits, train_classifier
 
 TARGET_TPR = 0.95  # the paper's FPR@95TPR
 # Below these counts the report says itself that it cannot settle the paper's claims. The

@@ -18,7 +18,7 @@ from sklearn.covariance import LedoitWolf
 from sklearn.metrics import roc_auc_score
 from sklearn.metrics import roc_curve as _sk_roc_curve
 
-from .metrics import _labels
+from sofar_assets.lib.model.metrics import _labels
 
 LOGIT_METHODS = ("max_logit", "energy", "max_softmax")
 # Scores on the penultimate features; they need the statistics of the training features

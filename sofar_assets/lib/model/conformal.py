@@ -6,7 +6,7 @@ time. One label is a confident answer; two ("dirt|defect") is the honest answer 
 that is both dirty and damaged, or that the model cannot tell apart; none means no label
 reaches the bar. ``ood_calibration`` calibrates the threshold on the val split (the same
 probabilities the daily rows use: the model's fitted temperature applied) and tags it on the
-model version (lib/registry.py); ``predict_images`` applies it to every row.
+model version (lib/serving/registry.py); ``predict_images`` applies it to every row.
 
 Two conformity scores (``conformal.method``):
 

@@ -40,11 +40,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from sofar_assets.lib import dataset as ds
-from sofar_assets.lib.dataset import IRRELEVANT
-from sofar_assets.lib.storage import IMAGE_SUFFIXES
-from sofar_assets.lib.text import text_problem
-from sofar_assets.lib.uploads import refusal
+from sofar_assets.lib.common.text import text_problem
+from sofar_assets.lib.data import dataset as ds
+from sofar_assets.lib.data.dataset import IRRELEVANT
+from sofar_assets.lib.data.storage import IMAGE_SUFFIXES
+from sofar_assets.lib.data.uploads import refusal
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTIONS, RAW_CORRECTIONS
 
 TABLE = LABEL_CORRECTIONS.name

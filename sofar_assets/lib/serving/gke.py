@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PREFETCH_FACTOR = 2  # torch's DataLoader default, which lib/training and lib/inference use
+PREFETCH_FACTOR = 2  # torch's DataLoader default, which lib/model/training and lib/serving/inference use
 SHM_MIN_MI = 256
 MAIN_MEMORY_MI = 4 * 1024  # the step's own process: model, optimizer, a batch on the host
 WORKER_MEMORY_MI = 1024  # one DataLoader worker: torch + PIL + its decoded batches before they hit shm

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from sofar_assets.lib import storage
+from sofar_assets.lib.data import storage
 
 REFUSED = "UploadRefused"
 

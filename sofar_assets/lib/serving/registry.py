@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from sofar_assets.lib.conformal import LabelSets
-from sofar_assets.lib.text import text_problem
+from sofar_assets.lib.common.text import text_problem
+from sofar_assets.lib.model.conformal import LabelSets
 
 CHAMPION = "champion"
 CALIBRATION_TAGS = ("ood_score_method", "ood_temperature", "ood_threshold")
@@ -69,7 +69,7 @@ class Calibration:
     label_sets: LabelSets | None = None
 
     def as_artifact(self, target_tpr: float | None = None) -> dict:
-        """JSON-able; what ``calibration.json`` in the model package holds (lib/serving.py reads it)."""
+        """JSON-able; what ``calibration.json`` in the model package holds (lib/serving/pyfunc.py reads it)."""
         return {"score_method": self.score_method, "temperature": float(self.temperature),
                 "threshold": float(self.threshold), "target_tpr": target_tpr,
                 "label_sets": self.label_sets.as_dict() if self.label_sets is not None else None}
@@ -274,7 +274,7 @@ def registry_gate(client, name: str, version: str, fallback_gate, *, offered: di
     registered one, else :class:`EvidenceError` lists the fields that differ.
 
     Returns ``(results, gate source)``; ``results`` is ``lib.gate.gate_results``'s dict."""
-    from sofar_assets.lib.gate import gate_results
+    from sofar_assets.lib.model.gate import gate_results
 
     registered = registered_evaluation(client, name, version)
     if offered is not None and (diff := evidence_mismatch(offered, registered)):
@@ -313,7 +313,7 @@ def write_calibration(client, name: str, version: str, calibration: Calibration,
                       target_tpr: float | None = None, extra: dict[str, str] | None = None) -> None:
     """The calibration as the version's tags (for people, the UI and the gate) AND as
     ``calibration.json`` in its model package (what the served model scores with)."""
-    from sofar_assets.lib.packaging import write_calibration_artifact
+    from sofar_assets.lib.serving.packaging import write_calibration_artifact
 
     write_calibration_artifact(client, name, str(version), calibration.as_artifact(target_tpr))
     for key, value in {**calibration.as_tags(target_tpr), **(extra or {})}.items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from .metrics import _labels
+from sofar_assets.lib.model.metrics import _labels
 
 # Logits of a class the probe never saw in training: far below any seen class, still finite.
 UNSEEN_CLASS_BIAS = -30.0

@@ -1,4 +1,4 @@
-"""The MLflow "models from code" entry for :class:`~sofar_assets.lib.serving.SofarPyfunc`.
+"""The MLflow "models from code" entry for :class:`~sofar_assets.lib.serving.pyfunc.SofarPyfunc`.
 
 ``log_and_register`` logs this file instead of a cloudpickled object, with the ``sofar_assets``
 package in the model's ``code_paths``: MLflow copies both into the model and runs this file on
@@ -7,6 +7,6 @@ package in the model's ``code_paths``: MLflow copies both into the model and run
 
 from mlflow.models import set_model
 
-from sofar_assets.lib.serving import SofarPyfunc
+from sofar_assets.lib.serving.pyfunc import SofarPyfunc
 
 set_model(SofarPyfunc())

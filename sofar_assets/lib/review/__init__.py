@@ -1,0 +1,1 @@
+"""People in the loop: the review queue, corrections, real-world accuracy, drift, day health."""

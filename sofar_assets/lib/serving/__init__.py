@@ -1,0 +1,1 @@
+"""A registered version at work: packages, the registry, the predictor, the served pyfunc, daily scoring."""
