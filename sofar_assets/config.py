@@ -1,4 +1,4 @@
-"""The YAML config contract (documented in README.md, section "Config").
+"""The YAML config contract (reference: docs/config.md, generated from these classes).
 
 Parsed into pydantic models with ``extra="forbid"`` so an unknown or misspelled key is an
 error that names it. Relative paths resolve against the config file's folder. Nothing here
@@ -548,7 +548,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             known = _keys_of(holder) if holder is not None else []
             close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
             msg = f"unknown key; did you mean '{close[0]}'?" if close else "unknown key"
-            msg += f" (allowed: {', '.join(known)})" if known else " (see README.md 'Config')"
+            msg += f" (allowed: {', '.join(known)})" if known else " (see docs/config.md)"
         elif "input" in e and not isinstance(e["input"], dict | list):
             msg += f" (got {e['input']!r})"
         lines.append(f"  {'.'.join(path) or '<top>'}: {msg}")
