@@ -34,10 +34,14 @@ def write_config(folder: Path, data: Path, **overrides) -> Path:
     """A tiny but complete config over SYNTHETIC data in ``data`` (see lib/data/synthetic.py)."""
     cfg = {
         "tasks": {
-            "defect": {"folder": str(data / "tasks/defect"), "labels": {"0_NORMAL": "normal", "1_DEFECT": "defect"}},
-            "dirt": {"folder": str(data / "tasks/dirt"), "labels": {"0_NORMAL": "normal", "1_DIRT": "dirt"}},
-            "wash": {"folder": str(data / "tasks/wash"), "labels": {"0_BUBBLE": "bubble_wash", "1_MACHINE": "wash_machine"}},
-            "interior": {"folder": str(data / "tasks/interior"), "labels": {"0_DASHBOARD": "dashboard", "1_SEAT": "seat"}},
+            "defect": {"folder": str(data / "tasks/defect"),
+                       "labels": {"0_NORMAL": "normal", "1_DEFECT": "defect"}},
+            "dirt": {"folder": str(data / "tasks/dirt"),
+                     "labels": {"0_NORMAL": "normal", "1_DIRT": "dirt"}},
+            "wash": {"folder": str(data / "tasks/wash"),
+                     "labels": {"0_BUBBLE": "bubble_wash", "1_MACHINE": "wash_machine"}},
+            "interior": {"folder": str(data / "tasks/interior"),
+                         "labels": {"0_DASHBOARD": "dashboard", "1_SEAT": "seat"}},
         },
         "uploads": {"folder": str(data / "uploads")},
         "ood_sets": {"documents": {"folder": str(data / "ood/documents")}},

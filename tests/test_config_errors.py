@@ -107,8 +107,10 @@ def test_unknown_timezone_is_a_config_error_naming_the_key():
             "uploads": {"folder": "up"}}
     for tz in ("Mars/Olympus", "../../etc/localtime", ""):
         with pytest.raises(ConfigError, match=r"partitions\.timezone: .*unknown time zone"):
-            parse_config({**base, "partitions": {"start_date": "2026-11-01", "timezone": tz}}, base_dir=Path("/tmp"))
-    cfg = parse_config({**base, "partitions": {"start_date": "2026-11-01", "timezone": "Asia/Seoul"}}, base_dir=Path("/tmp"))
+            parse_config({**base, "partitions": {"start_date": "2026-11-01", "timezone": tz}},
+                         base_dir=Path("/tmp"))
+    cfg = parse_config({**base, "partitions": {"start_date": "2026-11-01", "timezone": "Asia/Seoul"}},
+                       base_dir=Path("/tmp"))
     assert cfg.partitions.timezone == "Asia/Seoul"
 
 
