@@ -42,7 +42,8 @@ def _champion_caveat(report: dict, client, name: str, digest: str) -> None:
     report["champion"] = {"version": champ, "dataset_hash": champ_hash}
     if champ and champ_hash != digest:
         report["caveats"].append(
-            f"the champion v{champ} was trained on dataset {str(champ_hash)[:12]}, this report on {digest[:12]}: "
+            f"the champion v{champ} was trained on dataset {str(champ_hash)[:12]}, "
+            f"this report on {digest[:12]}: "
             "re-run train_and_promote first to compare on the champion's own data"
         )
 
@@ -109,7 +110,8 @@ def build_tradeoff_assets(cfg: SofarConfig) -> tuple[dg.AssetsDefinition, object
 
     job = dg.define_asset_job(
         "tradeoff_report_job", selection=dg.AssetSelection.assets(tradeoff_report),
-        description="The paper's trade-off on the current sofar_dataset (trains T + 2 models; not part of make run).",
+        description="The paper's trade-off on the current sofar_dataset (trains T + 2 models; "
+        "not part of make run).",
         tags=max_runtime_tags("tradeoff_report_job"),
     )
     return tradeoff_report, job

@@ -173,8 +173,9 @@ def train_multitask(
     model = MultiTaskNet(spec, head_sizes).to(device, memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True, drop_last=len(train_ds) >= cfg.batch_size,
-                               seed=cfg.seed, num_workers=cfg.num_workers, device=device)
+    train_loader = make_loader(train_ds, cfg.batch_size, shuffle=True,
+                               drop_last=len(train_ds) >= cfg.batch_size, seed=cfg.seed,
+                               num_workers=cfg.num_workers, device=device)
     val_loader = make_loader(val_ds, max(cfg.batch_size, 64), shuffle=False, drop_last=False, seed=cfg.seed,
                              num_workers=cfg.num_workers, device=device)
     history: list[dict] = []

@@ -24,7 +24,8 @@ class TrainConfig(BaseModel):
     batch_size: int = Field(16, ge=1, description="training batch size (evaluation batches: at least 64)")
     lr: float = Field(2e-3, gt=0, description="SGD learning rate of the new layers (cosine-annealed)")
     backbone_lr_factor: float = Field(
-        0.1, ge=0, description="backbone lr = lr * this (PMG's 0.1; measured on the real photos: README)")
+        0.1, ge=0,
+        description="backbone lr = lr * this (PMG's 0.1; measured on the real photos: docs/model-quality.md)")
     momentum: float = Field(0.9, description="SGD momentum")
     weight_decay: float = Field(5e-4, description="SGD weight decay")
     seed: int = Field(0, description="seeds torch, numpy, random, the loaders, jigsaw and the batch mixer")
@@ -42,6 +43,7 @@ class TrainConfig(BaseModel):
     augment: bool = Field(True, description="random-resized crop, flip, colour jitter on the train split")
     # mixed-sample training (timm's CutMix / mixup): Beta(alpha, alpha) mixing strengths, 0 = off
     mixup: float = Field(
-        0.4, ge=0, description="mixup Beta(alpha, alpha) on fine-tuning batches; 0 = off (README)")
+        0.4, ge=0,
+        description="mixup Beta(alpha, alpha) on fine-tuning batches; 0 = off (docs/model-quality.md)")
     cutmix: float = Field(1.0, ge=0, description="CutMix Beta(alpha, alpha) on fine-tuning batches; 0 = off")
     mix_prob: float = Field(1.0, ge=0, le=1, description="share of batches mixed when mixup or cutmix > 0")
