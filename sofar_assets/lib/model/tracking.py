@@ -26,7 +26,7 @@ from PIL import Image
 from sofar_assets.lib.common import links
 
 CALIBRATION_ARTIFACT = "ood_calibration.json"
-EVALUATION_ARTIFACT = "evaluation.json"  # lib/serving/registry.py reads it back (same name)
+EVALUATION_ARTIFACT = "evaluation.json"  # lib/serving/registry.py reads it back
 FIGURES = {"training_curves": "training_curves.png", "val_confusion_matrix": "val_confusion_matrix.png",
            "test_confusion_matrix": "test_confusion_matrix.png", "reliability": "reliability.png",
            "roc": "ood_roc.png", "tradeoff": "tradeoff.png"}

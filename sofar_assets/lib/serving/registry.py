@@ -19,6 +19,7 @@ from pathlib import Path
 from mlflow.exceptions import MlflowException
 
 from sofar_assets.lib.common.text import text_problem
+from sofar_assets.lib.model import tracking
 from sofar_assets.lib.model.conformal import LabelSets
 
 CHAMPION = "champion"
@@ -191,7 +192,7 @@ def lost_registry_message(where: str, name: str, versions: dict[str, int]) -> st
 GATE_CONFIG_TAG = "gate_config"
 """Version tag: the ``gate:`` settings (JSON) the version was trained under; every later
 re-check of its gate (``sofar promote``/``rollback``, ``champion_model``) uses these."""
-EVALUATION_ARTIFACT = "evaluation.json"
+EVALUATION_ARTIFACT = tracking.EVALUATION_ARTIFACT  # what model_evaluation logs to the version's run
 # run metric -> key of evaluation.json: the metrics live in the tracking database, the artifact
 # in the artifact store; both must agree before either is believed
 EVIDENCE_METRICS = {"test_macro_f1": "macro_f1", "test_accuracy": "accuracy", "test_ece": "ece"}
