@@ -420,17 +420,19 @@ def test_read_ahead_raises_the_producers_error_and_stops_it_when_the_consumer_st
 def test_staged_rows_are_the_schema_conversion_of_the_frame(tmp_path):
     """The fast Arrow path (Arrow's own conversion + the schema's casts) stores exactly what the
     checked pandas conversion stores, error rows (all-null columns) included."""
-    from sofar_assets.lib.warehouse import PREDICTIONS
+    from sofar_assets.lib.serving.inference import as_item
+    from sofar_assets.lib.warehouse import PREDICTIONS, run_rows
 
     red = _items(tmp_path, 3) + [("missing", str(tmp_path / "no.jpg"))]
-    frame = predict_frame(MeanColour(), red, classes=CLASSES, image_size=8, threshold=THRESHOLD,
-                          batch_size=4, num_workers=0, device="cpu")
-    constants = {"prediction_date": D1, "model_name": "m", "model_version": "3",
+    # the items carry their day (prediction_date) through the model; the run adds its own columns
+    frame = predict_frame(MeanColour(), [as_item(x, D1) for x in red], classes=CLASSES, image_size=8,
+                          threshold=THRESHOLD, batch_size=4, num_workers=0, device="cpu")
+    constants = {"model_name": "m", "model_version": "3",
                  "predicted_at": pd.Timestamp("2026-11-02 03:04:05")}
-    fast = daily._with_columns(frame, constants, PREDICTIONS)
+    fast = run_rows(frame, constants, PREDICTIONS)
     assert fast.equals(PREDICTIONS.to_arrow(frame.assign(**constants)))
     errors_only = frame.iloc[3:].reset_index(drop=True)  # top-1/top-2 columns all null
-    assert daily._with_columns(errors_only, constants, PREDICTIONS).equals(
+    assert run_rows(errors_only, constants, PREDICTIONS).equals(
         PREDICTIONS.to_arrow(errors_only.assign(**constants)))
 
 
@@ -535,7 +537,7 @@ def test_the_uploads_table_is_listed_in_pages_not_read_whole(tmp_path, monkeypat
     from pathlib import Path
 
     from sofar_assets.config import parse_config
-    from sofar_assets.defs.predictions import day_uploads
+    from sofar_assets.defs.predictions import uploads_of_day
     from sofar_assets.lib.warehouse import DuckDBWarehouse
 
     cfg = parse_config({
@@ -561,7 +563,7 @@ def test_the_uploads_table_is_listed_in_pages_not_read_whole(tmp_path, monkeypat
             yield page
 
     monkeypatch.setattr(DuckDBWarehouse, "iter_range", paged)
-    assert [u.image_id for u in day_uploads(cfg, D1, wh)] == [f"i{k:03d}" for k in range(120)]
+    assert [u.image_id for u in uploads_of_day(cfg, D1, wh)] == [f"i{k:03d}" for k in range(120)]
     assert pages == [50, 50, 20]
 
 
