@@ -27,7 +27,7 @@ STAGING_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "stor
 LOAD_JOB_PERMISSIONS = ("bigquery.jobs.create",)  # on the project: a load job is a job
 TABLE_PERMISSIONS = ("bigquery.tables.get", "bigquery.tables.getData", "bigquery.tables.update",
                      "bigquery.tables.updateData")  # WRITE_TRUNCATE into a partition + schema additions
-DOCS = "README 'Production'"
+DOCS = "docs/production.md"
 
 
 @dataclass(frozen=True)
