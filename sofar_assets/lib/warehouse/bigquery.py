@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -52,6 +53,9 @@ from sofar_assets.lib.warehouse.types import (
 )
 
 STAGING_PREFIX = "_sofar_staging_"
+METADATA_TTL_S = 300.0
+"""How long an instance trusts the table metadata it fetched (a run's steps take one ``get_table``
+per table; a long-lived review page sees another process's new table or column within minutes)."""
 
 
 class DatasetNotFoundError(LookupError):
@@ -126,9 +130,11 @@ class BigQueryWarehouse(Warehouse):
         self.staging_ttl = staging_ttl
         self._client = client
         self._dataset_checked = False
-        # table metadata, fetched ONCE per instance (None: absent); kept current by this instance's
-        # own creates, schema updates and loads, dropped after any statement that is not a read
-        self._tables: dict[str, object | None] = {}
+        # table metadata, fetched ONCE per instance and kept for METADATA_TTL_S (None: absent): kept
+        # current by this instance's own creates, schema updates and loads, dropped after any
+        # statement that is not a read; the TTL lets a long-lived instance (the review page) see
+        # what other processes create or add
+        self._tables: dict[str, tuple[float, object | None]] = {}
 
     def __repr__(self) -> str:
         return f"BigQueryWarehouse({self.project!r}, {self.dataset!r})"
@@ -182,12 +188,18 @@ class BigQueryWarehouse(Warehouse):
     def _get_table(self, table: str):
         from google.api_core.exceptions import NotFound
 
-        if table not in self._tables:
-            try:
-                self._tables[table] = self.client.get_table(self._ref(table))
-            except NotFound:
-                self._tables[table] = None
-        return self._tables[table]
+        cached = self._tables.get(table)
+        if cached is not None and time.monotonic() - cached[0] < METADATA_TTL_S:
+            return cached[1]
+        try:
+            found = self.client.get_table(self._ref(table))
+        except NotFound:
+            found = None
+        self._remember(table, found)
+        return found
+
+    def _remember(self, table: str, metadata) -> None:
+        self._tables[table] = (time.monotonic(), metadata)
 
     @staticmethod
     def _types_of(t) -> dict[str, str]:
@@ -228,7 +240,7 @@ class BigQueryWarehouse(Warehouse):
         # a concurrent run may have created it: then that table's metadata is fetched when next needed
         created = self.client.create_table(t, exists_ok=True)
         if created is not None and getattr(created, "schema", None):
-            self._tables[table] = created
+            self._remember(table, created)
         else:
             self._tables.pop(table, None)
 
@@ -243,7 +255,7 @@ class BigQueryWarehouse(Warehouse):
         added = evolve(table, self._types_of(existing), types)
         if added and add_columns:
             existing.schema = [*existing.schema, *self._fields(added)]
-            self._tables[table] = self.client.update_table(existing, ["schema"])
+            self._remember(table, self.client.update_table(existing, ["schema"]))
         return added
 
     # -- loads ------------------------------------------------------------------------
