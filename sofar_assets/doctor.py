@@ -233,11 +233,7 @@ def default_clients(cfg: SofarConfig) -> dict:
                 return AuthorizedSession(credentials)
             out["iam_session"] = session
     if staging_bucket(cfg):
-        def gcs():
-            from google.cloud import storage as gcs_storage
-
-            return gcs_storage.Client()
-        out["gcs"] = gcs
+        out["gcs"] = storage.gcs_client
     return out
 
 

@@ -180,14 +180,14 @@ def test_a_day_folder_swapped_for_a_link_mid_run_scores_nothing_outside(
     for p in photos:
         shutil.copy(p, root / day.isoformat() / p.name)
         shutil.copy(p, outside / p.name)  # the same photos under the same names, outside the roots
-    listed = predictions.day_uploads
+    listed = predictions.uploads_of_day
 
     def list_then_swap(cfg, d, wh):
         yield from listed(cfg, d, wh)  # every entry checked and yielded; now the folder becomes a link
         (root / d.isoformat()).rename(root / f"{d.isoformat()}.old")
         (root / d.isoformat()).symlink_to(outside, target_is_directory=True)
 
-    monkeypatch.setattr(predictions, "day_uploads", list_then_swap)
+    monkeypatch.setattr(predictions, "uploads_of_day", list_then_swap)
     _, defs = _defs(pipeline, tmp_path, {"folder": str(root)})
 
     result = _predict(defs, day, dg.DagsterInstance.ephemeral())

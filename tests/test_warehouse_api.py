@@ -510,3 +510,22 @@ def test_write_table_with_a_schema_does_not_infer(tmp_path):
                        match="table 'raw_labels_dirt': column 'width' is INT64, but row 0 holds 'wide'"):
         wh.write_table("raw_labels_dirt", raw.assign(width=["wide"]), schema=raw_labels_schema("dirt"))
     assert len(wh.read_table("raw_labels_dirt")) == 1
+
+
+def test_table_metadata_is_fetched_once_per_warehouse_instance(tmp_path, monkeypatch):
+    """A run's steps fetch a table's metadata once (get_table was half of a day's BigQuery calls);
+    a long-lived instance still sees another process's new table once METADATA_TTL_S is up."""
+    from sofar_assets.lib.warehouse import bigquery as bq
+
+    client = RecordingClient()
+    wh = BigQueryWarehouse("sofar-prod", "sofar", client=client)
+    wh.replace_day(PREDICTIONS, D1, [spooled(tmp_path, D1, rows(D1, ["a"]))])
+    wh.replace_day(PREDICTIONS, D2, [spooled(tmp_path, D2, rows(D2, ["b"]))])
+    assert list(wh.table_columns("predictions")) == list(PREDICTIONS.columns)
+    assert client.names().count("get_table") == 1 and client.names().count("create_table") == 1
+    assert not wh.table_exists("label_corrections") and not wh.table_exists("label_corrections")
+    client.tables["sofar-prod.sofar.label_corrections"] = client.tables["sofar-prod.sofar.predictions"]
+    assert not wh.table_exists("label_corrections")  # created elsewhere: not seen within the TTL
+    assert client.names().count("get_table") == 2
+    monkeypatch.setattr(bq, "METADATA_TTL_S", 0.0)
+    assert wh.table_exists("label_corrections")

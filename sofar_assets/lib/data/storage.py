@@ -63,6 +63,12 @@ def _gcs_client(pool_size: int = GCS_POOL_SIZE):
     return client
 
 
+def gcs_client(pool_size: int = GCS_POOL_SIZE):
+    """The process's google-cloud-storage client: the ONE factory (the daily path's staging, the
+    BigQuery warehouse's downloads and ``sofar doctor`` get theirs here)."""
+    return _gcs_client(pool_size)
+
+
 def _split_gcs(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("gs://") :].partition("/")
     return bucket, key
