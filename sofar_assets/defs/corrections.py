@@ -17,7 +17,6 @@ import pandas as pd
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.data import CORRECTIONS_ASSET_KEY, DECODE_THREADS, file_inspector
 from sofar_assets.defs.k8s import step_tags
-from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.predictions import partition_days
 from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib.common.names import md_text, shown
@@ -36,7 +35,6 @@ def label_corrections_spec(cfg: SofarConfig) -> dg.AssetSpec:
         "label_corrections",
         group_name="ingest",
         kinds={kind},
-        owners=OWNERS,
         description=(
             "Inspectors' verdicts on predicted photos (image_id, image_uri, label, inspector, corrected_at, "
             "prediction_date), appended by `sofar correct` (one verdict or a CSV, validated all-or-nothing) "
@@ -56,7 +54,6 @@ def raw_corrections_asset(cfg: SofarConfig, label_corrections: dg.AssetSpec):
         deps=[label_corrections],
         group_name="ingest",
         kinds={kind, "python"},
-        owners=OWNERS,
         code_version="1",
         op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
         pool="warehouse_write",
@@ -119,7 +116,6 @@ def field_accuracy_asset(cfg: SofarConfig, label_corrections: dg.AssetSpec):
         deps=[dg.AssetKey("daily_predictions"), label_corrections],
         group_name="predictions",
         kinds={kind},
-        owners=OWNERS,
         code_version="1",
         check_specs=[dg.AssetCheckSpec(
             FIELD_CHECK, asset="field_accuracy",

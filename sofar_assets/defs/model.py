@@ -16,7 +16,7 @@ import pandas as pd
 
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
-from sofar_assets.defs.metadata import OWNERS, at_a_glance
+from sofar_assets.defs.metadata import at_a_glance
 from sofar_assets.defs.resources import ImageStoreResource, MlflowResource, WarehouseResource
 from sofar_assets.lib.common import links
 from sofar_assets.lib.common.devices import resolve_device
@@ -34,7 +34,7 @@ from sofar_assets.lib.serving.packaging import load_registered, log_and_register
 from sofar_assets.lib.warehouse import RAW_CORRECTIONS
 from sofar_assets.settings import git_commit
 
-__all__ = ["OWNERS", "build_model_assets", "model_spec"]  # OWNERS: defs/predictions.py, corrections.py
+__all__ = ["build_model_assets", "model_spec"]
 
 
 def _split(data: pd.DataFrame, split: str) -> pd.DataFrame:

@@ -31,7 +31,6 @@ import pandas as pd
 from sofar_assets.config import SofarConfig
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.metadata import at_a_glance
-from sofar_assets.defs.model import OWNERS
 from sofar_assets.defs.resources import MlflowResource, WarehouseResource
 from sofar_assets.defs.runs import max_runtime_tags
 from sofar_assets.lib.common.names import md_frame
@@ -285,7 +284,6 @@ def build_prediction_assets(cfg: SofarConfig):
         ins={"champion_model": dg.AssetIn(dagster_type=dg.Nothing)},
         group_name="predictions",
         kinds={cfg.storage.warehouse.kind, "pytorch"},
-        owners=OWNERS,
         code_version="3",
         metadata={"table": PREDICTIONS_TABLE, "partition_expr": PARTITION_COLUMN},
         check_specs=[dg.AssetCheckSpec(c, asset="daily_predictions", description=d)

@@ -14,6 +14,7 @@ it (``model.weights_file``): at run time that file is read and the package is no
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -313,3 +314,14 @@ class SofarNet(nn.Module):
 
 def build_model(spec: ModelSpec) -> SofarNet:
     return SofarNet(spec)
+
+
+def read_meta(meta_path: Path, package_format: str, what: str) -> dict:
+    """A package's JSON metadata, checked to be of ``package_format`` (``what`` names the kind of
+    package in the error)."""
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{meta_path} not found: not a {what}")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != package_format:
+        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {package_format!r}")
+    return meta

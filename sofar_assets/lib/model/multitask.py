@@ -30,9 +30,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from sofar_assets.lib.common.devices import resolve_device
 from sofar_assets.lib.model import metrics
-from sofar_assets.lib.model.models import ModelSpec, create_backbone
+from sofar_assets.lib.model.models import ModelSpec, create_backbone, read_meta
 from sofar_assets.lib.model.training import TrainConfig, make_loader, make_optimizer, to_input
-from sofar_assets.lib.serving.packaging import read_meta
 
 PACKAGE_FORMAT = "sofar-multitask/1"
 WEIGHTS_FILE = "model.safetensors"

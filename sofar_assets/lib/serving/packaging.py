@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sofar_assets.lib.model.models import ModelSpec, build_model
+from sofar_assets.lib.model.models import ModelSpec, build_model, read_meta
 
 PACKAGE_FORMAT = "sofar-model/1"
 WEIGHTS_FILE = "model.safetensors"
@@ -67,15 +67,6 @@ def save_package(model: nn.Module, spec: ModelSpec, classes: list[str], director
     return directory
 
 
-def read_meta(meta_path: Path, package_format: str, what: str) -> dict:
-    """A package's JSON metadata, checked to be of ``package_format`` (``what`` names the kind of
-    package in the error)."""
-    if not meta_path.is_file():
-        raise FileNotFoundError(f"{meta_path} not found: not a {what}")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != package_format:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {package_format!r}")
-    return meta
 
 
 def load_package(directory: str | Path) -> tuple[nn.Module, dict]:
