@@ -915,13 +915,17 @@ def summary() -> None:
     print("\n=== sofar_assets: summary ===")
     print(f"config:     {cfg.source_file}")
     print(f"champion:   models:/{cfg.model.name}/{champ.version}  (alias @champion)  "
-          f"test macro-F1 {champ.tags.get('test_macro_f1', '?')}, OOD threshold {float(champ.tags['ood_threshold']):.3f}")
+          f"test macro-F1 {champ.tags.get('test_macro_f1', '?')}, "
+          f"OOD threshold {float(champ.tags['ood_threshold']):.3f}")
     print(f"warehouse:  {cfg.storage.warehouse.kind} table '{table}'"
-          + (f" in {cfg.duckdb_path} (schema {cfg.storage.warehouse.schema_})" if cfg.storage.warehouse.kind == "duckdb" else ""))
+          + (f" in {cfg.duckdb_path} (schema {cfg.storage.warehouse.schema_})"
+             if cfg.storage.warehouse.kind == "duckdb" else ""))
     print(per_day.to_string(index=False))
     print(f"OOD rows:   {int(per_day['ood_rows'].sum())} of {int(per_day['rows'].sum())}")
-    print(f"review:     sofar show {per_day['prediction_date'].iloc[-1]} --ood   (a day's OOD and least confident photos)")
-    print(f"            sofar review {per_day['prediction_date'].iloc[-1]}   (its review queue: OOD, label sets of 0 or 2+)")
+    print(f"review:     sofar show {per_day['prediction_date'].iloc[-1]} --ood   "
+          "(a day's OOD and least confident photos)")
+    print(f"            sofar review {per_day['prediction_date'].iloc[-1]}   "
+          "(its review queue: OOD, label sets of 0 or 2+)")
     print(f"MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {cfg.mlflow_tracking_uri}   "
           f"then {_version_url(cfg, champ.version)}")
     _loop_summary(cfg, wh, champ)

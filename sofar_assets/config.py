@@ -277,7 +277,8 @@ class InferenceConfig(_Strict):
                                                    "pod refuses to fall back to the CPU)")
     max_bytes: int = Field(50_000_000, ge=1, description="a larger image file is an error row, never read "
                            "whole (also the bound for task and correction photos)")
-    reads_in_flight: int = Field(32, ge=1, description="concurrent image reads per DataLoader worker (32: a default batch in one wave)")
+    reads_in_flight: int = Field(32, ge=1, description="concurrent image reads per DataLoader worker "
+                                 "(32: a default batch in one wave)")
     read_timeout_s: float = Field(30.0, gt=0, description="per read of a gs:// object")
     read_retries: int = Field(3, ge=0, description="retries of a failed gs:// read")
     shards_per_day: int | None = Field(

@@ -195,7 +195,8 @@ def check_pools(instance, pools: Iterable[str]) -> list[Check]:
             continue
         slots = storage_.get_concurrency_info(pool).slot_count
         checks.append(Check(f"pool {pool}", slots >= 1, f"limit {slots}" if slots >= 1 else
-                            f"limit {slots}: nothing in this pool can run; `dagster instance concurrency set {pool} N`"))
+                            f"limit {slots}: nothing in this pool can run; "
+                            f"`dagster instance concurrency set {pool} N`"))
     return checks
 
 

@@ -197,7 +197,8 @@ def test_feature_scores_serve_what_the_calibration_scored(tmp_path, method):
     val = [photo(f"v{i}.png", i) for i in range(9)]
     arrays = {p: load_image_array(open(p, "rb").read(), p, 32) for p in train + val}
     model = build_model(spec).eval()
-    _, f = predict_logits_and_features(model, evaluation.ArrayDataset([arrays[p] for p in train], [0] * 12), device="cpu")
+    _, f = predict_logits_and_features(model, evaluation.ArrayDataset([arrays[p] for p in train], [0] * 12),
+                                       device="cpu")
     save_package(model, spec, CLASSES, tmp_path / "pkg", extra={"ood_knn_k": 2},
                  ood_stats=ood.fit_feature_stats(f, np.arange(12) % 3))
     served, meta = load_package(tmp_path / "pkg")

@@ -95,7 +95,8 @@ def test_frozen_linear_probe_learns_and_keeps_backbone_untouched():
     assert res.best_val_macro_f1 == pytest.approx(1.0)
     assert res.best_val_metrics["val_acc"] == pytest.approx(1.0)
     best = max(r["val_macro_f1"] for r in res.history)
-    assert res.best_epoch == min((r for r in res.history if r["val_macro_f1"] == best), key=lambda r: r["val_loss"])["epoch"]
+    assert res.best_epoch == min((r for r in res.history if r["val_macro_f1"] == best),
+                                 key=lambda r: r["val_loss"])["epoch"]
     assert res.images_per_s > 0 and 0.0 <= res.data_wait_share < 1.0
     # cosine schedule: epoch 2 starts at lr/2*(1+cos(pi/3)) = 0.75*lr
     assert res.history[1]["lr"] == pytest.approx(0.75 * cfg.lr)
@@ -124,7 +125,8 @@ def test_best_epoch_weights_are_restored_not_the_last():
 
 def test_pmg_trains_one_epoch_with_backbone_updates():
     train, val = Stripes(16, seed=2), Stripes(8, seed=3)
-    res = train_classifier(_spec("pmg"), train, val, TrainConfig(**NO_MIX, epochs=1, batch_size=8, device="cpu", **SGD_ONLY),
+    res = train_classifier(_spec("pmg"), train, val,
+                           TrainConfig(**NO_MIX, epochs=1, batch_size=8, device="cpu", **SGD_ONLY),
                            log=lambda s: None)
     (row,) = res.history
     assert all(math.isfinite(row[k]) for k in ("train_loss", "train_loss_total", "val_loss", "val_macro_f1"))
@@ -188,7 +190,8 @@ def test_lp_ft_starts_from_the_logistic_regression_probe_then_fine_tunes():
 def test_patience_stops_fine_tuning_when_val_stops_improving():
     # flipped val labels: every fine-tuning epoch only gets worse on val
     train, val = Stripes(16, seed=0), Stripes(8, seed=1, flip_labels=True)
-    res = train_classifier(_spec(), train, val, TrainConfig(**NO_MIX, epochs=10, batch_size=8, device="cpu", patience=2),
+    res = train_classifier(_spec(), train, val,
+                           TrainConfig(**NO_MIX, epochs=10, batch_size=8, device="cpu", patience=2),
                            log=lambda s: None)
     assert [r["phase"] for r in res.history] == ["lp", "ft", "ft"]
     assert res.best_epoch == 0
@@ -326,7 +329,8 @@ def test_mlflow_register_and_load_round_trip(mlflow_sqlite, tmp_path):
     files = [tmp_path / f"{k}.png" for k in "abcd"]
     for f, b in zip(files, photos, strict=True):
         f.write_bytes(b)
-    daily = predict_frame(model, [(k, str(f)) for k, f in zip("abcd", files, strict=True)], classes=["horizontal", "vertical"],
+    daily = predict_frame(model, [(k, str(f)) for k, f in zip("abcd", files, strict=True)],
+                          classes=["horizontal", "vertical"],
                           image_size=SIZE, threshold=0.0, temperature=1.5, num_workers=0, device="cpu")
     assert list(rows["image_id"]) == list("abcd") and set(rows["model_version"]) == {"1"}
     assert list(rows["top1_label"]) == list(daily["top1_label"])

@@ -79,7 +79,8 @@ def build_raw_label_asset(cfg: SofarConfig, task_name: str, task: TaskSource) ->
         op_tags=step_tags(cfg, gpu=False, workers=DECODE_THREADS),
         pool="warehouse_write",
     )
-    def _raw_labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource, image_store: ImageStoreResource) -> dg.MaterializeResult:
+    def _raw_labels(context: dg.AssetExecutionContext, warehouse: WarehouseResource,
+                    image_store: ImageStoreResource) -> dg.MaterializeResult:
         wh = warehouse.get()
         items = _task_items(cfg, task, wh)
         context.log.info(f"{task_name}: {len(items)} files to read, hash and decode")

@@ -135,7 +135,8 @@ class MlflowResource(dg.ConfigurableResource):
                         f"{self.probe_timeout_s:g} s): start it or fix storage.mlflow.tracking_uri"
                     ) from None
                 if r.status_code >= 500:
-                    raise MlflowUnavailable(f"MLflow tracking server {uri} is unhealthy: /health answered {r.status_code}")
+                    raise MlflowUnavailable(
+                        f"MLflow tracking server {uri} is unhealthy: /health answered {r.status_code}")
             elif uri.startswith("sqlite:///") and not create:
                 path = Path(uri[len("sqlite:///") :])
                 if not path.is_file():
@@ -230,7 +231,8 @@ class MlflowResource(dg.ConfigurableResource):
         self._point(create=False)
         registry = self.registry_uri or self.tracking_uri
         return BoundedClient(MlflowClient(tracking_uri=self.tracking_uri, registry_uri=registry),
-                             servers=f"{self.tracking_uri}" + (f" / {registry}" if registry != self.tracking_uri else ""),
+                             servers=f"{self.tracking_uri}"
+                             + (f" / {registry}" if registry != self.tracking_uri else ""),
                              timeout_s=self.http_timeout_s, retries=self.http_max_retries)
 
 

@@ -392,7 +392,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """Bytes that still hash to the ingested sha256 (else the cache would store other content)."""
         data = self.read_bytes(uri)
         if sha256_hex(data) != sha256:
-            raise ImageDecodeError(uri, f"content changed since ingest (sha256 {sha256[:12]}…); re-run the ingest assets")
+            raise ImageDecodeError(
+                uri, f"content changed since ingest (sha256 {sha256[:12]}…); re-run the ingest assets")
         return data
 
     def _array(self, i: int) -> np.ndarray:

@@ -213,7 +213,8 @@ def generate_demo_data(
         for source, label in folders.items():
             for i in range(per_class):
                 # the shared 'normal' class gets different photos in each task, like the real data
-                write(out / "tasks" / task / source / f"{task}_{label}_{i:03d}.jpg", _encode(GENERATORS[label](rng), rng))
+                write(out / "tasks" / task / source / f"{task}_{label}_{i:03d}.jpg",
+                      _encode(GENERATORS[label](rng), rng))
                 counts["task_images"] += 1
     for i in range(multilabel):
         # the same bytes in two tasks under two labels: kept once, marked multi-label

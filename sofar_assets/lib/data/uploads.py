@@ -183,7 +183,8 @@ def _entry(day: dt.date, folder: str, entry: os.DirEntry, root_reals: list[str],
         return Upload(image_id, uri, None, _refused(
             entry.path, f"is a sub-folder; a day's uploads are the files directly in {safe_text(folder)}"))
     if not stat.S_ISREG(st.st_mode):
-        return Upload(image_id, uri, None, _refused(entry.path, f"is {storage.file_kind(st.st_mode)}, not an image file"))
+        return Upload(image_id, uri, None,
+                      _refused(entry.path, f"is {storage.file_kind(st.st_mode)}, not an image file"))
     return Upload(image_id, uri, path)
 
 

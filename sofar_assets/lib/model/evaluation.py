@@ -188,7 +188,8 @@ def cross_validate(arrays: Sequence[np.ndarray], labels: Sequence[int], ood_arra
                 for method, r in sets.items():
                     per_fold[m].setdefault(name, {}).setdefault(method, []).append(r["auroc"])
         log(f"fold {k + 1}/{folds}: best epoch {res.best_epoch}, test acc recipe "
-            f"{metrics.accuracy(y[test], pred['recipe'][test]):.2f} probe {metrics.accuracy(y[test], pred['probe'][test]):.2f}")
+            f"{metrics.accuracy(y[test], pred['recipe'][test]):.2f} "
+            f"probe {metrics.accuracy(y[test], pred['probe'][test]):.2f}")
     composites = {}
     if composite_pair is not None:
         for m in models:
@@ -314,7 +315,8 @@ def composite_report(logits: np.ndarray, label_sets: Sequence[set[int]], kinds: 
     kinds_arr = np.asarray(kinds)
     by_kind = {k: np.flatnonzero(kinds_arr == k) for k in dict.fromkeys(kinds)}
     out = {"images": len(label_sets), "top2_joint_hit_rate": metrics.top2_joint_hit_rate(logits, label_sets),
-           "by_kind": {k: metrics.top2_joint_hit_rate(logits[i], [label_sets[j] for j in i]) for k, i in by_kind.items()}}
+           "by_kind": {k: metrics.top2_joint_hit_rate(logits[i], [label_sets[j] for j in i])
+                       for k, i in by_kind.items()}}
     if label_set_mask is not None:
         out["label_set_joint_coverage"] = float(np.mean([all(label_set_mask[i, c] for c in s)
                                                          for i, s in enumerate(label_sets)]))

@@ -106,7 +106,8 @@ def multitask_kl_score(head_logits: Sequence[np.ndarray]) -> np.ndarray:
     return np.sum([kl_to_uniform(h) for h in head_logits], axis=0)
 
 
-def label_scores(head_logits: Sequence[np.ndarray], spaces: Sequence[TaskSpace], vocabulary: Sequence[str]) -> np.ndarray:
+def label_scores(head_logits: Sequence[np.ndarray], spaces: Sequence[TaskSpace],
+                 vocabulary: Sequence[str]) -> np.ndarray:
     """``(N, C)`` per-label scores from per-task outputs for the top-2 (see ``RULES['per_task_top2']``)."""
     index = {c: i for i, c in enumerate(vocabulary)}
     out = np.full((head_logits[0].shape[0], len(vocabulary)), -np.inf)

@@ -333,7 +333,8 @@ def validate_stored(wh, latest: pd.DataFrame, vocabulary: Sequence[str]) -> pd.S
 
 
 def scan(latest: pd.DataFrame, reasons: pd.Series, vocabulary: Sequence[str],
-         inspect: Callable[[str], tuple[str, int, int, int]], roots: Sequence[str], *, threads: int = 2) -> pd.DataFrame:
+         inspect: Callable[[str], tuple[str, int, int, int]], roots: Sequence[str], *,
+         threads: int = 2) -> pd.DataFrame:
     """The ``raw_labels_label_corrections`` table: each latest verdict as a raw label row (read,
     hashed and decoded by ``inspect`` like a task's file), or an error row naming the image id and
     why: a rejected verdict (``reasons``), a URI outside the uploads' ``roots`` (never read), or

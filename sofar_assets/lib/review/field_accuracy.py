@@ -1,7 +1,8 @@
 """Real-world accuracy per day: the champion's predictions against the inspectors' verdicts.
 
 Counted on the corrected rows of each day (``predictions`` JOIN the latest verdict per photo of
-``label_corrections``, by the rule of ``corrections.latest_sql``, scored rows only), by ONE ``GROUP BY`` in the warehouse:
+``label_corrections``, by the rule of ``corrections.latest_sql``, scored rows only), by ONE
+``GROUP BY`` in the warehouse:
 
 - ``accuracy``: top-1 equals the verdict, over the rows whose verdict is a class (not
   ``irrelevant``);
@@ -79,7 +80,8 @@ def daily_counts(wh, start: dt.date, end: dt.date, *, predictions: str = PREDICT
         f"SUM(CASE WHEN {in_vocab} AND p.{q('top1_label')} = v.{q('label')} THEN 1 ELSE 0 END) AS {q('top1_correct')}"
         f"{sets}, "
         f"SUM(CASE WHEN p.{q('is_ood')} THEN 1 ELSE 0 END) AS {q('flagged')}, "
-        f"SUM(CASE WHEN p.{q('is_ood')} AND v.{q('label')} = {irrelevant} THEN 1 ELSE 0 END) AS {q('flagged_irrelevant')}, "
+        f"SUM(CASE WHEN p.{q('is_ood')} AND v.{q('label')} = {irrelevant} THEN 1 ELSE 0 END) "
+        f"AS {q('flagged_irrelevant')}, "
         f"SUM(CASE WHEN v.{q('label')} = {irrelevant} THEN 1 ELSE 0 END) AS {q('irrelevant')} "
         f"FROM {{table:{predictions}}} AS p JOIN ("
         + latest_sql(q, ["image_id", PREDICTION_DATE, "label"], per=["image_id", PREDICTION_DATE],

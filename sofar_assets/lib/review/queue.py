@@ -117,7 +117,8 @@ def review_candidates(wh, table: str, day, *, max_ood: int = 24, least_confident
                       f"ORDER BY ood_score, image_uri LIMIT {int(max_ood)}")]
     if least_confident > 0:
         parts.append(wh.query(f"SELECT {cols} FROM {{table:{table}}} WHERE {where} AND NOT is_ood "
-                              f"AND top1_prob < {CONFIDENT} ORDER BY top1_prob, image_uri LIMIT {int(least_confident)}"))
+                              f"AND top1_prob < {CONFIDENT} ORDER BY top1_prob, image_uri "
+                              f"LIMIT {int(least_confident)}"))
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=REVIEW_COLUMNS[:-1] + ["error"])
 

@@ -201,7 +201,8 @@ def predict_images(
     descending probability joined by "|" ("" for an empty set), ``label_set_size`` their count
     (both NULL without ``label_sets``). A row whose image could
     not be read or decoded has ``error`` set ("ImageReadError: <uri>: <reason>" (a reason is
-    e.g. "file not found" or "too large: ..."), "ImageDecodeError: ...") with empty labels, NaN numbers and ``is_ood=False``.
+    e.g. "file not found" or "too large: ..."), "ImageDecodeError: ...") with empty labels, NaN
+    numbers and ``is_ood=False``.
 
     Each DataLoader worker reads up to ``reads_in_flight`` images of its batch at once with
     ``read_bytes(uri)`` (``storage.read_bytes`` also gets ``max_bytes`` and ``read_kwargs``, its

@@ -155,7 +155,8 @@ def _pip_requirements() -> list[str]:
 
 
 def serving_signature():
-    """The served model's signature (lib/serving/pyfunc.py's SofarPyfunc): photos in (bytes or URI, optional id), rows out."""
+    """The served model's signature (lib/serving/pyfunc.py's SofarPyfunc): photos in (bytes or
+    URI, optional id), rows out."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 

@@ -33,7 +33,8 @@ from sofar_assets.lib.warehouse.types import (
     to_arrow,
 )
 
-DUCKDB_TYPES = {DATE: "DATE", TIMESTAMP: "TIMESTAMP", STRING: "VARCHAR", FLOAT64: "DOUBLE", INT64: "BIGINT", BOOL: "BOOLEAN"}
+DUCKDB_TYPES = {DATE: "DATE", TIMESTAMP: "TIMESTAMP", STRING: "VARCHAR", FLOAT64: "DOUBLE", INT64: "BIGINT",
+                BOOL: "BOOLEAN"}
 
 
 def _sql_string(s: str) -> str:

@@ -112,7 +112,8 @@ class TableSchema:
                 schema=self.arrow_schema(),
             )
         if not isinstance(rows, pd.DataFrame):
-            raise TypeError(f"table {self.name!r}: rows must be a DataFrame or an Arrow table, not {type(rows).__name__}")
+            raise TypeError(
+                f"table {self.name!r}: rows must be a DataFrame or an Arrow table, not {type(rows).__name__}")
         self._check_names([str(c) for c in rows.columns])
         arrays = []
         for column, logical in self.columns.items():
