@@ -480,6 +480,66 @@ def test_manifest_lists_a_day_once_and_its_shards_cover_it_exactly(tmp_path, cou
     assert n == {min(max_shards, max(1, -(-count // per_shard)))}
 
 
+def test_a_slice_is_read_in_small_batches_not_a_row_group_at_a_time(tmp_path):
+    """While a shard's first upload is out, at most ``rows_per_read`` rows of its row group are
+    Python objects: the slice streams (it used to turn the whole 10,000-row group into four lists
+    at once and keep them while the shard's reads went on)."""
+    import tracemalloc
+
+    from sofar_assets.lib.data import manifest
+
+    path = tmp_path / "m.parquet"
+    manifest.write_manifest(_day_of(20_000), path, rows_per_group=10_000)
+    for start, stop in [(0, 20_000), (9_990, 10_500), (15_000, 15_001)]:
+        tracemalloc.start()
+        try:
+            it = manifest.read_slice(path, start, stop)
+            first = next(it)
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert first == list(_day_of(start + 1))[start]
+        assert held < 600_000, f"{held} bytes held for one upload of [{start}, {stop})"  # 10,000 rows: ~3 MB
+        assert [first, *it] == list(_day_of(stop))[start:]
+
+
+def test_a_stream_allocates_arrow_memory_from_the_c_heap_and_restores_the_pool(tmp_path):
+    """Inside ``score_days`` Arrow allocates from its system pool (the C heap, which
+    ``release_free_heap`` hands back after each batch); mimalloc, Arrow's default, kept the pages
+    it freed and the shard's RSS crept with the day. The caller's pool is back afterwards."""
+    import pyarrow as pa
+
+    from sofar_assets.lib.data import manifest
+    from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool
+
+    d = tmp_path / "u"
+    d.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(d / f"{i}.jpg")
+    path = tmp_path / "m.parquet"
+    from sofar_assets.lib.data.uploads import Upload
+
+    manifest.write_manifest((Upload(f"d/{i}.jpg", str(d / f"{i}.jpg"), str(d / f"{i}.jpg"), None)
+                             for i in range(5)), path)
+    pools = []
+
+    class Spy(ParquetSpool):
+        def append(self, rows):
+            pools.append(pa.default_memory_pool().backend_name)
+            super().append(rows)
+
+    before = pa.default_memory_pool().backend_name
+    tallies = daily.score_days(
+        torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2)),
+        [(dt.date(2026, 11, 1), manifest.read_slice(path, 0, 5))],
+        open_spool=lambda day: Spy(PREDICTIONS, tmp_path / "s.parquet"), rows_per_group=2,
+        columns={"model_name": "m", "model_version": "1", "predicted_at": pd.Timestamp("2026-11-02")},
+        classes=["a", "b"], image_size=8, threshold=0.0, batch_size=2, num_workers=0, device="cpu")
+    assert tallies[dt.date(2026, 11, 1)].staged_rows == 5
+    assert pools and set(pools) == {"system"}
+    assert pa.default_memory_pool().backend_name == before
+
+
 def test_shard_count_follows_the_days_size():
     from sofar_assets.lib.data.manifest import shard_count
 
