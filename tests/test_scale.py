@@ -662,6 +662,52 @@ def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, 
             storage._gcs_client.cache_clear()
 
 
+def test_a_forked_worker_makes_its_own_gcs_client_and_the_emulator_answers_without_nagle(monkeypatch):
+    """A forked DataLoader worker starts without its parent's cached client (whose pooled
+    keep-alive sockets the two processes would otherwise share), and the latency emulator's
+    connections have TCP_NODELAY (Nagle's algorithm held each body for the client's delayed ACK:
+    ~40 ms more per read than the 50 ms the benchmark adds)."""
+    import os
+    import socket
+
+    from sofar_assets.lib.data import storage
+    from sofar_assets.stack import gcs_latency
+
+    nodelay = []
+
+    class Handler(gcs_latency._SlowMedia):
+        def setup(self):
+            super().setup()
+            nodelay.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(gcs_latency, "_SlowMedia", Handler)
+    with gcs_latency.LatencyGcs(latency_s=0.0) as gcs:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+        storage._gcs_client.cache_clear()
+        try:
+            client = storage._gcs_client()
+            client.create_bucket("b")
+            client.bucket("b").blob("x.jpg").upload_from_string(b"abc")
+            assert storage.read_bytes("gs://b/x.jpg") == b"abc"
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: report whether it inherited a client, then read through its own
+                try:
+                    cached = storage._gcs_client.cache_info().currsize
+                    ok = storage.read_bytes("gs://b/x.jpg") == b"abc"
+                    os.write(w, f"{cached} {ok}".encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            os.waitpid(pid, 0)
+            assert os.read(r, 100).decode() == "0 True"
+            os.close(r)
+            assert storage._gcs_client.cache_info().currsize > 0  # the parent keeps its own
+        finally:
+            storage._gcs_client.cache_clear()
+    assert nodelay and all(nodelay)
+
+
 def test_shard_pods_read_the_model_from_the_artifact_store_not_through_the_proxy():
     from sofar_assets.lib.serving.registry import direct_source
 
