@@ -708,6 +708,17 @@ def test_a_forked_worker_makes_its_own_gcs_client_and_the_emulator_answers_witho
     assert nodelay and all(nodelay)
 
 
+def test_the_latency_emulator_queues_every_connection_a_scoring_run_opens_at_once():
+    """Each DataLoader worker opens ``reads_in_flight`` connections at once; the emulator's listen
+    backlog was socketserver's 5, and every SYN beyond it was dropped and resent a second later
+    (Linux's initial RTO): ~1.2 s on the first batch of every worker, which GCS does not add."""
+    from sofar_assets.config import InferenceConfig
+    from sofar_assets.stack.gcs_latency import _Server
+
+    inf = InferenceConfig()
+    assert _Server.request_queue_size >= inf.num_workers * inf.reads_in_flight
+
+
 def test_shard_pods_read_the_model_from_the_artifact_store_not_through_the_proxy():
     from sofar_assets.lib.serving.registry import direct_source
 

@@ -38,6 +38,10 @@ class _SlowMedia(RequestHandler):
 
 class _Server(server.ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's listen backlog is 5: the 2 x 32 connections a scoring run's workers open at
+    # once overflowed it, and each dropped SYN was resent after Linux's 1 s initial RTO (the first
+    # batch of every worker took 1.1-2.8 s instead of ~0.1 s). GCS's front ends accept them all
+    request_queue_size = 1024
     connections = 0
 
     def process_request(self, request, client_address):
