@@ -16,7 +16,7 @@ RUN_LOGS := -c config/run_logging.yaml
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 export MLFLOW_LOGGING_LEVEL := WARNING
 
-.PHONY: install run demo-data pipeline summary test bench ui ui-check lint clean bigquery-emulator prod-local test-stack chromium
+.PHONY: install run demo-data pipeline summary test bench ui ui-check lint docs clean bigquery-emulator prod-local test-stack chromium
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ ui: install demo-data
 
 lint: install
 	$(VENV)/bin/ruff check .
+
+# docs/config.md from the config models' descriptions (tests/test_config_reference.py fails when stale)
+docs: install
+	$(PY) scripts/config_reference.py
 
 bigquery-emulator: .venv-bq/.installed
 

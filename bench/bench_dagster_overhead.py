@@ -5,7 +5,7 @@
 Both sides do identical work on the same day of real-size photos (the sample photos under
 distinct names): load the champion from the MLflow registry, decode + predict every photo, and
 replace the day's rows in DuckDB. A = `dagster.materialize(daily_predictions, partition)`,
-B = the plain functions the asset's steps call (`load_registered`, `day_uploads`,
+B = the plain functions the asset's steps call (`load_registered`, `uploads_of_day`,
 `daily.score_days`, `daily.commit_day`, `drift.checks_in_warehouse`). Rounds alternate A, B, A, B …; the ratio A/B of the medians is printed
 (target <= 1.10).
 
@@ -38,7 +38,7 @@ import yaml  # noqa: E402
 
 from sofar_assets.config import load_config  # noqa: E402
 from sofar_assets.definitions import build_definitions  # noqa: E402
-from sofar_assets.defs.predictions import day_uploads  # noqa: E402
+from sofar_assets.defs.predictions import uploads_of_day  # noqa: E402
 from sofar_assets.lib.model.models import ModelSpec, build_model  # noqa: E402
 from sofar_assets.lib.review import drift  # noqa: E402
 from sofar_assets.lib.serving import daily  # noqa: E402
@@ -114,7 +114,7 @@ def run_plain(cfg, defs) -> float:
     inf = cfg.inference
     staging = daily.staging_uri(cfg.root, DAY, "plain", 0, 1)
     tallies = daily.score_days(
-        model, [(DAY, day_uploads(cfg, DAY, wh))],
+        model, [(DAY, uploads_of_day(cfg, DAY, wh))],
         open_spool=lambda day: ParquetSpool(PREDICTIONS, daily.local_spool_path(staging)),
         columns={"model_name": cfg.model.name, "model_version": "1",
                  "predicted_at": pd.Timestamp.now(tz="UTC").tz_localize(None)},

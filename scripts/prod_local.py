@@ -43,7 +43,8 @@ CONFIG = REPO / "config" / "prod-local.yaml"
 LOCATION, REPOSITORY = "sofar_assets", "__repository__"
 SCHEDULE = "daily_predictions_job_schedule"
 MLFLOW_ARTIFACTS = "gs://sofar-ml/mlartifacts"  # the server's --artifacts-destination (as in the chart)
-UPLOADS_PREFIX = "gs://sofar-images/uploads"  # where the app stores uploaded photos; image_uploads points here
+# where the app stores uploaded photos; image_uploads points here
+UPLOADS_PREFIX = "gs://sofar-images/uploads"
 BACKFILL_DAYS = 9  # > backfill_days_per_run (7): the backfill fans out into 2 runs
 PER_CLASS, PER_DAY, OOD_PER_SET = 12, 6, 10
 POOLS = {"gpu": 1, "warehouse_write": 2}  # one GPU; the day loads of two runs may overlap (one job per day)
@@ -66,7 +67,8 @@ def _gcs_put(client, uri: str, data: bytes) -> None:
     client.bucket(bucket).blob(key).upload_from_string(data)
 
 
-def upload_demo_data(cfg: SofarConfig, gcs_client, wh, schedule_day: dt.date, workdir: Path) -> dict[dt.date, int]:
+def upload_demo_data(cfg: SofarConfig, gcs_client, wh, schedule_day: dt.date,
+                     workdir: Path) -> dict[dt.date, int]:
     """SYNTHETIC demo data (lib/data/synthetic.py) into the buckets and tables prod.yaml names.
     Returns the uploads per day (what the prediction table must hold)."""
     from sofar_assets.lib.data.synthetic import DEMO_TASKS, generate_demo_data
@@ -133,8 +135,8 @@ def launch_backfill(dagster: Dagster, days: list[dt.date]) -> str:
     q = """mutation($p: LaunchBackfillParams!) { launchPartitionBackfill(backfillParams: $p) { __typename
              ... on LaunchBackfillSuccess { backfillId } ... on PythonError { message }
              ... on PartitionSetNotFoundError { message } } }"""
-    params = {"assetSelection": [{"path": ["daily_predictions"]}], "partitionNames": [d.isoformat() for d in days],
-              "title": "prod-local backfill"}
+    params = {"assetSelection": [{"path": ["daily_predictions"]}],
+              "partitionNames": [d.isoformat() for d in days], "title": "prod-local backfill"}
     data = dagster.graphql(q, {"p": params})
     return _graphql_result(data, "launchPartitionBackfill", "LaunchBackfillSuccess")["backfillId"]
 
@@ -147,7 +149,8 @@ def stop_schedule(dagster: Dagster) -> None:
     state = _graphql_result(dagster.graphql(q, {"s": sel}), "scheduleOrError", "Schedule")["scheduleState"]
     m = """mutation($id: String!) { stopRunningSchedule(id: $id) { __typename
              ... on ScheduleStateResult { scheduleState { status } } ... on PythonError { message } } }"""
-    res = _graphql_result(dagster.graphql(m, {"id": state["id"]}), "stopRunningSchedule", "ScheduleStateResult")
+    res = _graphql_result(dagster.graphql(m, {"id": state["id"]}),
+                          "stopRunningSchedule", "ScheduleStateResult")
     assert res["scheduleState"]["status"] == "STOPPED", res
 
 
@@ -185,7 +188,8 @@ def wait_runs(instance, run_ids: list[str], what: str, services) -> None:
         for svc in services:
             svc.check()
         runs = [instance.get_run_by_id(r) for r in run_ids]
-        if all(r.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE, dg.DagsterRunStatus.CANCELED)
+        if all(r.status in (dg.DagsterRunStatus.SUCCESS, dg.DagsterRunStatus.FAILURE,
+                            dg.DagsterRunStatus.CANCELED)
                for r in runs):
             break
         if time.monotonic() - t0 > RUN_TIMEOUT_S:
@@ -193,11 +197,13 @@ def wait_runs(instance, run_ids: list[str], what: str, services) -> None:
         time.sleep(3)
     bad = [r for r in runs if r.status != dg.DagsterRunStatus.SUCCESS]
     for r in bad:
-        failures = [e for e in instance.all_logs(r.run_id) if e.dagster_event and e.dagster_event.is_step_failure]
+        failures = [e for e in instance.all_logs(r.run_id)
+                    if e.dagster_event and e.dagster_event.is_step_failure]
         for e in failures:
             err = e.dagster_event.step_failure_data.error
             log(f"  {r.run_id[:8]} step {e.step_key} failed: {err.message.strip() if err else e.message}")
-    log(f"{what}: {', '.join(f'{r.run_id[:8]} {r.status.value}' for r in runs)} ({time.monotonic() - t0:.0f} s)")
+    log(f"{what}: {', '.join(f'{r.run_id[:8]} {r.status.value}' for r in runs)} "
+        f"({time.monotonic() - t0:.0f} s)")
     if bad:
         raise StackError(f"{what}: {len(bad)} run(s) did not succeed")
 
@@ -245,13 +251,15 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
     cache_dir = Path(cfg.cache_dir)
     if cache_dir.exists():
         raise StackError(f"{cache_dir} exists: a previous prod-local did not finish cleaning up; delete it")
-    local_dirs = [cache_dir]  # this machine's stand-ins for what pods mount or the image bakes; deleted at the end
+    # this machine's stand-ins for what pods mount or the image bakes; deleted at the end
+    local_dirs = [cache_dir]
     weights = getattr(cfg, "weights_file", None)  # model.weights_file: baked into the image at build time
     if weights and not Path(weights).exists():
         import subprocess
 
         log(f"exporting the backbone's ImageNet weights to {weights} (the image's build step)")
-        subprocess.run([sys.executable, "-m", "sofar_assets.cli", "export-weights", weights], check=True, cwd=REPO)
+        subprocess.run([sys.executable, "-m", "sofar_assets.cli", "export-weights", weights],
+                       check=True, cwd=REPO)
         local_dirs.append(Path(weights).parent)
 
     import os
@@ -273,7 +281,8 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
         os.environ["STORAGE_EMULATOR_HOST"] = gcs.url  # google-cloud-storage in every process talks to it
         buckets = sorted({u[len("gs://"):].split("/")[0] for u in
                           [cfg.root, cfg.io_manager_base, MLFLOW_ARTIFACTS, UPLOADS_PREFIX,
-                           *(t.folder for t in cfg.tasks.values() if t.folder), *(o.folder for o in cfg.ood_sets.values())]})
+                           *(t.folder for t in cfg.tasks.values() if t.folder),
+                           *(o.folder for o in cfg.ood_sets.values())]})
         gcs.create_buckets(*buckets)
         log(f"GCS emulator {gcs.url} up, buckets {buckets}")
         bq = Emulator(project=wh_cfg.project)
@@ -316,7 +325,8 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
 
         t = time.monotonic()
         backfill_id = launch_backfill(dagster, backfill_days)
-        log(f"backfill {backfill_id} of {len(backfill_days)} days submitted via GraphQL launchPartitionBackfill")
+        log(f"backfill {backfill_id} of {len(backfill_days)} days submitted "
+            "via GraphQL launchPartitionBackfill")
         from dagster._core.execution.backfill import BulkActionStatus
         from dagster._core.storage.dagster_run import RunsFilter
 
@@ -325,7 +335,8 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
             return b if b.status != BulkActionStatus.REQUESTED else None
 
         wait_for(backfill_done, RUN_TIMEOUT_S, "backfill", services)
-        backfill_runs = [r.run_id for r in instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))]
+        backfill_runs = [r.run_id
+                         for r in instance.get_runs(RunsFilter(tags={"dagster/backfill": backfill_id}))]
         wait_runs(instance, backfill_runs, f"backfill ({len(backfill_runs)} runs)", services)
         t_backfill = time.monotonic() - t
 
@@ -339,12 +350,16 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
         t_schedule = time.monotonic() - t
 
         # ----------------------------------------------------------------- checks
-        counts = wh.query("SELECT prediction_date, count(*) AS n FROM {table:predictions} GROUP BY prediction_date")
-        stored = {pd.Timestamp(d).date(): int(n) for d, n in zip(counts["prediction_date"], counts["n"], strict=True)}
-        in_gcs = {day: len(gcs.objects(UPLOADS_PREFIX[len("gs://"):].split("/")[0], f"uploads/{day.isoformat()}/"))
+        counts = wh.query("SELECT prediction_date, count(*) AS n FROM {table:predictions} "
+                          "GROUP BY prediction_date")
+        stored = {pd.Timestamp(d).date(): int(n)
+                  for d, n in zip(counts["prediction_date"], counts["n"], strict=True)}
+        in_gcs = {day: len(gcs.objects(UPLOADS_PREFIX[len("gs://"):].split("/")[0],
+                                       f"uploads/{day.isoformat()}/"))
                   for day in per_day}
         checks(stored == in_gcs and len(stored) == BACKFILL_DAYS + 1,
-               f"BigQuery rows per day == uploads in GCS per day, {len(in_gcs)} days: {sum(stored.values())} rows")
+               "BigQuery rows per day == uploads in GCS per day, "
+               f"{len(in_gcs)} days: {sum(stored.values())} rows")
 
         from mlflow import MlflowClient
 
@@ -352,10 +367,13 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
 
         client = MlflowClient(tracking_uri=ml.url)
         champion = registry.champion_version(client, cfg.model.name)
-        checks(champion is not None, f"MLflow server holds {cfg.model.name}@{registry.CHAMPION} -> v{champion}")
+        checks(champion is not None,
+               f"MLflow server holds {cfg.model.name}@{registry.CHAMPION} -> v{champion}")
         anon = requests.post(f"{ml.url}/api/2.0/mlflow/registered-models/alias", timeout=30,
-                             json={"name": cfg.model.name, "alias": registry.CHAMPION, "version": str(champion)})
-        checks(anon.status_code == 401, f"anonymous request to move @champion refused: HTTP {anon.status_code}")
+                             json={"name": cfg.model.name, "alias": registry.CHAMPION,
+                                   "version": str(champion)})
+        checks(anon.status_code == 401,
+               f"anonymous request to move @champion refused: HTTP {anon.status_code}")
         artifacts = gcs.objects("sofar-ml", "mlartifacts/")
         checks(any(o.endswith(".safetensors") for o in artifacts),
                f"model artifacts in {MLFLOW_ARTIFACTS} via the server's proxy: {len(artifacts)} objects")
@@ -367,26 +385,35 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
                     **{r.run_id: "schedule" for r in sched_runs}}
         rows = pg.query("dagster", "SELECT run_id, pipeline_name, status FROM runs")
         in_pg = {run_id: status for run_id, _, status in rows}
-        checks(all(in_pg.get(r) == "SUCCESS" for r in expected) and len(backfill_runs) >= 2 and len(sched_runs) == 1,
-               f"Dagster runs in PostgreSQL, all SUCCESS: train 1, backfill {len(backfill_runs)}, schedule {len(sched_runs)}")
+        checks(all(in_pg.get(r) == "SUCCESS" for r in expected)
+               and len(backfill_runs) >= 2 and len(sched_runs) == 1,
+               f"Dagster runs in PostgreSQL, all SUCCESS: train 1, backfill {len(backfill_runs)}, "
+               f"schedule {len(sched_runs)}")
 
         # ----------------------------------------------------------------- the preflight, as an operator runs it
         import subprocess
 
-        doc = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "doctor"], cwd=REPO, capture_output=True,
-                             text=True, timeout=600, env=stack.env(**dagster.env))  # SOFAR_CONFIG: prod-local.yaml
+        # SOFAR_CONFIG: prod-local.yaml
+        doc = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "doctor"], cwd=REPO,
+                             capture_output=True, text=True, timeout=600, env=stack.env(**dagster.env))
         for line in doc.stdout.splitlines():
             log(f"  sofar doctor | {line}")
         last = (doc.stdout.strip().splitlines() or [doc.stderr.strip()[-300:]])[-1]
-        checks(doc.returncode == 0 and "Traceback" not in doc.stderr, f"sofar doctor against the stack: {last}")
+        checks(doc.returncode == 0 and "Traceback" not in doc.stderr,
+               f"sofar doctor against the stack: {last}")
 
         wall = time.monotonic() - t_start
         summary = [
-            ("PostgreSQL", f"127.0.0.1:{pg.port} (uid nobody)", f"{len(rows)} Dagster runs; MLflow backend + auth stores"),
-            ("Dagster webserver", dagster.url, "GraphQL: launchRun, launchPartitionBackfill, stopRunningSchedule"),
-            ("Dagster daemon", "-", f"queued {len(expected)} runs, pools {POOLS}, run monitoring, 1 schedule tick"),
-            ("MLflow server", ml.url, f"{cfg.model.name} v{champion} @{registry.CHAMPION}; basic auth (anonymous: 401)"),
-            ("GCS emulator", gcs.url, f"{sum(len(gcs.objects(b)) for b in buckets)} objects in {', '.join(buckets)}"),
+            ("PostgreSQL", f"127.0.0.1:{pg.port} (uid nobody)",
+             f"{len(rows)} Dagster runs; MLflow backend + auth stores"),
+            ("Dagster webserver", dagster.url,
+             "GraphQL: launchRun, launchPartitionBackfill, stopRunningSchedule"),
+            ("Dagster daemon", "-",
+             f"queued {len(expected)} runs, pools {POOLS}, run monitoring, 1 schedule tick"),
+            ("MLflow server", ml.url,
+             f"{cfg.model.name} v{champion} @{registry.CHAMPION}; basic auth (anonymous: 401)"),
+            ("GCS emulator", gcs.url,
+             f"{sum(len(gcs.objects(b)) for b in buckets)} objects in {', '.join(buckets)}"),
             ("BigQuery emulator", bq.url, "predictions rows per day: "
              + ", ".join(f"{d:%m-%d} {n}" for d, n in sorted(stored.items()))),
         ]
@@ -405,14 +432,17 @@ def main() -> int:  # noqa: C901  (one linear story, easier to read top to botto
             log(f"killed a process that outlived its server: {pid} {cmd[:150]}")
         for folder in local_dirs:
             shutil.rmtree(folder, ignore_errors=True)
-            if folder.parent.name == "prod-local" and folder.parent.exists() and not any(folder.parent.iterdir()):
+            if (folder.parent.name == "prod-local" and folder.parent.exists()
+                    and not any(folder.parent.iterdir())):
                 folder.parent.rmdir()
-        checks(not leftovers, f"stack stopped: no process left ({len(leftovers)} killed), {stack.root} removed")
+        checks(not leftovers,
+               f"stack stopped: no process left ({len(leftovers)} killed), {stack.root} removed")
     wall = time.monotonic() - t_start
     print("\n=== make prod-local: production components, for real, on this machine ===")
     for name, endpoint, holds in summary:
         print(f"{name:<18} {endpoint:<34} {holds}")
-    print(f"checks: {sum(ok for ok, _ in checks.results)}/{len(checks.results)} passed; wall time {wall / 60:.1f} min")
+    print(f"checks: {sum(ok for ok, _ in checks.results)}/{len(checks.results)} passed; "
+          f"wall time {wall / 60:.1f} min")
     return 0 if checks.passed else 1
 
 

@@ -74,7 +74,8 @@ def wait_for(url: str, timeout: float, proc: subprocess.Popen) -> None:
 def dismiss_community_nux(base: str) -> None:
     """What the modal's *Skip* does: on a localhost origin Dagster covers every page with a
     "Join the Dagster community" dialog until the instance records that it was seen."""
-    req = urllib.request.Request(f"{base}/graphql", data=json.dumps({"query": "mutation { setNuxSeen }"}).encode(),
+    req = urllib.request.Request(f"{base}/graphql",
+                                 data=json.dumps({"query": "mutation { setNuxSeen }"}).encode(),
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         r.read()
@@ -84,7 +85,8 @@ def browse(browser: str, url: str, png: Path, profile: str) -> str:
     """Screenshot ``url`` into ``png`` and return its rendered DOM (two Chromium runs)."""
     common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
     subprocess.run([*common, f"--screenshot={png}", url], check=True, capture_output=True, timeout=180)
-    dom = subprocess.run([*common, "--dump-dom", url], check=True, capture_output=True, text=True, timeout=180)
+    dom = subprocess.run([*common, "--dump-dom", url],
+                         check=True, capture_output=True, text=True, timeout=180)
     return dom.stdout
 
 
@@ -102,7 +104,8 @@ def row_count_shown(text: str) -> int | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--day", type=dt.date.fromisoformat, help="partition to check (default: the first day in the table)")
+    parser.add_argument("--day", type=dt.date.fromisoformat,
+                        help="partition to check (default: the first day in the table)")
     parser.add_argument("--out", type=Path, default=REPO / ".sofar" / "ui-check")
     parser.add_argument("--dagster-home", type=Path, default=REPO / "dagster_home")
     parser.add_argument("--timeout", type=float, default=240, help="seconds to wait for the webserver")
@@ -137,8 +140,9 @@ def main() -> int:
     env = {**os.environ, "DAGSTER_HOME": str(args.dagster_home.resolve()), "SOFAR_CONFIG": str(config_path()),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     dg_bin = Path(sys.executable).with_name("dg")
-    server = subprocess.Popen([str(dg_bin), "dev", "-m", "sofar_assets.definitions", "-h", "127.0.0.1", "-p", str(port)],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    server = subprocess.Popen(
+        [str(dg_bin), "dev", "-m", "sofar_assets.definitions", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     failures: list[str] = []
     try:
         wait_for(f"{base}/server_info", args.timeout, server)
@@ -146,7 +150,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="sofar-chromium-") as profile:
             groups_png = args.out / "lineage-groups.png"
             text = text_of(browse(browser, f"{base}/asset-groups", groups_png, profile))
-            print(f"{groups_png}: global asset lineage, groups {[g for g in groups if g in text]} of {groups}")
+            print(f"{groups_png}: global asset lineage, "
+                  f"groups {[g for g in groups if g in text]} of {groups}")
             if any(g not in text for g in groups):
                 failures.append(f"global lineage: groups not shown: {[g for g in groups if g not in text]}")
 
@@ -155,8 +160,8 @@ def main() -> int:
             url = f"{base}/assets/daily_predictions?view=lineage&lineageScope=upstream&lineageDepth=10"
             text = text_of(browse(browser, url, lineage_png, profile))
             missing = [k for k in asset_keys if k.rsplit("/", 1)[-1] not in text]
-            print(f"{lineage_png}: lineage of daily_predictions, {len(asset_keys) - len(missing)}/{len(asset_keys)} "
-                  "assets shown")
+            print(f"{lineage_png}: lineage of daily_predictions, "
+                  f"{len(asset_keys) - len(missing)}/{len(asset_keys)} assets shown")
             if missing:
                 failures.append(f"lineage: assets not shown: {missing}")
 
@@ -170,8 +175,9 @@ def main() -> int:
             if day.isoformat() not in text:
                 failures.append(f"partition page does not show {day}")
             if shown != expected:
-                failures.append(f"partition {day}: the page shows row count {shown}, the table holds {expected} rows "
-                                "for that day (a range run that reports the range's total per partition fails this)")
+                failures.append(f"partition {day}: the page shows row count {shown}, "
+                                f"the table holds {expected} rows for that day "
+                                "(a range run that reports the range's total per partition fails this)")
     finally:
         os.killpg(server.pid, 15)
         try:

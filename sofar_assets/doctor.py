@@ -27,7 +27,7 @@ STAGING_PERMISSIONS = ("storage.objects.create", "storage.objects.delete", "stor
 LOAD_JOB_PERMISSIONS = ("bigquery.jobs.create",)  # on the project: a load job is a job
 TABLE_PERMISSIONS = ("bigquery.tables.get", "bigquery.tables.getData", "bigquery.tables.update",
                      "bigquery.tables.updateData")  # WRITE_TRUNCATE into a partition + schema additions
-DOCS = "README 'Production'"
+DOCS = "docs/production.md"
 
 
 @dataclass(frozen=True)
@@ -233,11 +233,7 @@ def default_clients(cfg: SofarConfig) -> dict:
                 return AuthorizedSession(credentials)
             out["iam_session"] = session
     if staging_bucket(cfg):
-        def gcs():
-            from google.cloud import storage as gcs_storage
-
-            return gcs_storage.Client()
-        out["gcs"] = gcs
+        out["gcs"] = storage.gcs_client
     return out
 
 

@@ -35,8 +35,8 @@ CREATE_DISPOSITIONS = {"CREATE_IF_NEEDED", "CREATE_NEVER"}
 SCHEMA_UPDATE_OPTIONS = {"ALLOW_FIELD_ADDITION", "ALLOW_FIELD_RELAXATION"}
 PARTITION_TYPES = {"DAY": "%Y%m%d", "HOUR": "%Y%m%d%H", "MONTH": "%Y%m", "YEAR": "%Y"}
 FIELD_TYPES = {"STRING", "BYTES", "INTEGER", "INT64", "FLOAT", "FLOAT64", "NUMERIC", "BIGNUMERIC", "BOOLEAN",
-               "BOOL", "TIMESTAMP", "DATE", "TIME", "DATETIME", "GEOGRAPHY", "JSON", "RECORD", "STRUCT", "RANGE",
-               "INTERVAL"}
+               "BOOL", "TIMESTAMP", "DATE", "TIME", "DATETIME", "GEOGRAPHY", "JSON", "RECORD", "STRUCT",
+               "RANGE", "INTERVAL"}
 FIELD_MODES = {"NULLABLE", "REQUIRED", "REPEATED"}
 _TABLE_ID = re.compile(r"^(?P<table>[\w-]{1,1024})(?:\$(?P<decorator>\d+))?$")
 _GCS_URI = re.compile(r"^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]/[^*]*\*?[^*]*$")
@@ -57,17 +57,20 @@ def check_load_job(body: dict, *, job_location: str | None, dataset_location: st
     config = body.get("configuration", {})
     unknown = set(config) - JOB_CONFIGURATION_FIELDS
     if unknown:
-        _fail("invalid", f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r} at 'job.configuration'")
+        _fail("invalid", f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r} "
+                         "at 'job.configuration'")
     load = config.get("load")
     if load is None:
         _fail("invalid", "Required parameter is missing: configuration.load")
     unknown = set(load) - LOAD_FIELDS
     if unknown:
-        _fail("invalid", f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r} at 'job.configuration.load'")
-    if job_location is not None and dataset_location is not None and job_location.lower() != dataset_location.lower():
+        _fail("invalid", f"Invalid JSON payload received. Unknown name {sorted(unknown)[0]!r} "
+                         "at 'job.configuration.load'")
+    if (job_location is not None and dataset_location is not None
+            and job_location.lower() != dataset_location.lower()):
         dest = load.get("destinationTable", {})
-        _fail("notFound", f"Not found: Dataset {dest.get('projectId')}:{dest.get('datasetId')} was not found in "
-                          f"location {job_location}")
+        _fail("notFound", f"Not found: Dataset {dest.get('projectId')}:{dest.get('datasetId')} "
+                          f"was not found in location {job_location}")
 
     fmt = load.get("sourceFormat", "CSV")
     if fmt not in SOURCE_FORMATS:
@@ -107,8 +110,9 @@ def check_load_job(body: dict, *, job_location: str | None, dataset_location: st
         if partitioning.get("type") not in PARTITION_TYPES:
             _fail("invalid", f"Invalid timePartitioning.type {partitioning.get('type')!r}")
         if names and partitioning.get("field") not in names:
-            _fail("invalid", f"The field specified for time partitioning can only be of type TIMESTAMP, DATE or "
-                             f"DATETIME. The type found is: null (no field {partitioning.get('field')!r})")
+            _fail("invalid", "The field specified for time partitioning can only be of type TIMESTAMP, "
+                             "DATE or DATETIME. The type found is: null "
+                             f"(no field {partitioning.get('field')!r})")
     clustering = (load.get("clustering") or {}).get("fields") or []
     if len(clustering) > 4 or (names and not set(clustering) <= names):
         _fail("invalid", f"The clustering fields {clustering} must be at most 4 fields of the schema")
@@ -117,7 +121,8 @@ def check_load_job(body: dict, *, job_location: str | None, dataset_location: st
     table_partitioning = (table or {}).get("timePartitioning")
     if decorator is not None:
         if table is None:
-            _fail("notFound", f"Not found: Table {dest['projectId']}:{dest['datasetId']}.{match.group('table')} "
+            _fail("notFound", "Not found: Table "
+                              f"{dest['projectId']}:{dest['datasetId']}.{match.group('table')} "
                               "(a partition decorator needs an existing partitioned table)")
         if table_partitioning is None:
             _fail("invalid", f"Cannot write to partition {dest['tableId']}: table is not partitioned")
@@ -127,8 +132,9 @@ def check_load_job(body: dict, *, job_location: str | None, dataset_location: st
         except ValueError:
             parsed = None
         if parsed is None or parsed.strftime(pattern) != decorator:
-            _fail("invalid", f"Invalid partition decorator ${decorator} for a {table_partitioning.get('type', 'DAY')}"
-                             f"-partitioned table (expected {pattern.replace('%', '')})")
+            _fail("invalid", f"Invalid partition decorator ${decorator} "
+                             f"for a {table_partitioning.get('type', 'DAY')}-partitioned table "
+                             f"(expected {pattern.replace('%', '')})")
     if table_partitioning is not None and partitioning is not None and (
             partitioning.get("field") != table_partitioning.get("field")
             or partitioning.get("type") != table_partitioning.get("type", "DAY")):
@@ -140,5 +146,5 @@ def check_load_job(body: dict, *, job_location: str | None, dataset_location: st
         if option not in SCHEMA_UPDATE_OPTIONS:
             _fail("invalid", f"Invalid value for schemaUpdateOptions: {option!r} is not a valid value")
     if options and not (write == "WRITE_APPEND" or (write == "WRITE_TRUNCATE" and decorator is not None)):
-        _fail("invalid", "Schema update options should only be specified with WRITE_APPEND disposition, or with "
-                         "WRITE_TRUNCATE disposition on a table partition.")
+        _fail("invalid", "Schema update options should only be specified with WRITE_APPEND disposition, "
+                         "or with WRITE_TRUNCATE disposition on a table partition.")

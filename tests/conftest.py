@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,10 +34,14 @@ def write_config(folder: Path, data: Path, **overrides) -> Path:
     """A tiny but complete config over SYNTHETIC data in ``data`` (see lib/data/synthetic.py)."""
     cfg = {
         "tasks": {
-            "defect": {"folder": str(data / "tasks/defect"), "labels": {"0_NORMAL": "normal", "1_DEFECT": "defect"}},
-            "dirt": {"folder": str(data / "tasks/dirt"), "labels": {"0_NORMAL": "normal", "1_DIRT": "dirt"}},
-            "wash": {"folder": str(data / "tasks/wash"), "labels": {"0_BUBBLE": "bubble_wash", "1_MACHINE": "wash_machine"}},
-            "interior": {"folder": str(data / "tasks/interior"), "labels": {"0_DASHBOARD": "dashboard", "1_SEAT": "seat"}},
+            "defect": {"folder": str(data / "tasks/defect"),
+                       "labels": {"0_NORMAL": "normal", "1_DEFECT": "defect"}},
+            "dirt": {"folder": str(data / "tasks/dirt"),
+                     "labels": {"0_NORMAL": "normal", "1_DIRT": "dirt"}},
+            "wash": {"folder": str(data / "tasks/wash"),
+                     "labels": {"0_BUBBLE": "bubble_wash", "1_MACHINE": "wash_machine"}},
+            "interior": {"folder": str(data / "tasks/interior"),
+                         "labels": {"0_DASHBOARD": "dashboard", "1_SEAT": "seat"}},
         },
         "uploads": {"folder": str(data / "uploads")},
         "ood_sets": {"documents": {"folder": str(data / "ood/documents")}},
@@ -111,3 +116,34 @@ def _no_hub_downloads(monkeypatch):
     # Nothing may download weights at run time: make any attempt fail fast and loudly.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", os.environ.get("TORCH_HOME", "/nonexistent-torch-home"))
+
+
+SECRET = b"root:x:0:0:SECRET-TOKEN-1234\n"  # what a leaked file would look like in an error row
+
+
+def _bounded(fn, *args, limit_s: float = 60.0, **kwargs):
+    """Call ``fn`` in a daemon thread: a read that blocks (a pipe) fails the test instead of hanging it.
+
+    The bound is generous on purpose: it separates "returns" from "blocks forever", not fast from slow.
+    """
+    box: dict = {}
+
+    def target():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    t.join(limit_s)
+    assert not t.is_alive(), f"{fn.__name__}{args} still running after {limit_s} s: it blocks"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@pytest.fixture
+def photos(demo_data) -> list[Path]:
+    return sorted((demo_data / "uploads" / DAYS[0].isoformat()).iterdir())[:3]
+

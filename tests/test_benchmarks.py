@@ -21,11 +21,12 @@ def test_benchmark_runs_in_quick_mode(argv, tmp_path):
            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
     proc = subprocess.run([sys.executable, str(REPO / "bench" / argv[0]), *argv[1:], "--quick"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{argv[0]} --quick exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, (f"{argv[0]} --quick exited {proc.returncode}:\n"
+                                  f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     if argv[0] == "bench_scale.py":  # the figures the README and the issue quote are all printed
         result = proc.stdout.strip().splitlines()[-1]
-        for key in ("time_per_image_ratio", "rss_ratio", "latency_e2e_vs_model", "listing_rss_ratio_1m_vs_100k",
-                    "shards_at_1m"):
+        for key in ("time_per_image_ratio", "rss_ratio", "latency_e2e_vs_model",
+                    "listing_rss_ratio_1m_vs_100k", "shards_at_1m"):
             assert f" {key}=" in result, result
 
 

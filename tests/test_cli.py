@@ -92,7 +92,8 @@ def test_help_lists_every_command_in_a_real_process():
     out = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "--help"], capture_output=True, text=True,
                          cwd=REPO_ROOT, timeout=120)
     assert out.returncode == 0
-    for cmd in ("validate", "status", "show", "review", "promote", "rollback", "add-task", "demo-data", "summary"):
+    for cmd in ("validate", "status", "show", "review", "promote", "rollback", "add-task", "demo-data",
+                "summary"):
         assert cmd in out.stdout
     for cmd in ("show", "promote", "rollback", "add-task"):
         sub = subprocess.run([sys.executable, "-m", "sofar_assets.cli", cmd, "--help"], capture_output=True,
@@ -107,7 +108,8 @@ def test_validate_broken_config_is_one_block_without_traceback(tmp_path, demo_da
     bad["inference"]["batch_size"] = 0             # out of range
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(bad))
-    out = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "validate"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "sofar_assets.cli", "validate"],
+                         capture_output=True, text=True,
                          cwd=REPO_ROOT, timeout=120, env={**_env(), "SOFAR_CONFIG": str(path)})
     assert out.returncode == 2, out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
@@ -143,7 +145,8 @@ def test_status_shows_champion_gate_and_day_counts(sofar, state):
     assert f"models:/{state['cfg'].model.name}/{_champion(state)}" in out
     n_checks = len(GATE_CHECKS)
     assert f"gate:      passed ({n_checks}/{n_checks} checks)" in out
-    rows = len(state["wh"].read_range("predictions", "prediction_date", DAYS[0], DAYS[0] + dt.timedelta(days=1)))
+    rows = len(state["wh"].read_range("predictions", "prediction_date",
+                                      DAYS[0], DAYS[0] + dt.timedelta(days=1)))
     assert rows > 0
     assert any(line.split()[:3] == [DAYS[0].isoformat(), "landed", str(rows)] for line in out.splitlines())
     assert "#/models/" in out  # the MLflow version link
@@ -175,7 +178,8 @@ def test_review_prints_the_days_queue_and_draws_it(sofar, state, tmp_path):
     rows = state["wh"].read_range("predictions", "prediction_date", DAYS[0], DAYS[0] + dt.timedelta(days=1))
     scored = rows[rows["error"].isna()]
     assert scored["label_set"].notna().all() and rows.loc[rows["error"].notna(), "label_set"].isna().all()
-    assert (scored["label_set_size"] == scored["label_set"].map(lambda s: len([x for x in s.split("|") if x]))).all()
+    assert (scored["label_set_size"]
+            == scored["label_set"].map(lambda s: len([x for x in s.split("|") if x]))).all()
     in_queue = scored[scored["is_ood"] | (scored["label_set_size"] != 1)]
     counts = review_queue_counts(state["wh"], "predictions", DAYS[0])
     assert sum(counts.values()) == len(in_queue)
@@ -186,7 +190,8 @@ def test_review_prints_the_days_queue_and_draws_it(sofar, state, tmp_path):
         assert image_id in out
     for image_id in set(scored["image_id"]) - set(in_queue["image_id"]):
         assert image_id not in out  # one label and not OOD: not in the queue
-    assert Image.open(io.BytesIO(out_file.read_bytes())).format == "PNG" and f"review sheet: {out_file}" in out
+    assert (Image.open(io.BytesIO(out_file.read_bytes())).format == "PNG"
+            and f"review sheet: {out_file}" in out)
     code, _, err = sofar("review", "2026-10-01")
     assert code == 1 and "no rows for 2026-10-01" in err
 
@@ -196,7 +201,8 @@ def test_promote_checks_the_gate_records_who_and_why_and_rollback_returns(sofar,
     assert _champion(state) == "1"
     # the pipeline's own move (the champion_model asset) is recorded like a move by hand
     first = dict(client.get_model_version(name, "1").tags)
-    assert first["promoted_via"].startswith("champion_model (run ") and first["promotion_gate"].startswith("passed")
+    assert (first["promoted_via"].startswith("champion_model (run ")
+            and first["promotion_gate"].startswith("passed"))
     assert first["promoted_from"] == "" and "v- -> v1 by " in client.get_registered_model(name).description
     good = _new_version(state, _evaluation(state, champion_version="1"))
     bad = _new_version(state, _evaluation(state, ece=0.99))  # fails ece_below_ceiling
@@ -225,7 +231,8 @@ def test_promote_checks_the_gate_records_who_and_why_and_rollback_returns(sofar,
         tags = dict(client.get_model_version(name, good).tags)
         assert tags["promoted_by"] == "carol" and tags["promoted_via"] == "sofar rollback"
         desc = client.get_registered_model(name).description
-        assert desc.index(f"v{bad} -> v{good} by carol") < desc.index(f"v{good} -> v{bad} by bob")  # newest first
+        # newest first
+        assert desc.index(f"v{bad} -> v{good} by carol") < desc.index(f"v{good} -> v{bad} by bob")
         code, out, _ = sofar("status")
         assert "moved by carol" in out and "bad ECE in production" in out
     finally:
@@ -245,7 +252,8 @@ def test_promote_takes_numbers_one_line_reasons_the_recorded_gate_and_rollback_w
         code, out, _ = sofar("promote", f"0{a}", "--reason", "leading zero")
         assert code == 0 and _champion(state) == a and f"v1 -> v{a} " in out
         assert f"v1 -> v{a} by " in client.get_registered_model(name).description
-        code, _, err = sofar("promote", b, "--reason", "ok\n- 2026-01-01T00:00:00+00:00 v9 -> v1 by admin: forged")
+        code, _, err = sofar("promote", b, "--reason",
+                             "ok\n- 2026-01-01T00:00:00+00:00 v9 -> v1 by admin: forged")
         assert code == 1 and "control character" in err and _champion(state) == a
         assert "forged" not in client.get_registered_model(name).description
         code, _, err = sofar("promote", "2.5", "--reason", "x")
@@ -271,7 +279,8 @@ def test_add_task_writes_the_entry_keeps_comments_and_validates(sofar, state, tm
     code, _, err = sofar("add-task", "scratch", str(folder), "--labels", "0_NORMAL=normal")
     assert code == 2 and "1_DEFECT" in err and "not mapped" in err  # validated first: file untouched
     assert "scratch" not in path.read_text()
-    code, out, _ = sofar("add-task", "scratch", str(folder), "--labels", "0_NORMAL=normal", "1_DEFECT=scratch")
+    code, out, _ = sofar("add-task", "scratch", str(folder),
+                         "--labels", "0_NORMAL=normal", "1_DEFECT=scratch")
     assert code == 0, out
     text = path.read_text()
     assert text.startswith("# my comment\n") and text.endswith("# trailing comment\n")
@@ -281,7 +290,8 @@ def test_add_task_writes_the_entry_keeps_comments_and_validates(sofar, state, tm
     assert "scratch" in cfg.vocabulary() and set(cfg.tasks) >= {"defect", "dirt", "scratch"}
     code, _, err = sofar("add-task", "scratch", str(folder), "--labels", "0_NORMAL=normal")
     assert code == 1 and "already exists" in err
-    code, _, err = sofar("add-task", "Bad-Name", str(folder), "--labels", "0_NORMAL=normal", "1_DEFECT=scratch")
+    code, _, err = sofar("add-task", "Bad-Name", str(folder),
+                         "--labels", "0_NORMAL=normal", "1_DEFECT=scratch")
     assert code == 2 and "lower_snake_case" in err
 
 
@@ -330,7 +340,8 @@ def test_logging_a_model_prints_no_third_party_warnings(tmp_path, caplog):
     assert meta["classes"] == ["a", "b", "c"]
     noisy = [str(w.message) for w in caught if "mlflow" in w.filename or issubclass(w.category, UserWarning)]
     assert noisy == []
-    assert [r.getMessage() for r in caplog.records if r.name.startswith("mlflow") and r.levelno >= logging.WARNING] == []
+    assert [r.getMessage() for r in caplog.records
+            if r.name.startswith("mlflow") and r.levelno >= logging.WARNING] == []
 
 
 def test_dagster_and_mlflow_link_each_other(pipeline):
@@ -350,10 +361,12 @@ def test_dagster_and_mlflow_link_each_other(pipeline):
     assert experiment.tags[links.EXPERIMENT_KIND_TAG] == links.CLASSIC_ML_KIND
     version_url = links.mlflow_version_url(cfg.ui.mlflow_url, cfg.model.name, "1")
     run_url = links.mlflow_run_url(cfg.ui.mlflow_url, run.info.experiment_id, mv.run_id)
-    for asset, expected in (("sofar_classifier", {version_url, run_url}), ("model_evaluation", {version_url, run_url}),
+    for asset, expected in (("sofar_classifier", {version_url, run_url}),
+                            ("model_evaluation", {version_url, run_url}),
                             ("champion_model", {version_url})):
         md = result.asset_materializations_for_node(asset)[-1].metadata
-        assert {v.value for k, v in md.items() if k.startswith("mlflow_") and isinstance(v, dg.UrlMetadataValue)} == expected
+        assert {v.value for k, v in md.items()
+                if k.startswith("mlflow_") and isinstance(v, dg.UrlMetadataValue)} == expected
 
 
 def test_a_hung_mlflow_api_is_one_line_naming_the_server(tmp_path, demo_data, monkeypatch, capsys):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sofar_assets.config import ConfigError, load_config
+from sofar_assets.config import ConfigError, load_config, parse_config
 from sofar_assets.settings import REPO_ROOT
 
 DEMO = (REPO_ROOT / "config" / "demo.yaml").read_bytes()
@@ -97,3 +97,20 @@ def test_sofar_validate_prints_one_line_and_exits_2(tmp_path, case):
     assert run.returncode == 2, run.stderr
     assert "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1, run.stderr
     assert run.stderr.startswith(f"{target}: ")
+
+
+# -- item 8 (timezone part): checked when the config loads ---------------------------------------
+
+
+def test_unknown_timezone_is_a_config_error_naming_the_key():
+    base = {"tasks": {"defect": {"folder": "t", "labels": {"0": "normal", "1": "defect"}}},
+            "uploads": {"folder": "up"}}
+    for tz in ("Mars/Olympus", "../../etc/localtime", ""):
+        with pytest.raises(ConfigError, match=r"partitions\.timezone: .*unknown time zone"):
+            parse_config({**base, "partitions": {"start_date": "2026-11-01", "timezone": tz}},
+                         base_dir=Path("/tmp"))
+    cfg = parse_config({**base, "partitions": {"start_date": "2026-11-01", "timezone": "Asia/Seoul"}},
+                       base_dir=Path("/tmp"))
+    assert cfg.partitions.timezone == "Asia/Seoul"
+
+

@@ -213,3 +213,38 @@ def test_an_older_predictions_table_gets_the_label_set_columns_on_the_next_write
     assert back["label_set"].isna().all() and back["label_set_size"].isna().all()
     assert review_queue(wh, "predictions", D1)["image_id"].tolist() == ["old_ood"]
     assert review_queue(wh, "predictions", D2)["reason"].tolist() == [AMBIGUOUS_SET]
+
+
+def test_one_grouped_query_answers_the_read_back_the_queue_counts_and_drift(engine, tmp_path):
+    """lib/review/run_counts.py: the run's ONE GROUP BY gives what count_range, review_queue_counts
+    and drift.checks_in_warehouse give separately, a photo with a verdict out of the queue included."""
+    from sofar_assets.lib.review.drift import checks_in_warehouse
+    from sofar_assets.lib.review.run_counts import run_counts
+    from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTION_DATE
+
+    wh = engine
+    _load(wh, tmp_path, D1, _day(D1, {
+        "ood_a": (True, 0.5, 0.40, "dirt|normal", None), "ood_b": (True, -1.0, 0.90, "dirt", None),
+        "sure": (False, 6.0, 0.97, "dirt", None), "empty": (False, 4.0, 0.30, "", None),
+        "two": (False, 4.0, 0.50, "dirt|normal", None),
+        "broken": (False, None, None, None, "ImageDecodeError: x"),
+        "no_rule": (False, 4.0, 0.20, None, None),
+    }))
+    _load(wh, tmp_path, D2, _day(D2, {"other_day": (True, -5.0, 0.5, "", None),
+                                      "fine": (False, 6.0, 0.9, "dirt", None)}))
+    counts = run_counts(wh, "predictions", [D1, D2])
+    assert counts.queue(D1) == {OOD: 2, EMPTY_SET: 1, AMBIGUOUS_SET: 1}
+    wh.append_rows(LABEL_CORRECTIONS, pd.DataFrame({
+        "image_id": ["ood_a", "other_day"], "image_uri": ["u", "u"], "label": ["dirt", "dirt"],
+        "inspector": ["i", "i"], "corrected_at": [pd.Timestamp("2026-11-03")] * 2,
+        PREDICTION_DATE: [D1, D1]}))  # other_day's verdict names another day: it stays in D2's queue
+    counts = run_counts(wh, "predictions", [D1, D2])
+    for day in (D1, D2):
+        nxt = day + dt.timedelta(days=1)
+        assert counts.rows(day) == wh.count_range("predictions", PREDICTION_DATE, day, nxt)
+        assert counts.queue(day) == review_queue_counts(wh, "predictions", day)
+    assert counts.rows(D1) == 7 and counts.queue(D1) == {OOD: 1, EMPTY_SET: 1, AMBIGUOUS_SET: 1}
+    assert counts.queue(D2) == {OOD: 1, EMPTY_SET: 0, AMBIGUOUS_SET: 0}
+    ood, mix = counts.drift()
+    assert (ood, mix) == checks_in_warehouse(wh, "predictions", PREDICTION_DATE, [D1, D2])
+    assert set(ood) == {D2} and ood[D2]["ood_rate"] == 0.5

@@ -32,21 +32,25 @@ from conftest import _assets, write_config
 D1, D2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
 # the predictions table once conformal label sets land (the contract: labels joined by "|")
 SETS = ("label_set", "label_set_size")
-WITH_SETS = TableSchema(PREDICTIONS.name, {**PREDICTIONS.columns, "label_set": STRING, "label_set_size": INT64},
+WITH_SETS = TableSchema(PREDICTIONS.name,
+                        {**PREDICTIONS.columns, "label_set": STRING, "label_set_size": INT64},
                         partition_column=PREDICTIONS.partition_column, clustering=PREDICTIONS.clustering)
 WITHOUT_SETS = TableSchema(PREDICTIONS.name, {c: t for c, t in PREDICTIONS.columns.items() if c not in SETS},
                            partition_column=PREDICTIONS.partition_column, clustering=PREDICTIONS.clustering)
 
 
-def predictions(day: dt.date, rows: list[tuple], *, uri_root: str = "/uploads", sets: bool = True) -> pd.DataFrame:
+def predictions(day: dt.date, rows: list[tuple], *, uri_root: str = "/uploads",
+                sets: bool = True) -> pd.DataFrame:
     """Rows of the predictions table: (image_id, top1_label, is_ood, label_set or None, error or None)."""
     df = pd.DataFrame([{
-        "prediction_date": day, "image_id": i, "image_uri": f"{uri_root}/{i}", "top1_label": None if err else top1,
-        "top1_prob": None if err else 0.8, "top2_label": None, "top2_prob": None, "ood_score": None if err else 3.0,
+        "prediction_date": day, "image_id": i, "image_uri": f"{uri_root}/{i}",
+        "top1_label": None if err else top1, "top1_prob": None if err else 0.8,
+        "top2_label": None, "top2_prob": None, "ood_score": None if err else 3.0,
         "is_ood": None if err else ood, "error": err, "model_name": "m", "model_version": "1",
         "predicted_at": pd.Timestamp("2026-11-03 02:00"),
         **({"label_set": None if err else label_set,
-            "label_set_size": None if err or label_set is None else len([x for x in label_set.split("|") if x])}
+            "label_set_size": (None if err or label_set is None
+                               else len([x for x in label_set.split("|") if x]))}
            if sets else {}),
     } for i, top1, ood, label_set, err in rows])
     return df.astype({"label_set_size": "Int64"}) if sets else df
@@ -63,7 +67,8 @@ def setup(tmp_path, demo_data, monkeypatch):
     path = write_config(tmp_path, demo_data)
     cfg = load_config(path)
     wh = DuckDBWarehouse(cfg.duckdb_path, schema=cfg.storage.warehouse.schema_)
-    wh.append_rows(WITH_SETS, predictions(D1, [(f"{D1}/{n}.jpg", "dirt", False, "dirt", None) for n in "abc"]))
+    wh.append_rows(WITH_SETS,
+                   predictions(D1, [(f"{D1}/{n}.jpg", "dirt", False, "dirt", None) for n in "abc"]))
     wh.append_rows(WITH_SETS, predictions(D2, [(f"{D2}/d.jpg", "normal", True, "", None)]))
     monkeypatch.setenv("SOFAR_CONFIG", str(path))
     return {"cfg": cfg, "wh": wh, "path": path, "folder": tmp_path}
@@ -78,7 +83,8 @@ def sofar(capsys, *args: str) -> tuple[int, str, str]:
 def stored(wh) -> pd.DataFrame:
     if not wh.table_exists(LABEL_CORRECTIONS.name):
         return pd.DataFrame()
-    return wh.read_table(LABEL_CORRECTIONS.name).sort_values(["image_id", "corrected_at"]).reset_index(drop=True)
+    return (wh.read_table(LABEL_CORRECTIONS.name)
+            .sort_values(["image_id", "corrected_at"]).reset_index(drop=True))
 
 
 # -- the CLI: a bad batch is rejected whole, naming the row; nothing stored is lost ------------------
@@ -185,8 +191,9 @@ def test_two_concurrent_imports_of_one_file_store_each_verdict_once(setup):
     barrier = setup["folder"] / "barrier"
     barrier.mkdir()
     env = {**os.environ, "SOFAR_CONFIG": str(setup["path"]), "PYTHONPATH": str(REPO_ROOT)}
-    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(barrier), name, str(csv)], cwd=REPO_ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("p1", "p2")]
+    procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(barrier), name, str(csv)], cwd=REPO_ROOT,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("p1", "p2")]
     results = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results
     assert len(list(barrier.glob("1-*"))) == 2  # both met after their first lookup
@@ -253,12 +260,13 @@ HAND = [  # image, top1, is_ood, label set, error | verdicts (label, corrected_a
     ("j", "dashboard", True, "", None, [("irrelevant", "2026-11-02 09:00")]),  # flagged, irrelevant
     ("k", "seat", False, "seat", None, [("irrelevant", "2026-11-02 09:00")]),  # irrelevant, missed
 ]
-# by hand, D1: judged scored rows a b c d e f i j k = 9; judged a class: a b c e i = 5, top-1 right: a e i = 3;
-# verdict in the set: a i = 2 (c's latest verdict is dirt, its set is {defect}); flagged: d e j = 3, of which
-# irrelevant d j = 2; irrelevant: d f j k = 4, flagged d j = 2.  D2: one photo, right, covered, not flagged.
-HAND_D1 = {"corrected": 9, "in_vocabulary": 5, "top1_correct": 3, "with_label_set": 5, "covered": 2, "flagged": 3,
-           "flagged_irrelevant": 2, "irrelevant": 4, "accuracy": 3 / 5, "coverage": 2 / 5, "ood_precision": 2 / 3,
-           "ood_recall": 2 / 4}
+# by hand, D1: judged scored rows a b c d e f i j k = 9; judged a class: a b c e i = 5,
+# top-1 right: a e i = 3; verdict in the set: a i = 2 (c's latest verdict is dirt, its set is {defect});
+# flagged: d e j = 3, of which irrelevant d j = 2; irrelevant: d f j k = 4, flagged d j = 2.
+# D2: one photo, right, covered, not flagged.
+HAND_D1 = {"corrected": 9, "in_vocabulary": 5, "top1_correct": 3, "with_label_set": 5, "covered": 2,
+           "flagged": 3, "flagged_irrelevant": 2, "irrelevant": 4,
+           "accuracy": 3 / 5, "coverage": 2 / 5, "ood_precision": 2 / 3, "ood_recall": 2 / 4}
 HAND_D2 = {"corrected": 1, "accuracy": 1.0, "coverage": 1.0, "ood_precision": None, "ood_recall": None}
 
 
@@ -307,11 +315,13 @@ def test_trailing_week_check_warns_on_a_drop_not_on_noise():
         rows = [{"prediction_date": d, "corrected": 12, "in_vocabulary": 10, "top1_correct": week_right,
                  "with_label_set": 10, "covered": 9, "flagged": 2, "flagged_irrelevant": 2, "irrelevant": 2}
                 for d in week[:7]]
-        rows.append({**rows[0], "prediction_date": week[7], "in_vocabulary": last_n, "top1_correct": last_right})
+        rows.append({**rows[0], "prediction_date": week[7],
+                     "in_vocabulary": last_n, "top1_correct": last_right})
         return pd.DataFrame(rows)
 
     drop = fa.vs_trailing(counts(3, 10), [week[7]])[week[7]]
-    assert drop["accuracy"]["dropped"] and drop["accuracy"]["trailing"] == 1.0 and drop["accuracy"]["day"] == 0.3
+    assert (drop["accuracy"]["dropped"] and drop["accuracy"]["trailing"] == 1.0
+            and drop["accuracy"]["day"] == 0.3)
     assert drop["accuracy"]["p_value"] < fa.DROP_ALPHA
     assert not drop["coverage"]["dropped"] and not drop["ood_precision"]["dropped"]
     noise = fa.vs_trailing(counts(2, 3, week_right=9), [week[7]])[week[7]]  # 2 of 3 after 63 of 70: too few
@@ -331,12 +341,15 @@ def test_trailing_week_check_is_a_warning_on_the_asset(tmp_path, demo_data):
     for n, day in enumerate(days):
         ids = [f"{day}/{k}.jpg" for k in range(10)]
         top1 = ["dirt"] * 10 if n < 7 else ["dirt"] * 3 + ["normal"] * 7  # the last day: 3 of 10 right
-        wh.append_rows(WITH_SETS, predictions(day, [(i, t, False, t, None) for i, t in zip(ids, top1, strict=True)]))
-        wh.append_rows(LABEL_CORRECTIONS, pd.DataFrame([verdict(i, "dirt", day, f"{day} 12:00") for i in ids]))
+        wh.append_rows(WITH_SETS,
+                       predictions(day, [(i, t, False, t, None) for i, t in zip(ids, top1, strict=True)]))
+        wh.append_rows(LABEL_CORRECTIONS,
+                       pd.DataFrame([verdict(i, "dirt", day, f"{day} 12:00") for i in ids]))
     result = dg.materialize(
         _assets(defs), selection=dg.AssetSelection.assets("field_accuracy"), resources=defs.resources,
         partition_key=days[-1].isoformat(), instance=dg.DagsterInstance.ephemeral())
-    check = {c.check_name: c for c in result.get_asset_check_evaluations()}["field_accuracy_vs_trailing_7_days"]
+    check = ({c.check_name: c for c in result.get_asset_check_evaluations()}
+             ["field_accuracy_vs_trailing_7_days"])
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     compared = check.metadata["compared"].value[days[-1].isoformat()]
     assert compared["accuracy"]["dropped"] and compared["accuracy"]["trailing"] == 1.0
@@ -373,7 +386,8 @@ def test_a_flipped_label_is_a_new_dataset_version_the_training_step_reads(pipeli
                        uri_root=str(extra))
     shutil.copy(demo_data / "ood/documents/documents_000.png", extra / "page")
     wh.append_rows(WITH_SETS, rows)
-    done = corr.record(wh, [{"image_id": "again", "label": "normal"}, {"image_id": "page", "label": "irrelevant"}],
+    done = corr.record(wh, [{"image_id": "again", "label": "normal"},
+                            {"image_id": "page", "label": "irrelevant"}],
                        cfg.vocabulary(), inspector="kim")
     assert done.appended == 2
     # another system appends a bad verdict straight into the table: rejected at read, not fatal
@@ -390,14 +404,16 @@ def test_a_flipped_label_is_a_new_dataset_version_the_training_step_reads(pipeli
 
     monkeypatch.setattr(model_defs, "train_classifier", spy)
     result = dg.materialize(
-        _assets(defs), selection=dg.AssetSelection.assets(["raw_labels", "label_corrections"], "sofar_dataset",
-                                                          "sofar_classifier"),
+        _assets(defs),
+        selection=dg.AssetSelection.assets(["raw_labels", "label_corrections"], "sofar_dataset",
+                                           "sofar_classifier"),
         resources=defs.resources, instance=dg.DagsterInstance.ephemeral(), raise_on_error=False)
-    assert [e.step_key for e in result.get_step_failure_events()] == ["sofar_classifier"]  # stopped by the spy
+    # stopped by the spy
+    assert [e.step_key for e in result.get_step_failure_events()] == ["sofar_classifier"]
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert not checks["corrections_valid"].passed
-    assert "image_id 'ghost': unknown image id (no prediction on 2026-11-20)" in checks["corrections_valid"].metadata[
-        "rows"].value
+    assert ("image_id 'ghost': unknown image id (no prediction on 2026-11-20)"
+            in checks["corrections_valid"].metadata["rows"].value)
     raw = wh.read_table(RAW_CORRECTIONS.name)
     assert raw.loc[raw["image_id"] == "again", "sha256"].item() == train_defect["sha256"]
 
@@ -405,7 +421,8 @@ def test_a_flipped_label_is_a_new_dataset_version_the_training_step_reads(pipeli
     new_hash = ds.dataset_hash(after)
     assert new_hash != old_hash
     row = after[after["sha256"] == train_defect["sha256"]].iloc[0]
-    assert (row["label"], row["labels"], row["tasks"], row["split"]) == ("normal", "normal", "defect", "train")
+    assert ((row["label"], row["labels"], row["tasks"], row["split"])
+            == ("normal", "normal", "defect", "train"))
     assert pd.notna(row["corrected_at"])
     assert len(after) == len(before)  # the page was in no task: it goes to the OOD set, not the dataset
     assert corr.irrelevant_uris(raw) == [str(extra / "page")]
@@ -419,8 +436,9 @@ def test_a_flipped_label_is_a_new_dataset_version_the_training_step_reads(pipeli
     assert runs[0].data.tags["dataset_hash"] == new_hash
     # a second, later verdict wins: the photo is irrelevant now and leaves the dataset
     corr.record(wh, [{"image_id": "again", "label": "irrelevant"}], cfg.vocabulary(), inspector="lee")
-    again = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets(["raw_labels", "label_corrections"],
-                                                                             "sofar_dataset"),
+    again = dg.materialize(_assets(defs),
+                           selection=dg.AssetSelection.assets(["raw_labels", "label_corrections"],
+                                                              "sofar_dataset"),
                            resources=defs.resources, instance=dg.DagsterInstance.ephemeral())
     assert again.success
     after2 = wh.read_table("sofar_dataset")
@@ -446,7 +464,8 @@ def test_irrelevant_verdicts_become_an_ood_set_once_there_are_enough(tmp_path, d
         return pd.DataFrame({
             **{c: [None] * n for c in RAW_CORRECTIONS.columns},
             "task": [corr.TASK] * n, "image_uri": [f"/u/{k}.png" for k in range(n)], "label": labels,
-            "source_label": labels, "sha256": [f"{k:064x}" for k in range(n)], "image_id": [str(k) for k in range(n)],
+            "source_label": labels, "sha256": [f"{k:064x}" for k in range(n)],
+            "image_id": [str(k) for k in range(n)],
             "corrected_at": [pd.Timestamp("2026-11-02 09:00")] * n, "prediction_date": [D1] * n,
         })
 
@@ -468,7 +487,8 @@ def test_production_append_is_one_write_append_load_into_the_partitioned_table()
 
     client = RecordingClient()
     wh = BigQueryWarehouse("sofar-prod", "sofar", client=client)
-    assert wh.append_rows(LABEL_CORRECTIONS, pd.DataFrame([verdict("a", "dirt", D1, "2026-11-02 09:00")])) == 1
+    assert wh.append_rows(LABEL_CORRECTIONS,
+                          pd.DataFrame([verdict("a", "dirt", D1, "2026-11-02 09:00")])) == 1
     (load,) = [c for c in client.calls if c[0].startswith("load_")]
     assert load[1] == "sofar-prod.sofar.label_corrections"  # the table, never a partition decorator
     config = load[2]
@@ -487,10 +507,12 @@ def test_record_and_lookups_on_the_bigquery_emulator(emulator):
     wh = BigQueryWarehouse(emulator.project, f"sofar_{uuid.uuid4().hex[:8]}", client=emulator.client(),
                            partition_decorator=False)
     wh.ensure_dataset()
-    wh.append_rows(WITH_SETS, predictions(D1, [("a'b", "dirt", False, "dirt", None), ("c", "normal", True, "", None)]))
+    wh.append_rows(WITH_SETS, predictions(D1, [("a'b", "dirt", False, "dirt", None),
+                                               ("c", "normal", True, "", None)]))
     vocabulary = ["normal", "dirt"]
     with pytest.raises(corr.CorrectionError, match="image_id 'zz': unknown image id"):
-        corr.record(wh, [{"image_id": "a'b", "label": "dirt"}, {"image_id": "zz", "label": "dirt", "where": "row 2"}],
+        corr.record(wh, [{"image_id": "a'b", "label": "dirt"},
+                         {"image_id": "zz", "label": "dirt", "where": "row 2"}],
                     vocabulary, inspector="kim")
     assert not wh.table_exists(LABEL_CORRECTIONS.name)
     rows = [{"image_id": "a'b", "label": "normal", "corrected_at": "2026-11-02T09:00:00"},
@@ -499,7 +521,8 @@ def test_record_and_lookups_on_the_bigquery_emulator(emulator):
     assert corr.record(wh, rows, vocabulary, inspector="kim").already_stored == 2  # appended once
     assert len(wh.read_table(LABEL_CORRECTIONS.name)) == 2
     # without corrected_at: the photo's current verdict again adds nothing (one INSERT ... SELECT)
-    assert corr.record(wh, [{"image_id": "a'b", "label": "normal"}], vocabulary, inspector="kim").appended == 0
+    assert corr.record(wh, [{"image_id": "a'b", "label": "normal"}], vocabulary,
+                       inspector="kim").appended == 0
     assert len(wh.read_table(LABEL_CORRECTIONS.name)) == 2
     latest = corr.latest_per_image(wh)
     reasons = corr.validate_stored(wh, latest, vocabulary)
@@ -509,8 +532,8 @@ def test_record_and_lookups_on_the_bigquery_emulator(emulator):
     back = wh.read_table(RAW_CORRECTIONS.name).sort_values("image_id")
     assert back["error"].str.contains("outside the allowed roots").all() and back["label"].isna().all()
     counts = fa.daily_counts(wh, D1, D2)
-    assert counts[["corrected", "in_vocabulary", "top1_correct", "covered", "flagged", "flagged_irrelevant"]].iloc[
-        0].tolist() == [2, 1, 0, 0, 1, 1]
+    assert counts[["corrected", "in_vocabulary", "top1_correct", "covered", "flagged",
+                   "flagged_irrelevant"]].iloc[0].tolist() == [2, 1, 0, 0, 1, 1]
 
 
 def test_demo_corrections_import_and_the_summary_shows_the_loop(setup, demo_data, capsys):
@@ -519,7 +542,8 @@ def test_demo_corrections_import_and_the_summary_shows_the_loop(setup, demo_data
     assert set(demo.columns) == {"image_id", "label", "inspector", "corrected_at"}
     for day in (D1, D2):  # the demo days predicted: right on every photo but the first, the page flagged
         judged = demo[demo["image_id"].str.startswith(day.isoformat())]
-        top1 = ["normal" if lab == "irrelevant" else ("seat" if k == 0 else lab) for k, lab in enumerate(judged["label"])]
+        top1 = ["normal" if lab == "irrelevant" else ("seat" if k == 0 else lab)
+                for k, lab in enumerate(judged["label"])]
         wh.append_rows(WITH_SETS, predictions(day, [
             (i, t, lab == "irrelevant", "" if lab == "irrelevant" else t, None)
             for i, t, lab in zip(judged["image_id"], top1, judged["label"], strict=True)]))

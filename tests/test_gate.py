@@ -12,7 +12,8 @@ from sofar_assets.definitions import TRAINING_SELECTION, build_definitions
 
 from conftest import _assets, write_config
 
-RETRAIN = dg.AssetSelection.assets("sofar_classifier", "ood_calibration", "model_evaluation", "champion_model")
+RETRAIN = dg.AssetSelection.assets("sofar_classifier", "ood_calibration", "model_evaluation",
+                                   "champion_model")
 
 
 def test_worse_model_fails_the_gate_and_the_champion_stays(tmp_path, demo_data):
@@ -113,7 +114,8 @@ def test_too_few_images_is_insufficient_evidence_not_a_comparison():
     res = gate_results(ev, GateConfig(min_test_images=10, insufficient_evidence="pass"))
     for name in ("macro_f1_not_worse_than_champion", "ece_below_ceiling", "ood_auroc_above_floor"):
         ok, md = res[name]
-        assert ok and md["evidence"] == "insufficient" and md["test_images"] == 3 and md["min_test_images"] == 10
+        assert (ok and md["evidence"] == "insufficient"
+                and md["test_images"] == 3 and md["min_test_images"] == 10)
     strict = failed_checks(ev, GateConfig(min_test_images=10, insufficient_evidence="fail"))
     assert {"macro_f1_not_worse_than_champion", "ece_below_ceiling", "ood_auroc_above_floor"} <= set(strict)
     # an OOD set of 2 images is insufficient on its own
@@ -146,7 +148,8 @@ def test_the_gate_can_require_beating_the_frozen_feature_probe():
     ok, md = gate_results(worse, GateConfig(require_beats_probe=True))["not_worse_than_probe"]
     assert not ok and md["evidence"] == "sufficient"
     assert gate_results(_evaluation(), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
-    assert not gate_results(_evaluation(probe={}), GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
+    assert not gate_results(_evaluation(probe={}),
+                            GateConfig(require_beats_probe=True))["not_worse_than_probe"][0]
 
 
 def test_the_gate_blocks_label_sets_that_significantly_under_cover():
@@ -157,11 +160,12 @@ def test_the_gate_blocks_label_sets_that_significantly_under_cover():
     def figures(n: int, covered: int) -> dict:
         """The rule's sets are {a} on every row; ``covered`` of the ``n`` true labels are a."""
         y = np.array([0] * covered + [1] * (n - covered))
-        return conformal.evaluate(conformal.LabelSets("lac", 0.9, 0.5, 200), np.tile([0.7, 0.2, 0.1], (n, 1)), y,
-                                  ["a", "b", "c"])
+        return conformal.evaluate(conformal.LabelSets("lac", 0.9, 0.5, 200),
+                                  np.tile([0.7, 0.2, 0.1], (n, 1)), y, ["a", "b", "c"])
 
     def verdict(cf: dict, **gate) -> tuple[bool, dict]:
-        return gate_results(_evaluation(conformal=cf, test_images=cf["images"]), GateConfig(**gate))["label_set_coverage"]
+        return gate_results(_evaluation(conformal=cf, test_images=cf["images"]),
+                            GateConfig(**gate))["label_set_coverage"]
 
     low = figures(400, 320)  # 0.80 on 400 photos: 95 % interval 0.76-0.84, below the floor 0.85
     assert low["coverage"] == 0.8 and low["per_class"]["b"]["coverage"] == 0.0

@@ -215,3 +215,19 @@ def test_feature_scores_serve_what_the_calibration_scored(tmp_path, method):
         predict_frame(served, [(val[0], val[0])], ood_stats={}, **kw)
     with pytest.raises(ValueError, match="MeanColour has no forward_features"):
         predict_frame(MeanColour(), [(val[0], val[0])], ood_stats=meta["ood_stats"], **kw)
+
+
+def test_each_row_carries_its_items_day_through_the_model(items):
+    """An item's day rides through the DataLoader into its own row (``prediction_date``), also in a
+    batch that straddles two days and for error rows; an item without a day gets a NULL day."""
+    import datetime as dt
+
+    from sofar_assets.lib.serving.inference import as_item
+
+    d1, d2 = dt.date(2026, 11, 1), dt.date(2026, 11, 2)
+    dated = [as_item(x, d1 if k < 3 else d2) for k, x in enumerate(items)]  # batch 1 holds both days
+    frames = list(predict_images(MeanColour(), dated, classes=CLASSES, image_size=16, threshold=3.0,
+                                 num_workers=2, batch_size=4))
+    assert [f["prediction_date"].tolist() for f in frames] == [[d1, d1, d1, d2], [d2, d2]]
+    assert [i for f in frames for i in f["image_id"]] == [x[0] for x in items]
+    assert run(items)["prediction_date"].isna().all()

@@ -48,7 +48,8 @@ def morning(pipeline, demo_data, tmp_path_factory):
     with duckdb.connect(str(folder / "state" / "warehouse.duckdb")) as con:  # only the days made here:
         for (schema,) in con.execute("SELECT table_schema FROM information_schema.tables "
                                      "WHERE table_name = 'predictions'").fetchall():
-            con.execute(f'DROP TABLE "{schema}".predictions')  # other tests' days in the shared state are not ours
+            # other tests' days in the shared state are not ours
+            con.execute(f'DROP TABLE "{schema}".predictions')
     path = write_config(folder, demo_data)
     cfg = load_config(path)
     defs = build_definitions(cfg)
@@ -76,12 +77,12 @@ def morning(pipeline, demo_data, tmp_path_factory):
         if key.startswith(("dataset_hash", "test_")):
             client.set_model_version_tag(name, v2.version, key, value)
     previous = registry.set_champion(client, name, str(v2.version))
-    registry.record_promotion(client, name, str(v2.version), previous, by="dora", reason="retrained", via="test",
-                              gate="passed")
+    registry.record_promotion(client, name, str(v2.version), previous,
+                              by="dora", reason="retrained", via="test", gate="passed")
     ranged = predict(DAYS[1], EMPTY_DAY)
     instance.dispose()
-    return {"ranged": ranged, "path": path, "cfg": cfg, "client": client, "home": home, "wh": defs.resources["warehouse"].get(),
-            "v2": str(v2.version)}
+    return {"ranged": ranged, "path": path, "cfg": cfg, "client": client, "home": home,
+            "wh": defs.resources["warehouse"].get(), "v2": str(v2.version)}
 
 
 @pytest.fixture
@@ -122,7 +123,8 @@ def test_status_walks_every_day_and_prints_the_backfill(sofar, morning):
     code, out, _ = sofar("status", "--until", UNTIL.isoformat())
     assert code == 0, out
     if os.environ.get("SOFAR_SHOTS_DIR"):  # the text capture for the issue's note
-        Path(os.environ["SOFAR_SHOTS_DIR"], "sofar-status.txt").write_text(f"$ sofar status --until {UNTIL}\n{out}")
+        Path(os.environ["SOFAR_SHOTS_DIR"], "sofar-status.txt").write_text(
+            f"$ sofar status --until {UNTIL}\n{out}")
     states = {line.split()[0]: line.split()[1] for line in out.splitlines()
               if line.startswith("  2026-11-0") and " .. " not in line}
     assert states == {"2026-11-01": "stale", "2026-11-02": "landed", "2026-11-03": "empty"}
@@ -133,8 +135,10 @@ def test_status_walks_every_day_and_prints_the_backfill(sofar, morning):
     assert "{" not in out and "0.0144967" not in out  # no Python dicts, no 16-digit floats
     code, out, _ = sofar("status", "--until", UNTIL.isoformat(), "--days", "2", "--json")
     report = json.loads(out)
-    assert [(d["day"], d["state"]) for d in report["days"]] == [("2026-11-05", "missing"), ("2026-11-06", "missing")]
-    assert report["champion"]["version"] == morning["v2"] and report["backfill"] == "sofar backfill 2026-11-05 2026-11-06"
+    assert ([(d["day"], d["state"]) for d in report["days"]]
+            == [("2026-11-05", "missing"), ("2026-11-06", "missing")])
+    assert (report["champion"]["version"] == morning["v2"]
+            and report["backfill"] == "sofar backfill 2026-11-05 2026-11-06")
 
 
 @pytest.mark.parametrize("days", ["0", "-1", "x"])
@@ -157,8 +161,8 @@ def test_a_closed_pipe_ends_quietly(morning):
 def test_help_imports_nothing_heavy():
     code = ("import sys; from sofar_assets import cli; cli.build_parser().format_help(); "
             "print([m for m in ('pandas', 'dagster', 'mlflow', 'torch') if m in sys.modules])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
@@ -182,7 +186,8 @@ def test_show_ood_does_not_overwrite_the_full_sheet(sofar, morning):
 
 
 def test_least_confident_is_not_padded_with_sure_photos():
-    rows = pd.DataFrame({"image_id": ["a", "b", "c"], "image_uri": ["/a", "/b", "/c"], "top1_label": ["x"] * 3,
+    rows = pd.DataFrame({"image_id": ["a", "b", "c"], "image_uri": ["/a", "/b", "/c"],
+                         "top1_label": ["x"] * 3,
                          "top1_prob": [0.62, 0.9999, 1.0], "ood_score": [0.0] * 3, "is_ood": [False] * 3,
                          "error": [None] * 3})
     picked = review.select_for_review(rows, least_confident=8)
@@ -213,7 +218,8 @@ def test_page_verdicts_are_validated_stored_once_and_undone(morning):
     page = review.page_queue(wh, "predictions", day)
     unsure = page[page["reason"] == review.LEAST_CONFIDENT]
     assert (unsure["top1_prob"] < review.CONFIDENT).all() and (unsure["label_set_size"] == 1).all()
-    assert list(page["image_id"][:len(page) - len(unsure)]) == list(review.review_queue(wh, "predictions", day)["image_id"])
+    assert (list(page["image_id"][:len(page) - len(unsure)])
+            == list(review.review_queue(wh, "predictions", day)["image_id"]))
     got = review.record_verdict(wh, image_id, vocab[0], vocab, inspector="fay")
     again = review.record_verdict(wh, image_id, vocab[0], vocab, inspector="fay")
     assert got["stored"] and not again["stored"] and again["corrected_at"] == got["corrected_at"]
@@ -257,7 +263,8 @@ def test_backfill_submits_as_the_ui_does_and_refuses_bad_ranges(sofar, monkeypat
 
     def fake_post(url, json=None, timeout=None):
         sent.append((url, json))
-        body = {"data": {"launchPartitionBackfill": {"__typename": "LaunchBackfillSuccess", "backfillId": "abc"}}}
+        body = {"data": {"launchPartitionBackfill": {"__typename": "LaunchBackfillSuccess",
+                                                     "backfillId": "abc"}}}
         return httpx.Response(200, json=body, request=httpx.Request("POST", url))
 
     with monkeypatch.context() as m:
@@ -293,8 +300,8 @@ def test_retrain_runs_train_and_promote_only(sofar, monkeypatch):
 
 # -- the review page in a real browser -----------------------------------------------------------------
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: `make chromium` installs it (make test needs it)
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 @pytest.fixture
@@ -372,21 +379,26 @@ def test_dagster_metadata_reads_at_a_glance(pipeline, morning):
     result = pipeline["result"]
     classifier = result.asset_materializations_for_node("sofar_classifier")[-1].metadata
     run_id = classifier["mlflow_run_id"].value
-    assert classifier["training_curves"].value.endswith(f"/get-artifact?path=training_curves.png&run_uuid={run_id}")
+    assert classifier["training_curves"].value.endswith(
+        f"/get-artifact?path=training_curves.png&run_uuid={run_id}")
     evaluation = result.asset_materializations_for_node("model_evaluation")[-1].metadata
     assert evaluation["ece"].value == round(evaluation["ece"].value, 4)  # not 0.014496708800914223
     assert isinstance(evaluation["reliability"], dg.UrlMetadataValue)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     ece = checks["ece_below_ceiling"].metadata
-    assert isinstance(ece["ceiling"], dg.TextMetadataValue) and isinstance(ece["min_test_images"], dg.TextMetadataValue)
+    assert (isinstance(ece["ceiling"], dg.TextMetadataValue)
+            and isinstance(ece["min_test_images"], dg.TextMetadataValue))
     # a range run: each partition's own figures first, the run's after; checks say which days
-    mats = {m.partition: m.metadata for m in morning["ranged"].asset_materializations_for_node("daily_predictions")}
+    mats = {m.partition: m.metadata
+            for m in morning["ranged"].asset_materializations_for_node("daily_predictions")}
     own = list(mats[DAYS[1].isoformat()])
-    assert own[:3] == ["dagster/row_count", "uploads", "rows"] and own.index("review_page") < own.index("run_rows")
+    assert (own[:3] == ["dagster/row_count", "uploads", "rows"]
+            and own.index("review_page") < own.index("run_rows"))
     assert mats[DAYS[1].isoformat()]["review_page"].value.endswith(f"/?day={DAYS[1]}")
     range_checks = {c.check_name: c for c in morning["ranged"].get_asset_check_evaluations()}
     assert range_checks["ood_rate_vs_trailing_7_days"].description == f"days {DAYS[1]} .. {EMPTY_DAY}"
-    assert isinstance(range_checks["ood_rate_vs_trailing_7_days"].metadata["compared_days"], dg.TextMetadataValue)
+    assert isinstance(range_checks["ood_rate_vs_trailing_7_days"].metadata["compared_days"],
+                      dg.TextMetadataValue)
 
 
 def test_mlflow_runs_log_their_dataset(pipeline):

@@ -144,7 +144,8 @@ def render_step(launcher: K8sRunLauncher, job_name: str, step, cfg=None) -> kube
         component="step_worker",
         user_defined_k8s_config=context.run_k8s_config,
         labels={"dagster/job": job_name, "dagster/op": step.key, "dagster/run-id": run.run_id},
-        env_vars=[{"name": "DAGSTER_RUN_JOB_NAME", "value": job_name}, {"name": "DAGSTER_RUN_STEP_KEY", "value": step.key}],
+        env_vars=[{"name": "DAGSTER_RUN_JOB_NAME", "value": job_name},
+                  {"name": "DAGSTER_RUN_STEP_KEY", "value": step.key}],
     )
 
 
@@ -208,7 +209,8 @@ def step_problems(cfg, defs, launcher, steps=None) -> list[str]:
         container = pod.containers[0]
         where = f"{job_name}/{step.key}"
         if _env(container).get("SOFAR_CONFIG") != config_path:
-            problems.append(f"{where}: SOFAR_CONFIG is {_env(container).get('SOFAR_CONFIG')!r}, not {config_path!r}")
+            problems.append(f"{where}: SOFAR_CONFIG is {_env(container).get('SOFAR_CONFIG')!r}, "
+                            f"not {config_path!r}")
         if "sofar-mlflow" not in _secret_refs(container):
             problems.append(f"{where}: the MLflow credentials secret is not in envFrom")
         # a step that loads a registered model AND reads data (images via the store or the warehouse)
@@ -219,7 +221,8 @@ def step_problems(cfg, defs, launcher, steps=None) -> list[str]:
                        and not step.key.endswith(".plan_shards")) or step.key.endswith(".score_shard[?]"))
         reads_images = "image_store" in resources or runs_model
         if runs_model != (step.tags.get(RUNS_MODEL_TAG) == "true"):
-            problems.append(f"{where}: runs a model={runs_model} but tag {RUNS_MODEL_TAG}={step.tags.get(RUNS_MODEL_TAG)!r}")
+            problems.append(f"{where}: runs a model={runs_model} "
+                            f"but tag {RUNS_MODEL_TAG}={step.tags.get(RUNS_MODEL_TAG)!r}")
         if not reads_images:
             continue
         training = step.key == TRAIN_STEP
@@ -245,11 +248,13 @@ def step_problems(cfg, defs, launcher, steps=None) -> list[str]:
             shm_bytes = int(parse_quantity(shm.empty_dir.size_limit))
             batches = workers * PREFETCH_FACTOR * batch * 3 * cfg.model.image_size**2
             if shm_bytes < batches:
-                problems.append(f"{where}: /dev/shm {shm.empty_dir.size_limit} < {batches} bytes of worker batches")
+                problems.append(f"{where}: /dev/shm {shm.empty_dir.size_limit} < {batches} "
+                                "bytes of worker batches")
         if int(parse_quantity(requests.get("cpu", "0"))) < workers + 1:
             problems.append(f"{where}: cpu request {requests.get('cpu')} < {workers} workers + 1")
         if int(parse_quantity(requests.get("memory", "0"))) < shm_bytes + (workers + 1) * 2**29:
-            problems.append(f"{where}: memory request {requests.get('memory')} does not cover shm + {workers + 1} processes")
+            problems.append(f"{where}: memory request {requests.get('memory')} "
+                            f"does not cover shm + {workers + 1} processes")
         cache = _mounted(job, cfg.cache_dir)
         if cache is None or cache.persistent_volume_claim is None:
             problems.append(f"{where}: the cache volume is not mounted at {cfg.cache_dir}")
@@ -273,7 +278,8 @@ def cache_problems(cfg, job, volume: str) -> list[str]:
     uid = _dockerfile_uid()
     mount = next(m for m in pod.containers[0].volume_mounts if m.name == volume)
     if not mount.sub_path:
-        return [f"the cache share's root is mounted at {mount.mount_path}: uid {uid} cannot write a fresh share"]
+        return [f"the cache share's root is mounted at {mount.mount_path}: "
+                f"uid {uid} cannot write a fresh share"]
     for init in pod.init_containers or []:
         share = next((m for m in init.volume_mounts or [] if m.name == volume and not m.sub_path), None)
         if share is None:
@@ -312,7 +318,8 @@ def test_every_prod_step_pod_gets_what_it_uses(cfg, defs, launcher):
 def test_model_steps_on_cuda_request_a_gpu_on_a_gpu_node(cfg, defs, launcher):
     assert {cfg.train.device, cfg.inference.device} <= {"auto", "cuda"}  # prod: CUDA in a GPU pod
     rendered = {s.key: render_step(launcher, j, s) for j, s, _ in prod_steps(defs)}
-    for key in ("sofar_classifier", "ood_calibration", "model_evaluation", "daily_predictions.score_shard[?]"):
+    for key in ("sofar_classifier", "ood_calibration", "model_evaluation",
+                "daily_predictions.score_shard[?]"):
         pod = rendered[key].spec.template.spec
         assert pod.containers[0].resources.limits[GPU_RESOURCE] == "1", key
         assert pod.node_selector == {"cloud.google.com/gke-accelerator": "nvidia-l4"}, key
@@ -351,7 +358,8 @@ def test_a_cpu_configured_model_step_asks_for_no_gpu(cfg):
     cpu = cfg.model_copy(update={"inference": cfg.inference.model_copy(update={"device": "cpu"})})
     tags = step_tags(cpu, gpu=True, workers=4)
     resources = tags[K8S_CONFIG_TAG]["container_config"]["resources"]
-    assert GPU_RESOURCE not in resources["requests"] and "node_selector" not in tags[K8S_CONFIG_TAG]["pod_spec_config"]
+    assert (GPU_RESOURCE not in resources["requests"]
+            and "node_selector" not in tags[K8S_CONFIG_TAG]["pod_spec_config"])
     assert tags[RUNS_MODEL_TAG] == "true" and parse_quantity(resources["requests"]["cpu"]) == 5
 
 
@@ -425,7 +433,8 @@ def test_helm_values_validate_against_the_charts_schema(values):
 
 
 def relaxed(schema: dict) -> jsonschema.Validator:
-    return jsonschema.validators.extend(jsonschema.Draft202012Validator, {"required": lambda *_: iter(())})(schema)
+    return jsonschema.validators.extend(jsonschema.Draft202012Validator,
+                                        {"required": lambda *_: iter(())})(schema)
 
 
 def test_the_schema_check_catches_a_misspelled_launcher_key(values):
@@ -451,7 +460,8 @@ def test_instance_settings_are_valid_dagster_instance_config(values):
     }
     result = validate_config(dagster_instance_config_schema(), instance)
     assert result.success, result.errors
-    assert monitoring["enabled"] and monitoring["startTimeoutSeconds"] > 0 and monitoring["maxResumeRunAttempts"] > 0
+    assert (monitoring["enabled"] and monitoring["startTimeoutSeconds"] > 0
+            and monitoring["maxResumeRunAttempts"] > 0)
     assert values["dagsterDaemon"]["runCoordinator"]["type"] == "QueuedRunCoordinator"
     assert concurrency["enabled"] and concurrency["pools"]["defaultLimit"] >= 1
     sa = values["serviceAccount"]["annotations"]["iam.gke.io/gcp-service-account"]
@@ -477,7 +487,8 @@ def test_dockerfile_is_one_cuda_image_with_commit_config_weights_and_a_non_root_
     ins = _dockerfile_instructions()
     args = dict(a.split("=", 1) for w, a in ins if w == "ARG" and "=" in a)
     froms = [a for w, a in ins if w == "FROM"]
-    assert len(froms) == 1 and froms[0] == "${CUDA_IMAGE}" and re.match(r"nvidia/cuda:[\d.]+-cudnn-runtime-", args["CUDA_IMAGE"])
+    assert (len(froms) == 1 and froms[0] == "${CUDA_IMAGE}"
+            and re.match(r"nvidia/cuda:[\d.]+-cudnn-runtime-", args["CUDA_IMAGE"]))
     env = " ".join(a for w, a in ins if w == "ENV")
     assert "SOFAR_GIT_COMMIT=${SOFAR_GIT_COMMIT}" in env and "SOFAR_GIT_COMMIT" in args
     assert "SOFAR_CONFIG=/app/config/prod.yaml" in env
@@ -504,7 +515,8 @@ def _pyproject_dependencies() -> list[str]:
 
 
 def test_dockerignore_sends_only_what_the_image_copies():
-    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    lines = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
     assert lines[0] == "*"
     kept = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     copied = {a.split()[0] for w, a in _dockerfile_instructions() if w == "COPY"}
@@ -525,13 +537,15 @@ def test_weights_file_gives_the_same_logits_as_the_package(tmp_path, samples):
     main(["export-weights", str(weights)])
     assert weights.stat().st_mode & stat.S_IROTH  # the image's non-root user can read it
     photo = sorted((samples / "CAR_DEFECT_RECOGNITION").rglob("*.jpg"))[0]
-    x = torch.from_numpy(load_image_array(photo.read_bytes(), str(photo), 224)).permute(2, 0, 1)[None].float() / 255
+    x = (torch.from_numpy(load_image_array(photo.read_bytes(), str(photo), 224))
+         .permute(2, 0, 1)[None].float() / 255)
     logits, features = [], []
     for weights_file in (None, str(weights)):
         imagenet = build_model(ModelSpec(num_classes=1000, pretrained=True, weights_file=weights_file)).eval()
         sd = offline_imagenet_state_dict(weights_file)
         imagenet.head.load_state_dict({"weight": sd["classifier.weight"], "bias": sd["classifier.bias"]})
-        pmg = build_model(ModelSpec(num_classes=3, arch="pmg", pretrained=True, weights_file=weights_file)).eval()
+        pmg = build_model(ModelSpec(num_classes=3, arch="pmg", pretrained=True,
+                                    weights_file=weights_file)).eval()
         with torch.no_grad():
             logits.append(imagenet(x))
             features.append(pmg.backbone(pmg.normalize(x)))
@@ -560,10 +574,12 @@ def test_weights_file_errors_name_the_file(tmp_path):
 
 def test_config_weights_file_is_checked_with_the_paths(tmp_path):
     data = {"tasks": {"t": {"folder": "gs://b/t", "labels": {"a": "a"}}}, "uploads": {"folder": "gs://b/u"},
-            "partitions": {"start_date": dt.date(2026, 1, 1)}, "model": {"weights_file": "w/lite0.safetensors"}}
+            "partitions": {"start_date": dt.date(2026, 1, 1)},
+            "model": {"weights_file": "w/lite0.safetensors"}}
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(ConfigError, match=r"model\.weights_file: file does not exist: .*w/lite0\.safetensors"):
+    with pytest.raises(ConfigError,
+                       match=r"model\.weights_file: file does not exist: .*w/lite0\.safetensors"):
         load_config(path)
     (tmp_path / "w").mkdir()
     np.zeros(1).tofile(tmp_path / "w" / "lite0.safetensors")
@@ -599,11 +615,13 @@ def _cfg_for(machine: str, accelerator: str) -> object:
     for section in ("train", "inference"):
         batch = raw[section].get("batch_size", 16)
         raw[section]["num_workers"] = min(8, gke.max_workers(m, batch, raw["model"]["image_size"]))
-    raw["kubernetes"].update(gpu_machine=machine, gpu_node_selector={"cloud.google.com/gke-accelerator": accelerator})
+    raw["kubernetes"].update(gpu_machine=machine,
+                             gpu_node_selector={"cloud.google.com/gke-accelerator": accelerator})
     return parse_config(raw, base_dir=PROD_CONFIG.parent, source=str(PROD_CONFIG))
 
 
-@pytest.mark.parametrize("machine,accelerator", [("g2-standard-8", "nvidia-l4"), ("g2-standard-12", "nvidia-l4"),
+@pytest.mark.parametrize("machine,accelerator", [("g2-standard-8", "nvidia-l4"),
+                                                 ("g2-standard-12", "nvidia-l4"),
                                                  ("n1-standard-8", "nvidia-tesla-t4")])
 def test_every_gpu_step_pod_fits_its_node(launcher, machine, accelerator):
     cfg = _cfg_for(machine, accelerator)
@@ -630,15 +648,16 @@ def test_prod_config_fits_its_gpu_machine_and_more_workers_is_a_load_error():
     assert raw["kubernetes"]["gpu_machine"] == "g2-standard-8"
     assert parse_config(raw, base_dir=PROD_CONFIG.parent).train.num_workers == 6
     raw["train"]["num_workers"] = 8  # the landed value: 9 vCPU on an 8-vCPU node, Pending forever
-    with pytest.raises(ConfigError, match=r"train\.num_workers: 8 workers \+ the main process needs 9 vCPU > 7\.41 "
-                                          r"that a g2-standard-8 node.*set train\.num_workers: 6"):
+    with pytest.raises(ConfigError, match=r"train\.num_workers: 8 workers \+ the main process needs 9 vCPU "
+                                          r"> 7\.41 that a g2-standard-8 node.*set train\.num_workers: 6"):
         parse_config(raw, base_dir=PROD_CONFIG.parent, source="prod.yaml")
     raw["train"]["num_workers"] = 6
     raw["kubernetes"]["gpu_node_selector"] = {"cloud.google.com/gke-accelerator": "nvidia-tesla-t4"}
     with pytest.raises(ConfigError, match=r"'nvidia-tesla-t4' is not a GPU a g2-standard-8 carries"):
         parse_config(raw, base_dir=PROD_CONFIG.parent)
     raw["kubernetes"]["gpu_machine"] = "g2-standard-7"
-    with pytest.raises(ConfigError, match=r"kubernetes\.gpu_machine: unknown GPU machine type 'g2-standard-7'"):
+    with pytest.raises(ConfigError,
+                       match=r"kubernetes\.gpu_machine: unknown GPU machine type 'g2-standard-7'"):
         parse_config(raw, base_dir=PROD_CONFIG.parent)
 
 
@@ -745,19 +764,22 @@ def test_a_gpu_step_that_sees_no_cuda_fails_at_once_naming_build_and_driver(cfg,
     assert resolve_device("auto").type == "cpu"  # outside a GPU pod: the CPU, as before
     monkeypatch.setenv(REQUIRE_GPU_ENV, "1")
     for device in ("auto", "cpu", "cuda"):
-        with pytest.raises(GpuMissingError, match=rf"torch .* built for CUDA {re.escape(str(torch.version.cuda))}"
-                                                  r".*; driver: .+; torch says: "):
+        with pytest.raises(GpuMissingError,
+                           match=rf"torch .* built for CUDA {re.escape(str(torch.version.cuda))}"
+                                 r".*; driver: .+; torch says: "):
             resolve_device(device)
 
 
 # --------------------------------------------------------------------------- pools
 
-WAREHOUSE_WRITES = re.compile(r"\.(write_table|replace_day|append_rows|replace_partition)\(|\bcommit_day\(")
+WAREHOUSE_WRITES = re.compile(
+    r"\.(write_table|replace_day|append_rows|replace_partition)\(|\b(commit_day|write_day|commit_run)\(")
 
 
 def test_every_gpu_step_and_every_warehouse_write_is_in_its_pool(defs, launcher):
     """Generic over every op of every prod job: the GPU comes from the rendered pod, a warehouse
-    write from the op's own code (a call of the warehouse's write methods or lib/serving/daily.commit_day)."""
+    write from the op's own code (a call of the warehouse's write methods, lib/serving/daily.commit_day or
+    write_day, or defs/predictions.commit_run)."""
     import inspect
 
     from sofar_assets.defs.k8s import POOL_GPU, POOL_WAREHOUSE_WRITE
@@ -773,7 +795,8 @@ def test_every_gpu_step_and_every_warehouse_write_is_in_its_pool(defs, launcher)
             assert op.pool == POOL_GPU, f"{step.key} holds a GPU but its pool is {op.pool!r}"
             seen[POOL_GPU].add(op.name)
         if writes:
-            assert op.pool == POOL_WAREHOUSE_WRITE, f"{step.key} writes the warehouse but its pool is {op.pool!r}"
+            assert op.pool == POOL_WAREHOUSE_WRITE, (f"{step.key} writes the warehouse "
+                                                     f"but its pool is {op.pool!r}")
             seen[POOL_WAREHOUSE_WRITE].add(op.name)
     assert {"sofar_classifier", "ood_calibration", "model_evaluation", "score_shard"} <= seen[POOL_GPU]
     assert {"sofar_dataset", "commit_days"} <= seen[POOL_WAREHOUSE_WRITE]

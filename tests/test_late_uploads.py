@@ -12,8 +12,8 @@ import yaml
 
 from sofar_assets.config import load_config, parse_config
 from sofar_assets.defs.late_uploads import PREDICTIONS_KEY, build_late_upload_sensor
-from sofar_assets.defs.predictions import day_window
 from sofar_assets.defs.resources import DuckDBWarehouseResource
+from sofar_assets.lib.data.days import day_window
 from sofar_assets.lib.warehouse import IMAGE_UPLOADS, DuckDBWarehouse
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def test_production_partitions_are_seoul_days_run_at_two_in_the_morning():
 
     cfg = load_config(ROOT / "config" / "prod.yaml", check_paths=False)
     assert cfg.partitions.timezone == "Asia/Seoul" and cfg.partitions.late_upload_days >= 1
-    start, end = day_window(cfg, dt.date(2026, 3, 1))
+    start, end = day_window(dt.date(2026, 3, 1), cfg.partitions.timezone)
     assert start.astimezone(dt.UTC) == dt.datetime(2026, 2, 28, 15, tzinfo=dt.UTC)  # 00:00 KST
     assert end - start == dt.timedelta(days=1)
     defs = build_definitions(cfg)

@@ -372,16 +372,16 @@ def test_predictions_with_forkserver_workers(pipeline, tmp_path):
 
 
 def test_range_backfill_loads_the_model_once(pipeline, monkeypatch):
-    import sofar_assets.defs.predictions as predictions
+    import sofar_assets.lib.serving.shards as shards  # the shard step loads the model there
 
     calls = []
-    real = predictions.load_registered
+    real = shards.load_registered
 
     def counting(uri):
         calls.append(uri)
         return real(uri)
 
-    monkeypatch.setattr(predictions, "load_registered", counting)
+    monkeypatch.setattr(shards, "load_registered", counting)
     result = _materialize_days(pipeline, dt.date(2026, 11, 1), dt.date(2026, 11, 3))
     assert result.success
     # once, straight from the artifact store (a local registry's store is a folder), not via models:/
@@ -441,7 +441,7 @@ def test_feature_score_champion_serves_its_calibrated_scores(pipeline, demo_data
     and the OOD set's documents gets, per photo, the kNN score the calibration computed for it."""
     import yaml
 
-    import sofar_assets.defs.predictions as predictions
+    import sofar_assets.lib.serving.shards as shards  # the shard step loads the model there
     from sofar_assets.defs.model import _split
 
     cal = pipeline["result"].output_for_node("ood_calibration")
@@ -476,8 +476,8 @@ def test_feature_score_champion_serves_its_calibrated_scores(pipeline, demo_data
     assert not rows.loc[[n for n in rows.index if n.startswith("val")], "is_ood"].all()
 
     # a version whose package lacks the kNN bank fails with its name and the score, before any row
-    real = predictions.load_registered
-    monkeypatch.setattr(predictions, "load_registered", lambda uri: (real(uri)[0], {**real(uri)[1], "ood_stats": {}}))
+    real = shards.load_registered
+    monkeypatch.setattr(shards, "load_registered", lambda uri: (real(uri)[0], {**real(uri)[1], "ood_stats": {}}))
     failed = _materialize_days(pipeline, day, day, defs=defs, raise_on_error=False)
     assert not failed.success
     version = client.get_model_version_by_alias(pipeline["cfg"].model.name, "champion").version

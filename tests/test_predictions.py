@@ -6,7 +6,8 @@ from pathlib import Path
 import pandas as pd
 
 from sofar_assets.config import parse_config
-from sofar_assets.defs.predictions import day_uploads, day_window
+from sofar_assets.defs.predictions import uploads_of_day
+from sofar_assets.lib.data.days import day_window
 from sofar_assets.lib.warehouse import DuckDBWarehouse
 
 
@@ -16,7 +17,7 @@ def test_uploads_from_table_are_cut_at_local_midnight(tmp_path):
         "uploads": {"table": "image_uploads", "allowed_roots": [str(tmp_path)]},
         "partitions": {"start_date": "2026-11-01", "timezone": "Asia/Seoul"},
     }, base_dir=Path(tmp_path))
-    start, end = day_window(cfg, dt.date(2026, 11, 2))
+    start, end = day_window(dt.date(2026, 11, 2), cfg.partitions.timezone)
     assert start.astimezone(dt.UTC) == dt.datetime(2026, 11, 1, 15, tzinfo=dt.UTC)
     assert end - start == dt.timedelta(days=1)
     wh = DuckDBWarehouse(tmp_path / "w.duckdb")
@@ -26,5 +27,5 @@ def test_uploads_from_table_are_cut_at_local_midnight(tmp_path):
         # stored as naive UTC, as the warehouse keeps timestamps
         "uploaded_at": pd.to_datetime(["2026-11-01 14:59", "2026-11-01 15:00", "2026-11-02 14:59", "2026-11-02 15:00"]),
     }))
-    ids = [u.image_id for u in day_uploads(cfg, dt.date(2026, 11, 2), wh)]
+    ids = [u.image_id for u in uploads_of_day(cfg, dt.date(2026, 11, 2), wh)]
     assert ids == ["early-on-2nd-kst", "late-on-2nd-kst"]

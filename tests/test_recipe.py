@@ -32,7 +32,8 @@ def _irrelevant():
     from PIL import Image
     from skimage import data
 
-    return {"page_text": [resize_center_crop(Image.fromarray(i).convert("RGB"), SIZE) for i in (data.page(), data.text())],
+    return {"page_text": [resize_center_crop(Image.fromarray(i).convert("RGB"), SIZE)
+                          for i in (data.page(), data.text())],
             "documents": [resize_center_crop(synthetic.document(random.Random(i)), SIZE) for i in range(4)]}
 
 
@@ -44,7 +45,8 @@ def test_cross_validation_recipe_vs_probe_on_real_photos(samples):
     # frozen backbone: the recipe is its linear probe, fitted on the same train split as the
     # probe baseline, so both must agree exactly: a check of the whole fold machinery
     frozen = evaluation.cross_validate(arrays, labels, _irrelevant(), spec,
-                                       TrainConfig(freeze_backbone=True, linear_probe=True, device="cpu"), folds=2, log=lambda s: None)
+                                       TrainConfig(freeze_backbone=True, linear_probe=True, device="cpu"),
+                                       folds=2, log=lambda s: None)
     rec, pr = frozen["models"]["recipe"], frozen["models"]["probe"]
     assert frozen["best_epochs"] == [0, 0] and frozen["images"] == 20
     assert rec["accuracy"] == pr["accuracy"] and rec["macro_f1"] == pr["macro_f1"]
@@ -55,7 +57,8 @@ def test_cross_validation_recipe_vs_probe_on_real_photos(samples):
             assert auc == pytest.approx(pr["ood_auroc"][name][method], abs=1e-6), (name, method)
     # and the fine-tuning path runs end to end (one augmented epoch per fold)
     ft = evaluation.cross_validate(arrays, labels, _irrelevant(), spec,
-                                   TrainConfig(epochs=1, patience=None, device="cpu"), folds=2, log=lambda s: None)
+                                   TrainConfig(epochs=1, patience=None, device="cpu"),
+                                   folds=2, log=lambda s: None)
     assert all(0 <= e <= 1 for e in ft["best_epochs"])
     assert 0.0 <= ft["models"]["recipe"]["accuracy"] <= 1.0
 
@@ -85,7 +88,8 @@ def test_evaluate_test_has_bootstrap_intervals_around_the_point_estimates():
     y = np.arange(30) % 3
     logits = np.eye(3)[y] * 3 + rng.normal(size=(30, 3))
     res = evaluation.evaluate_test(y, logits, None, num_classes=3, temperature=1.0, score_method="max_logit",
-                                   stats=None, ood_scores_by_method={"docs": {"max_logit": [0.0, 0.5, 1.0, 0.2]}},
+                                   stats=None,
+                                   ood_scores_by_method={"docs": {"max_logit": [0.0, 0.5, 1.0, 0.2]}},
                                    tasks={"defect": (1, {0, 1})}, n_resamples=200)
     lo, hi = res["macro_f1_ci"]
     assert lo <= res["macro_f1"] <= hi and hi - lo > 0
@@ -109,7 +113,8 @@ def test_probe_baseline_fits_the_same_split_and_scores_ood():
 
 
 def test_spec_replace_keeps_the_probe_on_pretrained_features():
-    model = evaluation.frozen_feature_model(dataclasses.replace(ModelSpec(num_classes=2, arch="pmg"), pretrained=False))
+    model = evaluation.frozen_feature_model(
+        dataclasses.replace(ModelSpec(num_classes=2, arch="pmg"), pretrained=False))
     assert model.spec.arch == "linear" and model.spec.pretrained
 
 
@@ -168,10 +173,11 @@ def test_composite_evaluation_scores_a_model_on_composites_of_its_test_photos():
     model = build_model(ModelSpec(num_classes=3, image_size=32, pretrained=False)).eval()
     rule = conformal.LabelSets(method="lac", coverage=0.9, qhat=1.0, n_cal=10)  # every label in every set
     rep = evaluation.composite_evaluation(model, evaluation.ArrayDataset(arrays, y), y, [(1, 2)], rule=rule)
-    assert rep["images"] == 2 * 1 * 4 and set(rep["pairs"]) == {"1+2"}  # 2 defect x 1 dirt photos, 4 kinds each
+    # 2 defect x 1 dirt photos, 4 kinds each
+    assert rep["images"] == 2 * 1 * 4 and set(rep["pairs"]) == {"1+2"}
     assert 0.0 <= rep["top2_joint_hit_rate"] <= 1.0 and rep["label_set_joint_coverage"] == 1.0
-    assert evaluation.composite_evaluation(model, evaluation.ArrayDataset(arrays[:1], y[:1]), y[:1], [(1, 2)]) \
-        == {"images": 0}
+    assert evaluation.composite_evaluation(model, evaluation.ArrayDataset(arrays[:1], y[:1]),
+                                           y[:1], [(1, 2)]) == {"images": 0}
 
 
 def test_leave_one_class_out_reports_flag_rates_per_score_and_rule():
@@ -179,11 +185,12 @@ def test_leave_one_class_out_reports_flag_rates_per_score_and_rule():
     colours = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200]])
     y = [k % 3 for k in range(18)]
     arrays = [np.clip(colours[c] + rng.normal(0, 25, (32, 32, 3)), 0, 255).astype(np.uint8) for c in y]
-    docs = {"documents": [np.full((32, 32, 3), 255, np.uint8) - rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
+    docs = {"documents": [np.full((32, 32, 3), 255, np.uint8)
+                          - rng.integers(0, 60, (32, 32, 3), dtype=np.uint8)
                           for _ in range(4)]}
     res = evaluation.leave_one_class_out(arrays, y, docs, ModelSpec(num_classes=3, image_size=32),
-                                         TrainConfig(freeze_backbone=True, linear_probe=True, device="cpu"), [2],
-                                         folds=2, log=lambda s: None)
+                                         TrainConfig(freeze_backbone=True, linear_probe=True, device="cpu"),
+                                         [2], folds=2, log=lambda s: None)
     assert res["left_out"] == [2] and set(res["scores"]) == {*ood.METHODS, "knn_pretrained"}
     for r in res["scores"].values():
         assert 0.0 <= r["auroc/documents"] <= 1.0

@@ -55,7 +55,7 @@ def _write_day(uploads, day: dt.date, colours: list) -> list[str]:
 @pytest.fixture()
 def env(tmp_path, monkeypatch):
     """A config over a tmp uploads folder, a registered + calibrated champion, the stand-in net."""
-    import sofar_assets.defs.predictions as predictions
+    from sofar_assets.lib.serving import shards  # the shard step's model loading and spool
 
     def build(**inference):
         path = tmp_path / "sofar.yaml"
@@ -86,7 +86,7 @@ def env(tmp_path, monkeypatch):
         loads.append(uri)
         return MeanColour(), {"classes": CLASSES, "spec": {"image_size": 8}}
 
-    monkeypatch.setattr(predictions, "load_registered", load)
+    monkeypatch.setattr(shards, "load_registered", load)
     return {"build": build, "uploads": tmp_path / "uploads", "instance": dg.DagsterInstance.ephemeral(),
             "loads": loads, "root": tmp_path / "state", "tmp": tmp_path}
 
@@ -174,7 +174,7 @@ def test_shards_of_a_day_commit_once(env, monkeypatch):
 
 
 def test_crash_mid_day_keeps_the_old_day(env, monkeypatch):
-    import sofar_assets.defs.predictions as predictions
+    from sofar_assets.lib.serving import shards  # the shard step's model loading and spool
 
     _write_day(env["uploads"], D1, [BRIGHT["red"]] * 10)
     cfg, defs = env["build"]()
@@ -193,7 +193,7 @@ def test_crash_mid_day_keeps_the_old_day(env, monkeypatch):
 
     for p in (env["uploads"] / D1.isoformat()).iterdir():  # the re-run would predict green everywhere
         _jpeg(p, BRIGHT["green"])
-    monkeypatch.setattr(predictions, "load_registered",
+    monkeypatch.setattr(shards, "load_registered",
                         lambda uri: (DiesOnThirdBatch(), {"classes": CLASSES, "spec": {"image_size": 8}}))
     result = _run(env, defs, D1, D1, raise_on_error=False)
     assert not result.success and DiesOnThirdBatch.calls == 3
@@ -202,7 +202,7 @@ def test_crash_mid_day_keeps_the_old_day(env, monkeypatch):
 
 
 def test_checks_fail_when_they_should(env, monkeypatch):
-    import sofar_assets.defs.predictions as predictions
+    from sofar_assets.lib.serving import shards  # the shard step's model loading and spool
     from sofar_assets.lib.warehouse import ParquetSpool
 
     for day in (D1, D2, D3):  # the trailing week: red and green, 10% OOD (dark photos score as red)
@@ -224,7 +224,7 @@ def test_checks_fail_when_they_should(env, monkeypatch):
         def append(self, rows):
             super().append(rows.slice(1) if hasattr(rows, "slice") else rows.iloc[1:])
 
-    monkeypatch.setattr(predictions, "ParquetSpool", LosesARow)
+    monkeypatch.setattr(shards, "ParquetSpool", LosesARow)
     result = _run(env, defs, D1, D1)
     checks = {c.check_name: c for c in result.get_asset_check_evaluations()}
     assert not checks["rows_match_uploads"].passed
@@ -420,17 +420,19 @@ def test_read_ahead_raises_the_producers_error_and_stops_it_when_the_consumer_st
 def test_staged_rows_are_the_schema_conversion_of_the_frame(tmp_path):
     """The fast Arrow path (Arrow's own conversion + the schema's casts) stores exactly what the
     checked pandas conversion stores, error rows (all-null columns) included."""
-    from sofar_assets.lib.warehouse import PREDICTIONS
+    from sofar_assets.lib.serving.inference import as_item
+    from sofar_assets.lib.warehouse import PREDICTIONS, run_rows
 
     red = _items(tmp_path, 3) + [("missing", str(tmp_path / "no.jpg"))]
-    frame = predict_frame(MeanColour(), red, classes=CLASSES, image_size=8, threshold=THRESHOLD,
-                          batch_size=4, num_workers=0, device="cpu")
-    constants = {"prediction_date": D1, "model_name": "m", "model_version": "3",
+    # the items carry their day (prediction_date) through the model; the run adds its own columns
+    frame = predict_frame(MeanColour(), [as_item(x, D1) for x in red], classes=CLASSES, image_size=8,
+                          threshold=THRESHOLD, batch_size=4, num_workers=0, device="cpu")
+    constants = {"model_name": "m", "model_version": "3",
                  "predicted_at": pd.Timestamp("2026-11-02 03:04:05")}
-    fast = daily._with_columns(frame, constants, PREDICTIONS)
+    fast = run_rows(frame, constants, PREDICTIONS)
     assert fast.equals(PREDICTIONS.to_arrow(frame.assign(**constants)))
     errors_only = frame.iloc[3:].reset_index(drop=True)  # top-1/top-2 columns all null
-    assert daily._with_columns(errors_only, constants, PREDICTIONS).equals(
+    assert run_rows(errors_only, constants, PREDICTIONS).equals(
         PREDICTIONS.to_arrow(errors_only.assign(**constants)))
 
 
@@ -559,18 +561,18 @@ def test_a_run_lists_each_day_once_and_sizes_its_shards_by_the_day(env, monkeypa
     """A quiet day and a busy day and an empty one in one run: the busy day gets
     ceil(uploads / images_per_shard) steps, the quiet one shares a step, the empty one is
     committed empty and says so; each day is listed ONCE (not once per shard)."""
-    import sofar_assets.defs.predictions as predictions
+    import sofar_assets.lib.warehouse.uploads as day_listing  # where a day folder is listed
 
     ids = {D1: _write_day(env["uploads"], D1, [BRIGHT["red"]]),
            D2: _write_day(env["uploads"], D2, [BRIGHT["blue"]] * 9 + [DARK])}
     listings = []
-    real = predictions.iter_folder_day
+    real = day_listing.iter_folder_day
 
     def counting(folder, day, **kw):
         listings.append(day)
         return real(folder, day, **kw)
 
-    monkeypatch.setattr(predictions, "iter_folder_day", counting)
+    monkeypatch.setattr(day_listing, "iter_folder_day", counting)
     cfg, defs = env["build"](images_per_shard=4, max_shards=8)
     result = _run(env, defs, D1, D3)
     assert result.success
@@ -595,7 +597,7 @@ def test_the_uploads_table_is_listed_in_pages_not_read_whole(tmp_path, monkeypat
     from pathlib import Path
 
     from sofar_assets.config import parse_config
-    from sofar_assets.defs.predictions import day_uploads
+    from sofar_assets.defs.predictions import uploads_of_day
     from sofar_assets.lib.warehouse import DuckDBWarehouse
 
     cfg = parse_config({
@@ -621,7 +623,7 @@ def test_the_uploads_table_is_listed_in_pages_not_read_whole(tmp_path, monkeypat
             yield page
 
     monkeypatch.setattr(DuckDBWarehouse, "iter_range", paged)
-    assert [u.image_id for u in day_uploads(cfg, D1, wh)] == [f"i{k:03d}" for k in range(120)]
+    assert [u.image_id for u in uploads_of_day(cfg, D1, wh)] == [f"i{k:03d}" for k in range(120)]
     assert pages == [50, 50, 20]
 
 

@@ -69,7 +69,8 @@ def served_day(pipeline, samples, tmp_path_factory):
     cfg = load_config(path)
     defs = build_definitions(cfg)
     result = dg.materialize(_assets(defs), selection=dg.AssetSelection.assets("daily_predictions"),
-                            partition_key=DAY.isoformat(), resources=defs.resources, instance=pipeline["instance"])
+                            partition_key=DAY.isoformat(), resources=defs.resources,
+                            instance=pipeline["instance"])
     assert result.success
     rows = defs.resources["warehouse"].get().read_table("predictions")
     return {"cfg": cfg, "rows": rows.set_index("image_id"), "photos": photos}
@@ -94,7 +95,8 @@ def server(served_day, tmp_path_factory):
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n{(cwd / 'serve.log').read_text()}")
+                pytest.fail(f"mlflow models serve exited with {proc.returncode}:\n"
+                            f"{(cwd / 'serve.log').read_text()}")
             try:
                 if requests.get(f"{url}/ping", timeout=2).ok:
                     break
@@ -102,7 +104,8 @@ def server(served_day, tmp_path_factory):
                 pass
             time.sleep(1)
         else:
-            pytest.fail(f"mlflow models serve did not answer /ping in 240 s:\n{(cwd / 'serve.log').read_text()}")
+            pytest.fail("mlflow models serve did not answer /ping in 240 s:\n"
+                        f"{(cwd / 'serve.log').read_text()}")
         yield url
     finally:
         os.killpg(proc.pid, 15)
@@ -147,7 +150,8 @@ def test_a_corrupt_photo_gets_a_clear_error_row(served_day, server):
            *_post(server, [{"image_uri": "/etc/passwd", "image_id": "outside"}]),
            *_post(server, [{"image_id": "empty"}])]
     assert got[0]["error"].startswith("ImageDecodeError: corrupt.jpg: ")
-    assert rows.loc[f"{DAY.isoformat()}/corrupt.jpg", "error"].startswith("ImageDecodeError: ")  # daily wrote an error row too
+    # daily wrote an error row too
+    assert rows.loc[f"{DAY.isoformat()}/corrupt.jpg", "error"].startswith("ImageDecodeError: ")
     assert got[0]["top1_label"] is None and got[0]["is_ood"] is False and got[0]["model_version"]
     assert got[1]["error"].startswith("UploadRefused: /etc/passwd: outside the allowed roots")
     assert "neither 'image'" in got[2]["error"]
@@ -210,11 +214,13 @@ def test_serving_manifests_fit_together_and_serve_the_champion():
 
     cfg = load_config(Path(__file__).resolve().parents[1] / "config" / "prod.yaml", check_paths=False)
     docs = rendered_serving()
-    dep, svc, hpa, cron = docs["Deployment"], docs["Service"], docs["HorizontalPodAutoscaler"], docs["CronJob"]
+    dep, svc, hpa, cron = (docs["Deployment"], docs["Service"],
+                           docs["HorizontalPodAutoscaler"], docs["CronJob"])
     pod = dep["spec"]["template"]
     (server,) = pod["spec"]["containers"]
     cmd = server["command"]
-    assert cmd[:3] == ["mlflow", "models", "serve"] and cmd[cmd.index("-m") + 1] == f"models:/{cfg.model.name}@champion"
+    assert (cmd[:3] == ["mlflow", "models", "serve"]
+            and cmd[cmd.index("-m") + 1] == f"models:/{cfg.model.name}@champion")
     env = {e["name"]: e.get("value") for e in server["env"]}
     assert env["MLFLOW_TRACKING_URI"] == cfg.storage.mlflow.tracking_uri
     port = int(cmd[cmd.index("-p") + 1])
@@ -223,7 +229,8 @@ def test_serving_manifests_fit_together_and_serve_the_champion():
     assert server["resources"]["requests"]["cpu"] == server["resources"]["limits"]["cpu"] == "1"
     assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0  # a champion move never drops traffic
+    # a champion move never drops traffic
+    assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
     assert CHAMPION_ANNOTATION in pod["metadata"]["annotations"]
     sync = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
     args = build_parser().parse_args(sync[1:])  # a real CLI command of the image
@@ -257,7 +264,8 @@ def test_a_champion_move_rolls_the_deployment_once():
     assert sync_rollout(apps, "sofar-serving", "sofar-serving", "3") == "unknown"
     assert sync_rollout(apps, "sofar-serving", "sofar-serving", "3") is None  # no move, no rollout
     assert sync_rollout(apps, "sofar-serving", "sofar-serving", "4") == "3"
-    assert [p[2]["spec"]["template"]["metadata"]["annotations"][CHAMPION_ANNOTATION] for p in apps.patches] == ["3", "4"]
+    assert [p[2]["spec"]["template"]["metadata"]["annotations"][CHAMPION_ANNOTATION]
+            for p in apps.patches] == ["3", "4"]
 
 
 # --------------------------------------------------------------------------- inference.runtime
@@ -323,4 +331,5 @@ def test_calibration_travels_in_the_package_and_a_copied_version_keeps_the_owner
     finally:
         mlflow.set_tracking_uri(previous)
     assert meta["calibration"] == {"model_name": "demo", "model_version": "1", "score_method": "energy",
-                                   "temperature": 1.4, "threshold": 0.25, "target_tpr": None, "label_sets": None}
+                                   "temperature": 1.4, "threshold": 0.25,
+                                   "target_tpr": None, "label_sets": None}

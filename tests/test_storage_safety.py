@@ -21,7 +21,7 @@ from sofar_assets.lib.data import dataset as ds
 from sofar_assets.lib.data import storage, uploads
 from sofar_assets.lib.data.storage import ImageReadError
 
-from conftest import _assets, write_config
+from conftest import _assets, _bounded, write_config
 
 
 def _png(path: Path, colour=(10, 200, 10)) -> Path:
@@ -180,14 +180,14 @@ def test_a_day_folder_swapped_for_a_link_mid_run_scores_nothing_outside(
     for p in photos:
         shutil.copy(p, root / day.isoformat() / p.name)
         shutil.copy(p, outside / p.name)  # the same photos under the same names, outside the roots
-    listed = predictions.day_uploads
+    listed = predictions.uploads_of_day
 
     def list_then_swap(cfg, d, wh):
         yield from listed(cfg, d, wh)  # every entry checked and yielded; now the folder becomes a link
         (root / d.isoformat()).rename(root / f"{d.isoformat()}.old")
         (root / d.isoformat()).symlink_to(outside, target_is_directory=True)
 
-    monkeypatch.setattr(predictions, "day_uploads", list_then_swap)
+    monkeypatch.setattr(predictions, "uploads_of_day", list_then_swap)
     _, defs = _defs(pipeline, tmp_path, {"folder": str(root)})
 
     result = _predict(defs, day, dg.DagsterInstance.ephemeral())
@@ -236,3 +236,109 @@ def test_an_oversized_correction_photo_is_rejected_naming_it(pipeline, tmp_path,
     error = raw.loc[f"{day}/grows.jpg", "error"]
     assert str(grown) in error and "too large: 60000000 bytes > max_bytes=5000000" in error, error
     assert pd.isna(raw.loc[f"{day}/ok.jpg", "error"])
+
+
+# -- item 2: reads are bounded ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["link_to_dev_zero", "named_pipe", "link_to_pipe", "directory"])
+def test_reads_refuse_non_regular_files_without_reading(tmp_path, kind):
+    target = tmp_path / "x.jpg"
+    if kind == "link_to_dev_zero":
+        target.symlink_to("/dev/zero")
+        expect = "character device"
+    elif kind == "named_pipe":
+        os.mkfifo(target)  # no writer: opening it for reading would block forever
+        expect = "named pipe"
+    elif kind == "link_to_pipe":
+        os.mkfifo(tmp_path / "fifo")
+        target.symlink_to(tmp_path / "fifo")
+        expect = "named pipe"
+    else:
+        target.mkdir()
+        expect = "directory"
+    with pytest.raises(ImageReadError) as err:
+        _bounded(storage.read_bytes, str(target), max_bytes=1000)
+    assert str(target) in str(err.value) and expect in str(err.value)
+
+
+def test_reads_stop_at_max_bytes_plus_one(tmp_path):
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\xff" * 5000)
+    with pytest.raises(ImageReadError, match=r"too large: 5000 bytes > max_bytes=4999"):
+        storage.read_bytes(str(big), max_bytes=4999)
+    assert storage.read_bytes(str(big), max_bytes=5000) == b"\xff" * 5000
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    assert storage.read_bytes(str(empty), max_bytes=10) == b""  # the decoder names it "empty file"
+    # a regular file whose size is not known up front (procfs says 0): the read itself stops
+    with pytest.raises(ImageReadError, match=r"too large: more than 4 bytes"):
+        storage.read_bytes("/proc/self/status", max_bytes=4)
+
+
+def test_iter_files_streams_and_skips_hidden(tmp_path):
+    for name in ("b.jpg", "a.png", ".DS_Store"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.jpg").write_bytes(b"x")
+    it = storage.iter_files(str(tmp_path))
+    assert iter(it) is it  # a generator, not a list
+    assert sorted(it) == [str(tmp_path / "a.png"), str(tmp_path / "b.jpg")]
+    assert storage.list_files(str(tmp_path), recursive=True) == sorted(
+        [str(tmp_path / "a.png"), str(tmp_path / "b.jpg"), str(tmp_path / "sub" / "c.jpg")])
+
+
+class _FakeBlob:
+    def __init__(self, name: str, data: bytes, calls: list):
+        self.name, self.data, self.calls, self.size = name, data, calls, None
+
+    def download_as_bytes(self, start=None, end=None, timeout=None, retry=None):
+        self.calls.append({"start": start, "end": end, "timeout": timeout, "retry": retry})
+        return self.data[start : None if end is None else end + 1]
+
+
+class _FakeGcs:
+    """Just enough of google-cloud-storage's client for the calls storage.py makes."""
+
+    def __init__(self, objects: dict[str, bytes], page_size: int = 2):
+        self.objects, self.calls, self.page_size = objects, [], page_size
+
+    def bucket(self, name):
+        return type("B", (), {"blob": lambda _, key: _FakeBlob(key, self.objects[f"{name}/{key}"], self.calls)})()
+
+    def list_blobs(self, bucket, prefix="", delimiter=None):
+        keys = sorted(k[len(bucket) + 1 :] for k in self.objects if k.startswith(f"{bucket}/{prefix}"))
+        files = [k for k in keys if "/" not in k[len(prefix) :]]
+        subs = sorted({prefix + k[len(prefix) :].split("/")[0] + "/" for k in keys if "/" in k[len(prefix) :]})
+        pages = [files[i : i + self.page_size] for i in range(0, len(files), self.page_size)] or [[]]
+        page_objs = []
+        for n, names in enumerate(pages):
+            page = [_FakeBlob(k, b"", self.calls) for k in names]
+            page_objs.append(type("P", (list,), {"prefixes": tuple(subs) if n == 0 else ()})(page))
+        return type("It", (), {"pages": iter(page_objs), "__iter__": lambda it: (b for p in page_objs for b in p)})()
+
+
+def test_gcs_reads_are_ranged_with_a_timeout_and_bounded_retries(monkeypatch):
+    fake = _FakeGcs({"imgs/up/a.jpg": b"x" * 100, "imgs/up/empty.jpg": b""})
+    monkeypatch.setattr(storage, "_gcs_client", lambda *_: fake)
+    assert storage.read_bytes("gs://imgs/up/a.jpg", max_bytes=100, timeout_s=7, retries=2) == b"x" * 100
+    call = fake.calls[-1]
+    assert (call["start"], call["end"], call["timeout"]) == (0, 100, 7)  # at most max_bytes + 1 bytes
+    assert call["retry"] is not None and call["retry"].timeout == 14
+    with pytest.raises(ImageReadError, match=r"gs://imgs/up/a.jpg: too large: more than 99 bytes"):
+        storage.read_bytes("gs://imgs/up/a.jpg", max_bytes=99)
+    assert fake.calls[-1]["end"] == 99
+    assert storage.read_bytes("gs://imgs/up/empty.jpg", max_bytes=10) == b""
+    with pytest.raises(ImageReadError, match="not a gs://bucket/object URI"):
+        storage.read_bytes("gs://imgs/", max_bytes=10)
+
+
+def test_gcs_day_gives_one_upload_per_object_and_refuses_sub_folders(monkeypatch):
+    fake = _FakeGcs({f"imgs/up/2026-11-10/{n}": b"x" for n in ("a.jpg", "b.jpg", "c.jpg", ".hidden", "album/d.jpg")})
+    monkeypatch.setattr(storage, "_gcs_client", lambda *_: fake)
+    got = sorted(uploads.iter_folder_day("gs://imgs/up", dt.date(2026, 11, 10)), key=lambda u: u.image_id)
+    assert [(u.image_id, u.path is not None) for u in got] == [
+        ("2026-11-10/a.jpg", True), ("2026-11-10/album", False), ("2026-11-10/b.jpg", True), ("2026-11-10/c.jpg", True)]
+    assert "sub-folder" in got[1].error and got[0].path == "gs://imgs/up/2026-11-10/a.jpg"
+
+

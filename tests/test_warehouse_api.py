@@ -32,8 +32,9 @@ def rows(day: dt.date, ids: list[str], label: str = "dirt", error: str | None = 
     n = len(ids)
     return pd.DataFrame({
         "prediction_date": [day] * n, "image_id": ids, "image_uri": [f"/u/{i}.jpg" for i in ids],
-        "top1_label": [label] * n, "top1_prob": [0.9] * n, "top2_label": ["normal"] * n, "top2_prob": [0.1] * n,
-        "label_set": [label] * n, "label_set_size": [1] * n, "ood_score": [1.5] * n, "is_ood": [ood] * n, "error": [error] * n, "model_name": ["sofar"] * n,
+        "top1_label": [label] * n, "top1_prob": [0.9] * n, "top2_label": ["normal"] * n,
+        "top2_prob": [0.1] * n, "label_set": [label] * n, "label_set_size": [1] * n,
+        "ood_score": [1.5] * n, "is_ood": [ood] * n, "error": [error] * n, "model_name": ["sofar"] * n,
         "model_version": ["3"] * n, "predicted_at": [AT] * n,
     })  # fmt: skip
 
@@ -65,7 +66,8 @@ def test_to_arrow_uses_the_declared_types_not_the_dtypes():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda d: d.drop(columns=["error"]), r"table 'predictions': the rows have missing column\(s\) \['error'\]"),
+        (lambda d: d.drop(columns=["error"]),
+         r"table 'predictions': the rows have missing column\(s\) \['error'\]"),
         (lambda d: d.assign(extra=1), r"extra column\(s\) \['extra'\]"),
         (lambda d: d.assign(top1_prob=[0.5, "high", 0.2]),
          r"table 'predictions': column 'top1_prob' is FLOAT64, but row 1 holds 'high'"),
@@ -151,7 +153,8 @@ def wh(request, tmp_path):
 
 
 def test_replace_day_replaces_exactly_the_day(wh, tmp_path):
-    day1 = [spooled(tmp_path, D1, rows(D1, ["a", "b"])), spooled(tmp_path, D1, rows(D1, ["c"], "normal", error="bad"))]
+    day1 = [spooled(tmp_path, D1, rows(D1, ["a", "b"])),
+            spooled(tmp_path, D1, rows(D1, ["c"], "normal", error="bad"))]
     assert wh.replace_day(PREDICTIONS, D1, day1) == 3
     assert wh.replace_day(PREDICTIONS, D2, [spooled(tmp_path, D2, rows(D2, ["d"], ood=True))]) == 1
     assert wh.replace_day(PREDICTIONS, D1, day1) == 3  # a re-run: same count, no duplicates
@@ -172,8 +175,10 @@ def test_replace_day_replaces_exactly_the_day(wh, tmp_path):
 
 def test_replace_day_refuses_rows_of_another_day_before_writing(wh, tmp_path):
     wh.replace_day(PREDICTIONS, D1, [spooled(tmp_path, D1, rows(D1, ["a"]))])
-    good, wrong = spooled(tmp_path, D1, rows(D1, ["b"])), spooled(tmp_path, D1, rows(D1, ["c"]), rows(D2, ["d"]))
-    with pytest.raises(ValueError, match=rf"{wrong}: row 1 has prediction_date=2026-11-02, but .* day 2026-11-01"):
+    good, wrong = (spooled(tmp_path, D1, rows(D1, ["b"])),
+                   spooled(tmp_path, D1, rows(D1, ["c"]), rows(D2, ["d"])))
+    with pytest.raises(ValueError,
+                       match=rf"{wrong}: row 1 has prediction_date=2026-11-02, but .* day 2026-11-01"):
         wh.replace_day(PREDICTIONS, D1, [good, wrong])
     assert wh.read_table("predictions")["image_id"].tolist() == ["a"]
     with pytest.raises(TypeError, match="datetime.date"):
@@ -186,7 +191,8 @@ def test_count_by_and_iter_range_run_in_the_warehouse(wh, tmp_path):
     wh.replace_day(PREDICTIONS, D2, [spooled(tmp_path, D2, rows(D2, ["d"], ood=True))])
     by = wh.count_by("predictions", "prediction_date", D1, D3, ["prediction_date", "top1_label"])
     assert by.columns.tolist() == ["prediction_date", "top1_label", "n"]
-    assert [tuple(r) for r in by.itertuples(index=False)] == [(D1, "dirt", 2), (D1, "normal", 2), (D2, "dirt", 1)]
+    assert ([tuple(r) for r in by.itertuples(index=False)]
+            == [(D1, "dirt", 2), (D1, "normal", 2), (D2, "dirt", 1)])
     ok = wh.count_by("predictions", "prediction_date", D1, D2, ["top1_label", "is_ood"], where_null=["error"])
     assert [tuple(r) for r in ok.itertuples(index=False)] == [("dirt", False, 2), ("normal", False, 1)]
     assert wh.count_by("predictions", "prediction_date", D3, D3 + dt.timedelta(days=1), ["top1_label"]).empty
@@ -311,7 +317,8 @@ def test_production_day_is_one_truncating_load_job_into_the_partition(tmp_path):
     assert wh.replace_day(PREDICTIONS, D2, [spooled(tmp_path, D2, rows(D2, ["d"]))]) == 1
 
     loads = [c for c in client.calls if c[0].startswith("load_")]
-    assert [c[1] for c in loads] == ["sofar-prod.sofar.predictions$20261101", "sofar-prod.sofar.predictions$20261102"]
+    assert [c[1] for c in loads] == ["sofar-prod.sofar.predictions$20261101",
+                                     "sofar-prod.sofar.predictions$20261102"]
     for _, _, config in loads:
         assert config.write_disposition == bigquery.WriteDisposition.WRITE_TRUNCATE
         assert config.source_format == bigquery.SourceFormat.PARQUET
@@ -325,7 +332,8 @@ def test_production_day_is_one_truncating_load_job_into_the_partition(tmp_path):
     assert len(created) == 1  # once, then the table exists
     (table,) = created
     assert table.table_id == "predictions"
-    assert table.time_partitioning.field == "prediction_date" and table.time_partitioning.expiration_ms is None
+    assert (table.time_partitioning.field == "prediction_date"
+            and table.time_partitioning.expiration_ms is None)
     assert table.clustering_fields == ["top1_label", "is_ood"]
     assert table.expires is None
 
@@ -373,9 +381,11 @@ def _retyped(config, **load_fields):
 ])
 def test_the_fake_refuses_what_bigquery_refuses_in_the_job_config(tmp_path, change, error):
     client, uris, destination, config = _production_load(tmp_path)
-    client.load_table_from_uri(uris, destination, job_config=config, location="asia-northeast3")  # as sent: OK
+    # as sent: OK
+    client.load_table_from_uri(uris, destination, job_config=config, location="asia-northeast3")
     with pytest.raises(AssertionError, match=re.escape(error)):
-        client.load_table_from_uri(uris, destination, job_config=_retyped(config, **change), location="asia-northeast3")
+        client.load_table_from_uri(uris, destination, job_config=_retyped(config, **change),
+                                   location="asia-northeast3")
 
 
 @pytest.mark.parametrize("destination,uris,location,error", [
@@ -397,9 +407,11 @@ def test_the_production_load_body_is_the_documented_one(tmp_path):
     """The REST body of the day write, field by field (REST names: the library's to_api_repr)."""
     client, uris, destination, config = _production_load(tmp_path)
     body = client._check_load(uris, destination, config, "asia-northeast3")["configuration"]["load"]
-    assert body["destinationTable"] == {"projectId": "sofar-prod", "datasetId": "sofar", "tableId": "predictions$20261101"}
+    assert body["destinationTable"] == {"projectId": "sofar-prod", "datasetId": "sofar",
+                                        "tableId": "predictions$20261101"}
     assert body["sourceUris"] == uris and body["sourceFormat"] == "PARQUET"
-    assert body["writeDisposition"] == "WRITE_TRUNCATE" and body["schemaUpdateOptions"] == ["ALLOW_FIELD_ADDITION"]
+    assert (body["writeDisposition"] == "WRITE_TRUNCATE"
+            and body["schemaUpdateOptions"] == ["ALLOW_FIELD_ADDITION"])
     assert body["timePartitioning"] == {"type": "DAY", "field": "prediction_date"}
     assert body["clustering"] == {"fields": ["top1_label", "is_ood"]}
 
@@ -407,7 +419,8 @@ def test_the_production_load_body_is_the_documented_one(tmp_path):
 def test_production_never_creates_the_dataset(tmp_path):
     client = RecordingClient(datasets=())
     wh = BigQueryWarehouse("example.com:sofar-prod", "sofar", location="EU", client=client)
-    with pytest.raises(DatasetNotFoundError, match=r"example.com:sofar-prod.sofar does not exist.*bq --location=EU mk --dataset"):
+    with pytest.raises(DatasetNotFoundError,
+                       match=r"example.com:sofar-prod.sofar does not exist.*bq --location=EU mk --dataset"):
         wh.replace_day(PREDICTIONS, D1, [spooled(tmp_path, D1, rows(D1, ["a"]))])
     assert "create_dataset" not in client.names() and not any(n.startswith("load_") for n in client.names())
 
@@ -429,11 +442,13 @@ def test_schema_changes_are_additive(tmp_path):
     assert config.schema_update_options == [bigquery.SchemaUpdateOption.ALLOW_FIELD_ADDITION]
     assert "delete_table" not in client.names()
     retyped = TableSchema("predictions", {**PREDICTIONS.columns, "top1_prob": "STRING"}, "prediction_date")
-    with pytest.raises(ValueError, match="table 'predictions': column 'top1_prob' is FLOAT64 in the warehouse"):
+    with pytest.raises(ValueError,
+                       match="table 'predictions': column 'top1_prob' is FLOAT64 in the warehouse"):
         wh.replace_day(retyped, D1, [])
     dropped = TableSchema("predictions", {c: t for c, t in PREDICTIONS.columns.items() if c != "error"},
                           "prediction_date")
-    with pytest.raises(ValueError, match="table 'predictions': column 'error' \\(STRING\\) is in the warehouse"):
+    with pytest.raises(ValueError,
+                       match="table 'predictions': column 'error' \\(STRING\\) is in the warehouse"):
         wh.replace_day(dropped, D1, [])
 
 
@@ -448,7 +463,8 @@ def test_duckdb_schema_changes_are_additive(tmp_path):
     got = wh.read_table("predictions").set_index("image_id")["camera"].to_dict()
     assert got == {"a": None, "b": "front"}
     retyped = TableSchema("predictions", {**v2.columns, "camera": "INT64"}, "prediction_date")
-    with pytest.raises(ValueError, match="column 'camera' is STRING in the warehouse but the rows declare INT64"):
+    with pytest.raises(ValueError,
+                       match="column 'camera' is STRING in the warehouse but the rows declare INT64"):
         wh.replace_day(retyped, D1, [])
     assert wh.count_range("predictions", "prediction_date", D1, D3) == 2
 
@@ -490,6 +506,26 @@ def test_write_table_with_a_schema_does_not_infer(tmp_path):
     wh.write_table("raw_labels_dirt", raw, schema=raw_labels_schema("dirt"))
     assert wh.table_columns("raw_labels_dirt")["n_bytes"] == "INT64"
     assert wh.table_columns("raw_labels_dirt")["label"] == "STRING"
-    with pytest.raises(ValueError, match="table 'raw_labels_dirt': column 'width' is INT64, but row 0 holds 'wide'"):
+    with pytest.raises(ValueError,
+                       match="table 'raw_labels_dirt': column 'width' is INT64, but row 0 holds 'wide'"):
         wh.write_table("raw_labels_dirt", raw.assign(width=["wide"]), schema=raw_labels_schema("dirt"))
     assert len(wh.read_table("raw_labels_dirt")) == 1
+
+
+def test_table_metadata_is_fetched_once_per_warehouse_instance(tmp_path, monkeypatch):
+    """A run's steps fetch a table's metadata once (get_table was half of a day's BigQuery calls);
+    a long-lived instance still sees another process's new table once METADATA_TTL_S is up."""
+    from sofar_assets.lib.warehouse import bigquery as bq
+
+    client = RecordingClient()
+    wh = BigQueryWarehouse("sofar-prod", "sofar", client=client)
+    wh.replace_day(PREDICTIONS, D1, [spooled(tmp_path, D1, rows(D1, ["a"]))])
+    wh.replace_day(PREDICTIONS, D2, [spooled(tmp_path, D2, rows(D2, ["b"]))])
+    assert list(wh.table_columns("predictions")) == list(PREDICTIONS.columns)
+    assert client.names().count("get_table") == 1 and client.names().count("create_table") == 1
+    assert not wh.table_exists("label_corrections") and not wh.table_exists("label_corrections")
+    client.tables["sofar-prod.sofar.label_corrections"] = client.tables["sofar-prod.sofar.predictions"]
+    assert not wh.table_exists("label_corrections")  # created elsewhere: not seen within the TTL
+    assert client.names().count("get_table") == 2
+    monkeypatch.setattr(bq, "METADATA_TTL_S", 0.0)
+    assert wh.table_exists("label_corrections")

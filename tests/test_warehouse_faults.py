@@ -101,7 +101,8 @@ def kill_at(spec, day, files, phase) -> None:
     p = child(spec, day, files, phase)
     try:
         line = p.stdout.readline()
-        assert line.strip() == f"AT {phase}", f"child never reached {phase}: {line!r} {p.stderr.read()[-3000:]}"
+        assert line.strip() == f"AT {phase}", (f"child never reached {phase}: "
+                                               f"{line!r} {p.stderr.read()[-3000:]}")
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=60)
         assert p.returncode == -signal.SIGKILL
@@ -115,7 +116,8 @@ def kill_at(spec, day, files, phase) -> None:
 @pytest.mark.parametrize(
     "phase, outcome",
     [
-        ("duckdb:begun", "old"), ("duckdb:deleted", "old"), ("duckdb:inserted", "old"), ("duckdb:committed", "new"),
+        ("duckdb:begun", "old"), ("duckdb:deleted", "old"),
+        ("duckdb:inserted", "old"), ("duckdb:committed", "new"),
     ],
 )
 def test_duckdb_write_killed_at_each_phase_leaves_old_or_new_day(tmp_path, phase, outcome):
@@ -126,7 +128,8 @@ def test_duckdb_write_killed_at_each_phase_leaves_old_or_new_day(tmp_path, phase
     kill_at({"kind": "duckdb", "path": path}, D1, [spool(tmp_path, D1, ["new-x", "new-y", "new-z"])], phase)
     day1 = sorted(wh.read_range("predictions", "prediction_date", D1, D2)["image_id"])
     assert day1 == (["old-a", "old-b"] if outcome == "old" else ["new-x", "new-y", "new-z"])
-    assert wh.read_range("predictions", "prediction_date", D2, D2 + dt.timedelta(days=1))["image_id"].tolist() == ["other"]
+    assert wh.read_range("predictions", "prediction_date", D2,
+                         D2 + dt.timedelta(days=1))["image_id"].tolist() == ["other"]
     # and the file is healthy: the next write goes through
     assert wh.replace_day(PREDICTIONS, D1, [spool(tmp_path, D1, ["next"])]) == 1
 

@@ -18,7 +18,7 @@ from sofar_assets.config import SofarConfig
 from sofar_assets.defs.data import CORRECTIONS_ASSET_KEY, DECODE_THREADS, file_inspector
 from sofar_assets.defs.k8s import step_tags
 from sofar_assets.defs.model import OWNERS
-from sofar_assets.defs.predictions import run_days
+from sofar_assets.defs.predictions import partition_days
 from sofar_assets.defs.resources import ImageStoreResource, WarehouseResource
 from sofar_assets.lib.common.names import md_text, shown
 from sofar_assets.lib.review import corrections as corr
@@ -29,11 +29,10 @@ from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, RAW_CORRECTIONS
 FIELD_CHECK = "field_accuracy_vs_trailing_7_days"
 
 
-def build_corrections_assets(cfg: SofarConfig) -> list:
-    vocabulary = cfg.vocabulary()
+def label_corrections_spec(cfg: SofarConfig) -> dg.AssetSpec:
+    """The verdicts table, written outside Dagster (``sofar correct``, CSV imports, other systems)."""
     kind = cfg.storage.warehouse.kind
-
-    label_corrections = dg.AssetSpec(
+    return dg.AssetSpec(
         "label_corrections",
         group_name="ingest",
         kinds={kind},
@@ -46,6 +45,11 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         ),
         metadata={"table": LABEL_CORRECTIONS.name, "partition_expr": LABEL_CORRECTIONS.partition_column},
     )
+
+
+def raw_corrections_asset(cfg: SofarConfig, label_corrections: dg.AssetSpec):
+    vocabulary = cfg.vocabulary()
+    kind = cfg.storage.warehouse.kind
 
     @dg.asset(
         key=CORRECTIONS_ASSET_KEY,
@@ -100,6 +104,11 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
             )],
         )
 
+    return raw_corrections
+
+
+def field_accuracy_asset(cfg: SofarConfig, label_corrections: dg.AssetSpec):
+    kind = cfg.storage.warehouse.kind
     partitions = dg.DailyPartitionsDefinition(
         start_date=cfg.partitions.start_date.isoformat(), timezone=cfg.partitions.timezone
     )
@@ -126,7 +135,7 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
         photos judged ``irrelevant``) and recall. One SQL aggregate; each day's figures on its
         own partition. Re-materialize a day as its verdicts come in (a range runs as one run)."""
         wh = warehouse.get()
-        days = run_days(context)
+        days = partition_days(context)
         counts = fa.daily_counts(wh, trailing_window(min(days))[0], max(days) + dt.timedelta(days=1))
         figures = fa.per_day(counts, days)
         for day, f in figures.items():
@@ -146,4 +155,10 @@ def build_corrections_assets(cfg: SofarConfig) -> list:
             )],
         )
 
-    return [label_corrections, raw_corrections, field_accuracy]
+    return field_accuracy
+
+
+def build_corrections_assets(cfg: SofarConfig) -> list:
+    label_corrections = label_corrections_spec(cfg)
+    return [label_corrections, raw_corrections_asset(cfg, label_corrections),
+            field_accuracy_asset(cfg, label_corrections)]

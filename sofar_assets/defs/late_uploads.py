@@ -18,8 +18,9 @@ from zoneinfo import ZoneInfo
 import dagster as dg
 
 from sofar_assets.config import SofarConfig
-from sofar_assets.defs.predictions import day_uploads, day_window
+from sofar_assets.defs.predictions import uploads_of_day
 from sofar_assets.defs.resources import WarehouseResource
+from sofar_assets.lib.data.days import day_window
 
 PREDICTIONS_KEY = dg.AssetKey("daily_predictions")
 
@@ -27,8 +28,8 @@ PREDICTIONS_KEY = dg.AssetKey("daily_predictions")
 def uploads_now(cfg: SofarConfig, day: dt.date, wh) -> int:
     """How many photos ``day`` has now, looked up where the day's run looks for them."""
     if cfg.uploads.table is not None:
-        return wh.count_range(cfg.uploads.table, "uploaded_at", *day_window(cfg, day))
-    return sum(1 for _ in day_uploads(cfg, day, wh))
+        return wh.count_range(cfg.uploads.table, "uploaded_at", *day_window(day, cfg.partitions.timezone))
+    return sum(1 for _ in uploads_of_day(cfg, day, wh))
 
 
 def committed_uploads(instance: dg.DagsterInstance, day: dt.date) -> int | None:

@@ -58,7 +58,8 @@ def require_free(port: int, what: str) -> int:
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
-            raise StackError(f"{what}: port 127.0.0.1:{port} is in use (another prod-local running?)") from None
+            raise StackError(f"{what}: port 127.0.0.1:{port} is in use "
+                             "(another prod-local running?)") from None
     return port
 
 
@@ -72,7 +73,8 @@ def render(template: str, dest: Path, **values) -> Path:
 class Service:
     """One started process (its own session, so its children stop with it)."""
 
-    def __init__(self, name: str, endpoint: str, proc: subprocess.Popen, log: Path, stop_signal=signal.SIGTERM):
+    def __init__(self, name: str, endpoint: str, proc: subprocess.Popen, log: Path,
+                 stop_signal=signal.SIGTERM):
         self.name, self.endpoint, self.proc, self.log = name, endpoint, proc, log
         self.stop_signal = stop_signal
 
@@ -84,7 +86,8 @@ class Service:
 
     def check(self) -> None:
         if self.proc.poll() is not None:
-            raise StackError(f"{self.name} exited with code {self.proc.returncode}; log {self.log}:\n{self.tail()}")
+            raise StackError(f"{self.name} exited with code {self.proc.returncode}; "
+                             f"log {self.log}:\n{self.tail()}")
 
     def wait_until(self, ready: Callable[[], bool], timeout_s: float, what: str) -> float:
         t0 = time.monotonic()
@@ -96,7 +99,8 @@ class Service:
             except Exception:  # not up yet: connection refused, 503, ...
                 pass
             if time.monotonic() - t0 > timeout_s:
-                raise StackError(f"{self.name}: {what} not ready after {timeout_s:.0f} s; log {self.log}:\n{self.tail()}")
+                raise StackError(f"{self.name}: {what} not ready after {timeout_s:.0f} s; "
+                                 f"log {self.log}:\n{self.tail()}")
             time.sleep(0.2)
 
     def stop(self, timeout_s: float = 20.0) -> None:
@@ -149,10 +153,12 @@ class Postgres:
         return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--clear-groups", "--", *cmd]
 
     def start(self) -> Postgres:
-        bindir = Path(subprocess.run(["pg_config", "--bindir"], check=True, capture_output=True, text=True).stdout.strip())
+        bindir = Path(subprocess.run(["pg_config", "--bindir"],
+                                     check=True, capture_output=True, text=True).stdout.strip())
         for exe in ("initdb", "postgres"):
             if not (bindir / exe).exists():
-                raise StackError(f"PostgreSQL: {bindir / exe} not found (pg_config --bindir); install the server package")
+                raise StackError(f"PostgreSQL: {bindir / exe} not found (pg_config --bindir); "
+                                 "install the server package")
         self.dir.mkdir()
         pwfile = self.dir / "pwfile"
         pwfile.write_text(self.password + "\n")
@@ -170,10 +176,12 @@ class Postgres:
         )  # fmt: skip
         pwfile.unlink()
         if init.returncode != 0:
-            raise StackError(f"PostgreSQL initdb failed ({init.returncode}):\n{init.stdout[-2000:]}{init.stderr[-2000:]}")
+            raise StackError(f"PostgreSQL initdb failed ({init.returncode}):\n"
+                             f"{init.stdout[-2000:]}{init.stderr[-2000:]}")
         cmd = self._as_owner([
             str(bindir / "postgres"), "-D", str(self.dir / "data"), "-c", "listen_addresses=127.0.0.1",
-            "-c", f"port={self.port}", "-c", f"unix_socket_directories={self.dir}", "-c", "max_connections=200",
+            "-c", f"port={self.port}", "-c", f"unix_socket_directories={self.dir}",
+            "-c", "max_connections=200",
             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
         ])  # fmt: skip
         # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, stop at once
@@ -270,17 +278,21 @@ class MlflowServer:
         ini = render("basic_auth.ini", folder / "basic_auth.ini", auth_database_uri=self.pg.dsn(auth_db),
                      admin_username=MLFLOW_ADMIN)
         env = self.stack.env(MLFLOW_AUTH_CONFIG_PATH=str(ini), MLFLOW_AUTH_ADMIN_PASSWORD=self.admin_password,
-                             MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_urlsafe(24),  # CSRF key of the auth app
+                             # the CSRF key of the auth app
+                             MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_urlsafe(24),
                              STORAGE_EMULATOR_HOST=self.gcs.url)
-        cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth", "--backend-store-uri", self.pg.dsn(backend),
+        cmd = [str(BIN / "mlflow"), "server", "--app-name", "basic-auth",
+               "--backend-store-uri", self.pg.dsn(backend),
                "--serve-artifacts", "--artifacts-destination", self.artifacts_destination,
                "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers)]
         self.service = self.stack.spawn("MLflow server", self.url, cmd, env=env, cwd=folder)
         self.service.wait_until(lambda: requests.get(f"{self.url}/health", timeout=2).ok, 180, "/health")
-        r = requests.post(f"{self.url}/api/2.0/mlflow/users/create", json={"username": self.user, "password": self.password},
+        r = requests.post(f"{self.url}/api/2.0/mlflow/users/create",
+                          json={"username": self.user, "password": self.password},
                           auth=(MLFLOW_ADMIN, self.admin_password), timeout=30)
         if not r.ok:
-            raise StackError(f"MLflow server: creating user {self.user!r} failed: {r.status_code} {r.text[:300]}")
+            raise StackError(f"MLflow server: creating user {self.user!r} failed: "
+                             f"{r.status_code} {r.text[:300]}")
         return self
 
     def client_env(self) -> dict[str, str]:
@@ -299,10 +311,12 @@ class Dagster:
         db = pg.create_database("dagster")
         render("dagster.yaml", self.home / "dagster.yaml")
         self.workspace = render("workspace.yaml", self.home / "workspace.yaml", repo=str(REPO))
-        self.env = {"DAGSTER_HOME": str(self.home), "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(pg.port),
+        self.env = {"DAGSTER_HOME": str(self.home),
+                    "DAGSTER_PG_HOST": "127.0.0.1", "DAGSTER_PG_PORT": str(pg.port),
                     "DAGSTER_PG_USER": PG_USER, "DAGSTER_PG_PASSWORD": pg.password, "DAGSTER_PG_DB": db,
                     # this checkout's code in every Dagster process (code servers, run and step workers)
-                    "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
+                    "PYTHONPATH": os.pathsep.join(
+                        p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
                     **(env or {})}
         self.url: str | None = None
 
@@ -334,7 +348,8 @@ class Dagster:
         entries = data["workspaceOrError"]["locationEntries"]
         for e in entries:
             if e["locationOrLoadError"] and e["locationOrLoadError"]["__typename"] == "PythonError":
-                raise StackError(f"code location {e['name']} failed to load: {e['locationOrLoadError']['message']}")
+                raise StackError(f"code location {e['name']} failed to load: "
+                                 f"{e['locationOrLoadError']['message']}")
         return bool(entries) and all(e["locationOrLoadError"] for e in entries)
 
     def start_daemon(self) -> Service:
@@ -350,7 +365,8 @@ class Dagster:
         return svc
 
     def graphql(self, query: str, variables: dict | None = None) -> dict:
-        r = requests.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}}, timeout=120)
+        r = requests.post(f"{self.url}/graphql", json={"query": query, "variables": variables or {}},
+                          timeout=120)
         r.raise_for_status()
         body = r.json()
         if body.get("errors"):

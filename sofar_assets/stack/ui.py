@@ -21,7 +21,7 @@ reason:
 The app is Dagster's own (``dagster_webserver.cli``, with all its options), only wrapped; the
 daemon runs as ``dagster-daemon run`` over the same workspace, as ``dg dev`` runs it. In
 production the UI is not exposed like this: it sits behind the cluster's identity-aware proxy
-(README, "Production").
+(docs/production.md).
 """
 
 from __future__ import annotations

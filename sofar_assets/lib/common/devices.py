@@ -45,7 +45,7 @@ def gpu_missing_message() -> str:
     return (f"this step was given a GPU (SOFAR_REQUIRE_GPU=1) but torch sees no CUDA device: torch "
             f"{torch.__version__} built for CUDA {torch.version.cuda or 'none (a CPU-only build)'}; driver: "
             f"{driver_report()}; torch says: {cuda_init_error() or 'no device'}. Refusing to fall back to the "
-            "CPU (README 'Production': the node pool's driver must support the image's CUDA)")
+            "CPU (docs/production.md: the node pool's driver must support the image's CUDA)")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:

@@ -63,6 +63,12 @@ def _gcs_client(pool_size: int = GCS_POOL_SIZE):
     return client
 
 
+def gcs_client(pool_size: int = GCS_POOL_SIZE):
+    """The process's google-cloud-storage client: the ONE factory (the daily path's staging, the
+    BigQuery warehouse's downloads and ``sofar doctor`` get theirs here)."""
+    return _gcs_client(pool_size)
+
+
 # A forked DataLoader worker must not reuse its parent's client: the pooled keep-alive connections
 # (sockets) would be shared by the processes, their requests and responses interleaved on one socket
 os.register_at_fork(after_in_child=_gcs_client.cache_clear)

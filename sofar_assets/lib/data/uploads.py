@@ -206,7 +206,7 @@ def iter_folder_day(folder_uri: str, day: dt.date, *, allowed_roots: Sequence[st
 
 def _gcs_day(folder: str, day: dt.date) -> Iterator[Upload]:
     bucket, prefix = _gcs_root(folder)
-    pages = storage._gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/").pages
+    pages = storage.gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/").pages
     for page in pages:
         for blob in page:
             name = blob.name[len(prefix) :]

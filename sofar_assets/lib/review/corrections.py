@@ -46,6 +46,7 @@ from sofar_assets.lib.data.dataset import IRRELEVANT
 from sofar_assets.lib.data.storage import IMAGE_SUFFIXES
 from sofar_assets.lib.data.uploads import refusal
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTIONS, RAW_CORRECTIONS
+from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
 
 TABLE = LABEL_CORRECTIONS.name
 TASK = "label_corrections"
@@ -160,12 +161,12 @@ def known_predictions(wh, image_ids: Iterable[str], *, table: str = PREDICTIONS.
     latest day when an id was predicted on several): a filter in the warehouse on the ids only.
     ``within=(start, end)`` bounds the days searched (partition pruning)."""
     ids = sorted({str(i) for i in image_ids})
-    cols = ["image_id", "image_uri", "prediction_date"]
+    cols = ["image_id", "image_uri", PREDICTION_DATE]
     if not ids or not wh.table_exists(table):
         return pd.DataFrame(columns=cols)
     found = wh.rows_where_in(table, "image_id", ids, cols,
-                             within=None if within is None else ("prediction_date", *within))
-    found = found.sort_values(["image_id", "prediction_date"]).drop_duplicates("image_id", keep="last")
+                             within=None if within is None else (PREDICTION_DATE, *within))
+    found = found.sort_values(["image_id", PREDICTION_DATE]).drop_duplicates("image_id", keep="last")
     return found.reset_index(drop=True)
 
 
@@ -183,7 +184,8 @@ def suggest_ids(wh, unknown: Iterable[str], *, table: str = PREDICTIONS.name) ->
     names = [i for i in dict.fromkeys(unknown) if i and "/" not in i]
     if not names or not wh.table_exists(table):
         return {}
-    days = [pd.Timestamp(d).date().isoformat() for d in wh.partition_counts(table, "prediction_date")["partition"]]
+    days = [pd.Timestamp(d).date().isoformat()
+            for d in wh.partition_counts(table, PREDICTION_DATE)["partition"]]
     wanted: dict[str, str] = {}
     for name in names:
         stems = [name] if Path(name).suffix.lower() in IMAGE_SUFFIXES else [name + s for s in sorted(IMAGE_SUFFIXES)]
@@ -238,7 +240,7 @@ def validate(rows: list[dict], vocabulary: Sequence[str], known: pd.DataFrame, *
         seen[key] = label
         if pred is not None and not why:
             out.append({"image_id": image_id, "image_uri": pred.image_uri, "label": label, "inspector": who,
-                        "corrected_at": at, "prediction_date": pd.Timestamp(pred.prediction_date).date()})
+                        "corrected_at": at, PREDICTION_DATE: pd.Timestamp(pred.prediction_date).date()})
     if problems:
         raise _reject(problems, what)
     return pd.DataFrame(out, columns=list(LABEL_CORRECTIONS.columns))
@@ -305,13 +307,14 @@ def validate_stored(wh, latest: pd.DataFrame, vocabulary: Sequence[str]) -> pd.S
     ``record`` checks a batch — label, a known (image_id, prediction_date), a corrected_at."""
     if latest.empty:
         return pd.Series([], dtype=object)
-    dates = pd.to_datetime(latest["prediction_date"]).dropna()
+    dates = pd.to_datetime(latest[PREDICTION_DATE]).dropna()
     within = None if dates.empty else (dates.min().date(), dates.max().date() + dt.timedelta(days=1))
     found = set()
     if within is not None and wh.table_exists(PREDICTIONS.name):
         rows = wh.rows_where_in(PREDICTIONS.name, "image_id", latest["image_id"].dropna(),
-                                ["image_id", "prediction_date"], within=("prediction_date", *within))
-        found = {(i, pd.Timestamp(d).date()) for i, d in zip(rows["image_id"], rows["prediction_date"], strict=True)}
+                                ["image_id", PREDICTION_DATE], within=(PREDICTION_DATE, *within))
+        found = {(i, pd.Timestamp(d).date())
+                 for i, d in zip(rows["image_id"], rows[PREDICTION_DATE], strict=True)}
     reasons = []
     for r in latest.itertuples(index=False):
         day = None if pd.isna(r.prediction_date) else pd.Timestamp(r.prediction_date).date()
@@ -348,13 +351,13 @@ def scan(latest: pd.DataFrame, reasons: pd.Series, vocabulary: Sequence[str],
             if row["error"] is not None:
                 row["error"] = f"image_id {r.image_id!r}: {row['error']}"
         return row | {"image_id": r.image_id, "inspector": r.inspector, "corrected_at": r.corrected_at,
-                      "prediction_date": r.prediction_date}
+                      PREDICTION_DATE: r.prediction_date}
 
     with ThreadPoolExecutor(threads) as pool:
         rows = list(pool.map(one, latest.itertuples(index=False), list(reasons)))
     df = pd.DataFrame(rows, columns=list(RAW_CORRECTIONS.columns))
     df["corrected_at"] = pd.to_datetime(df["corrected_at"])
-    df["prediction_date"] = [None if pd.isna(d) else pd.Timestamp(d).date() for d in df["prediction_date"]]
+    df[PREDICTION_DATE] = [None if pd.isna(d) else pd.Timestamp(d).date() for d in df[PREDICTION_DATE]]
     return df.astype({"n_bytes": "Int64", "width": "Int64", "height": "Int64"})
 
 

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping
 
 import pandas as pd
 
+from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
+
 TRAILING_DAYS = 7
 """The baseline is the 7 days before a day: a whole week, so weekday/weekend mixes cancel."""
 
@@ -71,7 +73,8 @@ def _trailing_sum(per_day: dict[dt.date, dict], day: dt.date) -> dict:
     return total
 
 
-def ood_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date], date_column: str = "prediction_date") -> dict:
+def ood_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date],
+                    date_column: str = PREDICTION_DATE) -> dict:
     """Per day of ``days``: its OOD share, the trailing week's share (weighted by rows) and the
     spike verdict. ``counts`` has columns ``[date_column, "is_ood", "n"]`` covering the trailing
     window of every day. A day without scored rows, or without a trailing week, is not compared."""
@@ -97,7 +100,8 @@ def checks_in_warehouse(wh, table: str, date_column: str, days: list[dt.date]) -
     return ood_vs_trailing(ood, days, date_column), label_mix_vs_trailing(mix, days, date_column)
 
 
-def label_mix_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date], date_column: str = "prediction_date") -> dict:
+def label_mix_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date],
+                          date_column: str = PREDICTION_DATE) -> dict:
     """Per day of ``days``: the total variation distance between its top-1 label mix and the
     trailing week's, and the drift verdict. ``counts`` has columns ``[date_column, "top1_label",
     "n"]``; days without scored rows or without a trailing week are not compared."""

@@ -28,6 +28,7 @@ from sofar_assets.lib.data.dataset import IRRELEVANT
 from sofar_assets.lib.review.corrections import latest_sql
 from sofar_assets.lib.review.drift import TRAILING_DAYS, trailing_window
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTIONS
+from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
 
 COUNT_COLUMNS = ["corrected", "in_vocabulary", "top1_correct", "with_label_set", "covered", "flagged",
                  "flagged_irrelevant", "irrelevant"]
@@ -59,7 +60,7 @@ def daily_counts(wh, start: dt.date, end: dt.date, *, predictions: str = PREDICT
     """Per ``prediction_date`` in ``[start, end)``: :data:`COUNT_COLUMNS` over the corrected,
     scored rows (one query; the latest verdict per photo and day). ``with_label_set`` and
     ``covered`` are missing (NA) when the predictions table has no ``label_set`` column."""
-    cols = ["prediction_date", *COUNT_COLUMNS]
+    cols = [PREDICTION_DATE, *COUNT_COLUMNS]
     if not (wh.table_exists(predictions) and wh.table_exists(corrections)):
         return pd.DataFrame(columns=cols)
     has_sets = "label_set" in wh.table_columns(predictions)
@@ -81,7 +82,7 @@ def daily_counts(wh, start: dt.date, end: dt.date, *, predictions: str = PREDICT
         f"SUM(CASE WHEN p.{q('is_ood')} AND v.{q('label')} = {irrelevant} THEN 1 ELSE 0 END) AS {q('flagged_irrelevant')}, "
         f"SUM(CASE WHEN v.{q('label')} = {irrelevant} THEN 1 ELSE 0 END) AS {q('irrelevant')} "
         f"FROM {{table:{predictions}}} AS p JOIN ("
-        + latest_sql(q, ["image_id", "prediction_date", "label"], per=["image_id", "prediction_date"],
+        + latest_sql(q, ["image_id", PREDICTION_DATE, "label"], per=["image_id", PREDICTION_DATE],
                      where=f"{q('prediction_date')} >= {lo} AND {q('prediction_date')} < {hi}", table=corrections)
         + ") AS v "
         f"ON p.{q('image_id')} = v.{q('image_id')} AND p.{q('prediction_date')} = v.{q('prediction_date')} "
@@ -91,7 +92,7 @@ def daily_counts(wh, start: dt.date, end: dt.date, *, predictions: str = PREDICT
     out = wh.query(sql)
     for c in COUNT_COLUMNS:
         out[c] = out[c].astype("Int64") if c in out else pd.array([pd.NA] * len(out), dtype="Int64")
-    out["prediction_date"] = [pd.Timestamp(d).date() for d in out["prediction_date"]]
+    out[PREDICTION_DATE] = [pd.Timestamp(d).date() for d in out[PREDICTION_DATE]]
     out = out[cols]
     out.attrs["label_sets"] = has_sets
     return out
@@ -113,7 +114,7 @@ def rates(counts: dict) -> dict:
 
 def per_day(counts: pd.DataFrame, days: Iterable[dt.date]) -> dict[dt.date, dict]:
     """:func:`rates` of each of ``days`` (a day without verdicts: zero counts, None rates)."""
-    by_day = {d: row for d, row in zip(counts["prediction_date"], counts.to_dict("records"), strict=True)}
+    by_day = {d: row for d, row in zip(counts[PREDICTION_DATE], counts.to_dict("records"), strict=True)}
     zero = {c: 0 for c in COUNT_COLUMNS}
     if not counts.attrs.get("label_sets", True):
         zero.update(with_label_set=pd.NA, covered=pd.NA)
@@ -121,7 +122,7 @@ def per_day(counts: pd.DataFrame, days: Iterable[dt.date]) -> dict[dt.date, dict
 
 
 def _pooled(counts: pd.DataFrame, start: dt.date, end: dt.date) -> dict:
-    window = counts[(counts["prediction_date"] >= start) & (counts["prediction_date"] < end)]
+    window = counts[(counts[PREDICTION_DATE] >= start) & (counts[PREDICTION_DATE] < end)]
     return {c: (window[c].sum(min_count=1) if len(window) else 0) for c in COUNT_COLUMNS}
 
 

@@ -23,6 +23,7 @@ from sofar_assets.lib.common.names import shown, shown_frame
 from sofar_assets.lib.data.images import decode_image
 from sofar_assets.lib.model.plots import _fit_thumb
 from sofar_assets.lib.warehouse import LABEL_CORRECTIONS
+from sofar_assets.lib.warehouse.predictions import IMAGE_COLUMNS, PREDICTION_DATE
 
 OOD = "ood"
 EMPTY_SET = "empty_set"
@@ -32,10 +33,9 @@ SECTION_TITLES = {OOD: "flagged out-of-distribution (lowest OOD score first)",
                   EMPTY_SET: "no label reaches the coverage bar: empty label set (lowest top-1 probability first)",
                   AMBIGUOUS_SET: "several plausible labels: label set of 2+ (lowest top-1 probability first)",
                   LEAST_CONFIDENT: "least confident in-distribution (lowest top-1 probability first)"}
-REVIEW_COLUMNS = ["image_id", "image_uri", "top1_label", "top1_prob", "top2_label", "top2_prob",
-                  "ood_score", "is_ood", "reason"]
-QUEUE_COLUMNS = ["image_id", "image_uri", "top1_label", "top1_prob", "top2_label", "top2_prob",
-                 "label_set", "label_set_size", "ood_score", "is_ood", "reason"]
+# the prediction table's photo columns (lib/warehouse/predictions.py), scored rows only, and why
+QUEUE_COLUMNS = [*(c for c in IMAGE_COLUMNS if c != "error"), "reason"]
+REVIEW_COLUMNS = [c for c in QUEUE_COLUMNS if not c.startswith("label_set")]
 # the queue, in the warehouse's SQL (DuckDB and BigQuery alike): who is in it, why, in which order
 _QUEUE_REASON = (f"CASE WHEN is_ood THEN '{OOD}' WHEN label_set_size = 0 THEN '{EMPTY_SET}' "
                  f"ELSE '{AMBIGUOUS_SET}' END")
@@ -241,8 +241,8 @@ def rows_text(rows: pd.DataFrame) -> str:
 # -- verdicts from the review page (``sofar review --serve``) ---------------------------------------
 def photo_row(wh, table: str, day, image_id: str) -> dict | None:
     """The predictions row of ``image_id`` on ``day`` (None: no such photo that day)."""
-    found = wh.rows_where_in(table, "image_id", [image_id], ["prediction_date", "image_id", "image_uri"])
-    found = found[pd.to_datetime(found["prediction_date"]).dt.date == day]
+    found = wh.rows_where_in(table, "image_id", [image_id], [PREDICTION_DATE, "image_id", "image_uri"])
+    found = found[pd.to_datetime(found[PREDICTION_DATE]).dt.date == day]
     return None if found.empty else found.iloc[0].to_dict()
 
 
@@ -266,7 +266,7 @@ def record_verdict(wh, image_id: str, label: str, vocabulary, *, inspector: str,
 
 def earlier_verdicts(wh, image_ids: list[str]) -> pd.DataFrame:
     """The stored verdicts on ``image_ids`` (oldest first)."""
-    cols = ["image_id", "label", "inspector", "corrected_at", "prediction_date"]
+    cols = ["image_id", "label", "inspector", "corrected_at", PREDICTION_DATE]
     if not wh.table_exists(LABEL_CORRECTIONS.name):
         return pd.DataFrame(columns=cols)
     rows = wh.rows_where_in(LABEL_CORRECTIONS.name, "image_id", list(image_ids), cols)
@@ -288,12 +288,12 @@ def retract_verdict(wh, day, image_id: str, *, inspector: str, corrected_at: str
     if not wh.table_exists(table):
         return 0
     nxt = day + dt.timedelta(days=1)
-    rows = wh.read_range(table, "prediction_date", day, nxt)
+    rows = wh.read_range(table, PREDICTION_DATE, day, nxt)
     at = pd.Timestamp(corrected_at)
     stamps = pd.to_datetime(rows["corrected_at"], utc=True)
     hit = (rows["image_id"] == image_id) & (rows["inspector"] == inspector) & \
         (stamps == (at.tz_localize("UTC") if at.tzinfo is None else at.tz_convert("UTC")))
     if not hit.any():
         return 0
-    wh.replace_partition(table, rows[~hit].reset_index(drop=True), "prediction_date", day, nxt)
+    wh.replace_partition(table, rows[~hit].reset_index(drop=True), PREDICTION_DATE, day, nxt)
     return int(hit.sum())

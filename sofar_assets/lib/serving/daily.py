@@ -38,6 +38,7 @@ import pyarrow as pa
 
 from sofar_assets.lib.data import storage
 from sofar_assets.lib.serving.inference import as_item, predict_images
+from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE, run_rows
 
 
 class Spool(Protocol):
@@ -128,8 +129,9 @@ def score_days(
 
     ``days`` yields ``(day, items)`` in order; ``items`` are anything
     :func:`~sofar_assets.lib.serving.inference.predict_images` takes and are consumed lazily. Each
-    batch's rows (the prediction columns plus ``prediction_date=day`` and the constant
-    ``columns``, e.g. model name and version) go to ``open_spool(day)``, opened at the day's
+    item carries its day through the model (:class:`~sofar_assets.lib.serving.inference.Item`), so each
+    batch's rows come out with their ``prediction_date``; with the run's constant ``columns``
+    (e.g. model name and version) they go to ``open_spool(day)``, opened at the day's
     first row and closed when its last row is out. Rows are appended in groups of up to
     ``rows_per_group`` (one parquet row group each): a group per 32-row batch would make the
     file's footer, which the writer keeps in memory, grow with the day (~2 KB per group). The
@@ -144,18 +146,17 @@ def score_days(
     if not 0 <= shard < shards:
         raise ValueError(f"shard {shard} is not in 0..{shards - 1}")
     tallies: dict[dt.date, DayTally] = {}
-    order: collections.deque[dt.date] = collections.deque()  # the day of each item sent, in order
 
     def flat() -> Iterator:
         for day, items in days:
             tally = tallies[day] = DayTally()
             for x in items:
                 tally.listed += 1
-                if shards > 1 and not in_shard(as_item(x).image_id, shard, shards):
+                item = as_item(x, day)  # the item carries its day through the model into its row
+                if shards > 1 and not in_shard(item.image_id, shard, shards):
                     continue
                 tally.uploads += 1
-                order.append(day)
-                yield x
+                yield item
 
     spools: dict[dt.date, Spool] = {}
     # rows not yet appended (< rows_per_group), held as Arrow tables of the spool's schema when it
@@ -183,26 +184,17 @@ def score_days(
         with contextlib.closing(stream):
             for frame in stream:
                 release_free_heap()  # the freed buffers of the previous batch, back to the OS
-                day_of = [order.popleft() for _ in range(len(frame))]
-                start = 0
-                while start < len(frame):  # a batch may straddle days: split it into runs of one day
-                    day = day_of[start]
-                    stop = start
-                    while stop < len(frame) and day_of[stop] == day:
-                        stop += 1
-                    part = frame.iloc[start:stop] if (start, stop) != (0, len(frame)) else frame
+                for day, part in day_runs(frame):  # a batch may straddle days
                     for other in [d for d in spools if d != day]:
                         close(other)  # days stream in order: an earlier day is complete
                     if day not in spools:
                         spools[day] = open_spool(day)
-                    schema = getattr(spools[day], "schema", None)
                     pending.setdefault(day, []).append(
-                        _with_columns(part, {"prediction_date": day, **columns}, schema))
-                    pending_rows[day] += stop - start
+                        run_rows(part, columns, getattr(spools[day], "schema", None)))
+                    pending_rows[day] += len(part)
                     if pending_rows[day] >= rows_per_group:
                         flush(day)
                     tallies[day].add(part)
-                    start = stop
         for day in list(spools):
             close(day)
     finally:
@@ -235,16 +227,16 @@ def _malloc_trim():
         return None
 
 
-def _with_columns(part: pd.DataFrame, constants: dict, schema) -> pa.Table | pd.DataFrame:
-    """A batch's rows plus the run's constant columns: an Arrow table of ``schema`` when the
-    spool declares one (Arrow's own conversion, then the schema's checked casts: ~10x cheaper
-    per batch than converting each pandas column), else a pandas frame."""
-    if schema is None:
-        return part.assign(**constants).reset_index(drop=True)
-    table = pa.Table.from_pandas(part, preserve_index=False)
-    for name, value in constants.items():
-        table = table.append_column(name, pa.array([value] * len(part)))
-    return schema.to_arrow(table)
+def day_runs(frame: pd.DataFrame) -> Iterator[tuple[dt.date, pd.DataFrame]]:
+    """A scored batch cut into runs of one day, by each row's own ``prediction_date``."""
+    days = frame[PREDICTION_DATE].to_numpy()
+    start = 0
+    while start < len(frame):
+        stop = start + 1
+        while stop < len(frame) and days[stop] == days[start]:
+            stop += 1
+        yield days[start], (frame if (start, stop) == (0, len(frame)) else frame.iloc[start:stop])
+        start = stop
 
 
 T = TypeVar("T")
@@ -303,22 +295,36 @@ def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
 
 
 def commit_day(wh, schema, day: dt.date, parts: list[dict]) -> dict:
+    """:func:`write_day`, then :func:`read_back` with the day's ``COUNT`` read from the table."""
+    facts = write_day(wh, schema, day, parts)
+    stored = wh.count_range(schema.name, schema.partition_column, day, day + dt.timedelta(days=1))
+    return read_back(facts, stored)
+
+
+def write_day(wh, schema, day: dt.date, parts: list[dict]) -> dict:
     """Replace ``day`` of ``schema``'s table with ONE ``replace_day`` from the staged files of all
-    its shards (``parts``: each shard's :meth:`DayTally.as_dict` plus its ``file``), then read
-    the day's ``COUNT`` back. Returns the day's facts; ``ok`` is the rows check: every shard saw
-    the same listing, and listed == sent to the model == scored == loaded == stored."""
+    its shards (``parts``: each shard's :meth:`DayTally.as_dict` plus its ``file``). Returns the
+    day's facts so far; :func:`read_back` completes them with the rows the table holds."""
     tally = DayTally.merged(parts)
     files = [p["file"] for p in parts if p.get("file")]
     written = wh.replace_day(schema, day, files)
-    stored = wh.count_range(schema.name, schema.partition_column, day, day + dt.timedelta(days=1))
-    same_listing = len({p["listed"] for p in parts}) <= 1
     scored = tally.rows - tally.errors
     return {
-        "uploads": tally.listed, "rows": stored, "error_rows": tally.errors, "ood_rows": tally.ood,
+        "uploads": tally.listed, "error_rows": tally.errors, "ood_rows": tally.ood,
         "ood_rate": round(tally.ood / scored, 4) if scored else 0.0, "staged": tally.staged_rows,
         "written": written, "files": files,
-        "ok": same_listing and tally.listed == tally.uploads == tally.rows == tally.staged_rows == written == stored,
+        # the rows check, less the read-back: every shard saw the same listing, and
+        # listed == sent to the model == scored == staged == loaded
+        "ok": len({p["listed"] for p in parts}) <= 1
+        and tally.listed == tally.uploads == tally.rows == tally.staged_rows == written,
     }
+
+
+def read_back(facts: dict, stored: int) -> dict:
+    """A written day's facts with ``rows``, the rows the table holds now; ``ok`` is the rows check:
+    the listing agreed and listed == sent == scored == staged == loaded == stored."""
+    return {"uploads": facts["uploads"], "rows": stored, **{k: v for k, v in facts.items() if k != "uploads"},
+            "ok": facts["ok"] and facts["written"] == stored}
 
 
 def staging_uri(root: str, day: dt.date, run_id: str, shard: int, shards: int) -> str:
@@ -341,7 +347,7 @@ def fetch_local(uri: str) -> tuple[str, bool]:
     fd, path = tempfile.mkstemp(prefix="manifest-", suffix=".parquet")
     os.close(fd)
     bucket, _, key = uri[len("gs://"):].partition("/")
-    storage._gcs_client().bucket(bucket).blob(key).download_to_filename(path)
+    storage.gcs_client().bucket(bucket).blob(key).download_to_filename(path)
     return path, True
 
 
@@ -360,10 +366,8 @@ def publish(local_path: str, uri: str) -> None:
     if local_path == uri:
         return
     if storage.is_gcs(uri):
-        from google.cloud import storage as gcs  # imported lazily: local runs never need credentials
-
         bucket, _, key = uri[len("gs://"):].partition("/")
-        gcs.Client().bucket(bucket).blob(key).upload_from_filename(local_path)
+        storage.gcs_client().bucket(bucket).blob(key).upload_from_filename(local_path)
         os.remove(local_path)
     else:
         shutil.move(local_path, uri)
@@ -374,9 +378,7 @@ def remove_staged(uris: Iterable[str]) -> None:
     uris = list(uris)
     gcs_uris = [u for u in uris if storage.is_gcs(u)]
     if gcs_uris:
-        from google.cloud import storage as gcs
-
-        client = gcs.Client()
+        client = storage.gcs_client()
         for u in gcs_uris:
             bucket, _, key = u[len("gs://"):].partition("/")
             client.bucket(bucket).blob(key).delete()

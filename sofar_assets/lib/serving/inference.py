@@ -14,6 +14,7 @@ materialized beyond the DataLoader's prefetch and the caller consumes one frame 
 from __future__ import annotations
 
 import collections
+import datetime as dt
 import inspect
 import os
 import threading
@@ -30,27 +31,31 @@ from sofar_assets.lib.data import storage
 from sofar_assets.lib.data.images import ImageDecodeError, load_image_array
 from sofar_assets.lib.data.uploads import safe_text
 from sofar_assets.lib.model.conformal import LabelSets
-from sofar_assets.lib.serving.predictor import PREDICTION_COLUMNS, Predictor, Scoring, frame, make_runner  # noqa: F401
+from sofar_assets.lib.serving.predictor import Predictor, Scoring, frame, make_runner  # noqa: F401
+from sofar_assets.lib.warehouse.predictions import PREDICTION_COLUMNS  # noqa: F401
 
 
 class Item(NamedTuple):
     """One image to score: what to store (``image_id``, ``image_uri``), what to read (``path``,
-    default the URI) and, when set, the ``error`` that becomes its row without any read."""
+    default the URI), when set, the ``error`` that becomes its row without any read, and the
+    ``day`` it was uploaded on, which its row carries (``prediction_date``; None: no day)."""
 
     image_id: str
     image_uri: str
     error: str | None = None
     path: str | None = None
+    day: dt.date | None = None
 
 
-def as_item(x) -> Item:
+def as_item(x, day: dt.date | None = None) -> Item:
     """An :class:`Item` from an ``(image_id, image_uri[, error])`` tuple or an object with those
-    attributes (``uploads.Upload``, whose ``path`` is what is read)."""
+    attributes (``uploads.Upload``, whose ``path`` is what is read); ``day`` sets its day."""
     if isinstance(x, Item):
-        return x
+        return x if day is None else x._replace(day=day)
     if hasattr(x, "image_uri"):
-        return Item(str(x.image_id), str(x.image_uri), getattr(x, "error", None), getattr(x, "path", None))
-    return Item(str(x[0]), str(x[1]), x[2] if len(x) > 2 else None)
+        return Item(str(x.image_id), str(x.image_uri), getattr(x, "error", None), getattr(x, "path", None),
+                    day if day is not None else getattr(x, "day", None))
+    return Item(str(x[0]), str(x[1]), x[2] if len(x) > 2 else None, None, day)
 
 
 def _batches(items: Iterable, batch_size: int) -> Iterator[list[Item]]:
@@ -184,7 +189,8 @@ def predict_images(
 
     ``items`` is any iterable (consumed lazily, never listed) of ``(image_id, image_uri)`` or
     ``(image_id, image_uri, error)`` tuples or objects with those attributes; an item with an
-    ``error`` becomes its error row without a read. Columns are :data:`PREDICTION_COLUMNS`.
+    ``error`` becomes its error row without a read. Columns are :data:`PREDICTION_COLUMNS`: an
+    item's row carries its ``day`` (an :class:`Item` field) as ``prediction_date``, None without one.
     Probabilities are ``softmax(logits / temperature)``; ``ood_score = ood.score(logits, features,
     score_method, temperature, ood_stats, knn_k=knn_k)`` and ``is_ood = ood_score < threshold``.
     A feature score (``knn``, ``mahalanobis``) takes the penultimate features from
@@ -241,7 +247,8 @@ def predict_images(
         if log is not None and done >= next_log and (total is None or done < total):
             log(progress())
             next_log = (done // log_every + 1) * log_every
-        yield predictor.frame([it.image_id for it in batch], [it.image_uri for it in batch], errs, good, x)
+        yield predictor.frame([it.image_id for it in batch], [it.image_uri for it in batch], errs, good, x,
+                              [it.day for it in batch])
     if log is not None and done:
         total = done  # the final line: every item is accounted for
         log(progress())

@@ -24,26 +24,12 @@ import torch
 from sofar_assets.lib.common.devices import resolve_device
 from sofar_assets.lib.model import ood
 from sofar_assets.lib.model.conformal import LabelSets, set_labels
+from sofar_assets.lib.warehouse.predictions import PREDICTION_COLUMNS, prediction_frame  # noqa: F401
 
 RUNTIMES = ("torch", "onnx")
 ONNX_INPUT = "images"
 ONNX_OUTPUTS = ("logits", "features")
 ONNX_OPSET = 17
-
-PREDICTION_COLUMNS = (
-    "image_id",
-    "image_uri",
-    "top1_label",
-    "top1_prob",
-    "top2_label",
-    "top2_prob",
-    "label_set",
-    "label_set_size",
-    "ood_score",
-    "is_ood",
-    "error",
-)
-
 
 @dataclass(frozen=True)
 class Scoring:
@@ -202,19 +188,20 @@ class Predictor:
                   else ood.score(logits, features, s.score_method, s.temperature, s.ood_stats, knn_k=s.knn_k))
         return probs, scores
 
-    def frame(self, ids, uris, errors, good, x) -> pd.DataFrame:
+    def frame(self, ids, uris, errors, good, x, days=None) -> pd.DataFrame:
         """The rows of one batch: ``x`` holds the decoded images of the rows ``good`` (None if
-        none); every other row is an error row (``errors``)."""
+        none); every other row is an error row (``errors``). ``days``: each row's day (None: none)."""
         probs = scores = None
         if good:
             probs, scores = self.probs_and_scores(x)
         return frame(ids, uris, errors, good, probs, scores, self.scoring.threshold, self.scoring.classes,
-                     self.scoring.label_sets)
+                     self.scoring.label_sets, days)
 
 
 def frame(ids, uris, errors, good, probs, scores, threshold, classes,
-          label_sets: LabelSets | None = None) -> pd.DataFrame:
-    """The prediction columns from a batch's probabilities and OOD scores (rows ``good``)."""
+          label_sets: LabelSets | None = None, days=None) -> pd.DataFrame:
+    """The prediction columns from a batch's probabilities and OOD scores (rows ``good``);
+    ``days`` are the rows' days (:data:`PREDICTION_DATE`; None: the rows have no day)."""
     n = len(ids)
     top1_label = np.full(n, None, dtype=object)
     top2_label = np.full(n, None, dtype=object)
@@ -239,19 +226,8 @@ def frame(ids, uris, errors, good, probs, scores, threshold, classes,
             text, sizes = set_labels(label_sets.mask(probs), probs, classes)
             label_set[rows] = text
             label_set_size[rows] = sizes
-    return pd.DataFrame(
-        {
-            "image_id": ids,
-            "image_uri": uris,
-            "top1_label": top1_label,
-            "top1_prob": top1_prob,
-            "top2_label": top2_label,
-            "top2_prob": top2_prob,
-            "label_set": label_set,
-            "label_set_size": label_set_size,
-            "ood_score": ood_score,
-            "is_ood": is_ood,
-            "error": np.asarray(errors, dtype=object),
-        },
-        columns=list(PREDICTION_COLUMNS),
-    )
+    return prediction_frame([None] * n if days is None else days, ids, uris, {
+        "top1_label": top1_label, "top1_prob": top1_prob, "top2_label": top2_label, "top2_prob": top2_prob,
+        "label_set": label_set, "label_set_size": label_set_size, "ood_score": ood_score, "is_ood": is_ood,
+        "error": np.asarray(errors, dtype=object),
+    })

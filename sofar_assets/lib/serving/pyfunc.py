@@ -23,9 +23,10 @@ from sofar_assets.lib.model import ood
 from sofar_assets.lib.model.conformal import LabelSets
 from sofar_assets.lib.serving.inference import Item, predict_frame
 from sofar_assets.lib.serving.packaging import PYFUNC_ARTIFACT, load_package
-from sofar_assets.lib.serving.predictor import PREDICTION_COLUMNS, make_runner
+from sofar_assets.lib.serving.predictor import make_runner
+from sofar_assets.lib.warehouse.predictions import IMAGE_COLUMNS, PREDICTION_COLUMNS
 
-OUTPUT_COLUMNS = (*PREDICTION_COLUMNS, "model_name", "model_version")
+OUTPUT_COLUMNS = (*IMAGE_COLUMNS, "model_name", "model_version")  # a request has no day
 DEFAULT_MAX_BYTES = 50_000_000
 _MEMORY = "request://"
 

@@ -20,6 +20,7 @@ from mlflow.exceptions import MlflowException
 
 from sofar_assets.lib.common.text import text_problem
 from sofar_assets.lib.model.conformal import LabelSets
+from sofar_assets.lib.warehouse.predictions import PREDICTION_DATE
 
 CHAMPION = "champion"
 CALIBRATION_TAGS = ("ood_score_method", "ood_temperature", "ood_threshold")
@@ -172,7 +173,7 @@ def predicted_versions(wh, name: str, *, table: str = "predictions") -> dict[str
     memory of a registry (one ``GROUP BY`` in the warehouse; empty when there is no table)."""
     if not wh.table_exists(table):
         return {}
-    counts = wh.count_by(table, "prediction_date", dt.date(1900, 1, 1), dt.date(9999, 1, 1),
+    counts = wh.count_by(table, PREDICTION_DATE, dt.date(1900, 1, 1), dt.date(9999, 1, 1),
                          by=["model_name", "model_version"])
     mine = counts[counts["model_name"] == name]
     return {str(v): int(n) for v, n in zip(mine["model_version"], mine["n"], strict=True) if v is not None}

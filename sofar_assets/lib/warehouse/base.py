@@ -34,10 +34,6 @@ def checkpoint(phase: str) -> None:
     """
 
 
-def is_gcs(path) -> bool:
-    return str(path).startswith("gs://")
-
-
 def check_day_files(schema: TableSchema, day: dt.date, files: Sequence[str | os.PathLike]) -> int:
     """Check local Parquet ``files`` hold ``schema``'s columns and only rows of ``day``.
 

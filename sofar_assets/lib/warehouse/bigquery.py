@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -33,8 +34,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 
+from sofar_assets.lib.data import storage
+from sofar_assets.lib.data.storage import is_gcs
 from sofar_assets.lib.warehouse import base
-from sofar_assets.lib.warehouse.base import TableNotFoundError, Warehouse, check_day_files, evolve, is_gcs
+from sofar_assets.lib.warehouse.base import TableNotFoundError, Warehouse, check_day_files, evolve
 from sofar_assets.lib.warehouse.names import check_dataset, check_identifier, check_project
 from sofar_assets.lib.warehouse.schemas import TableSchema, day_of
 from sofar_assets.lib.warehouse.spool import file_schema, merge_parquet, write_parquet
@@ -50,6 +53,9 @@ from sofar_assets.lib.warehouse.types import (
 )
 
 STAGING_PREFIX = "_sofar_staging_"
+METADATA_TTL_S = 300.0
+"""How long an instance trusts the table metadata it fetched (a run's steps take one ``get_table``
+per table; a long-lived review page sees another process's new table or column within minutes)."""
 
 
 class DatasetNotFoundError(LookupError):
@@ -102,11 +108,9 @@ def _bq_literal(value, kind: str) -> str:
 
 def _download(uri: str, folder: str, index: int) -> str:
     """A local copy of a gs:// object (streamed to disk, not into memory)."""
-    from google.cloud import storage as gcs
-
     bucket, _, key = uri[len("gs://"):].partition("/")
     path = str(Path(folder) / f"download-{index}.parquet")
-    gcs.Client().bucket(bucket).blob(key).download_to_filename(path)
+    storage.gcs_client().bucket(bucket).blob(key).download_to_filename(path)
     return path
 
 class BigQueryWarehouse(Warehouse):
@@ -126,6 +130,11 @@ class BigQueryWarehouse(Warehouse):
         self.staging_ttl = staging_ttl
         self._client = client
         self._dataset_checked = False
+        # table metadata, fetched ONCE per instance and kept for METADATA_TTL_S (None: absent): kept
+        # current by this instance's own creates, schema updates and loads, dropped after any
+        # statement that is not a read; the TTL lets a long-lived instance (the review page) see
+        # what other processes create or add
+        self._tables: dict[str, tuple[float, object | None]] = {}
 
     def __repr__(self) -> str:
         return f"BigQueryWarehouse({self.project!r}, {self.dataset!r})"
@@ -179,10 +188,18 @@ class BigQueryWarehouse(Warehouse):
     def _get_table(self, table: str):
         from google.api_core.exceptions import NotFound
 
+        cached = self._tables.get(table)
+        if cached is not None and time.monotonic() - cached[0] < METADATA_TTL_S:
+            return cached[1]
         try:
-            return self.client.get_table(self._ref(table))
+            found = self.client.get_table(self._ref(table))
         except NotFound:
-            return None
+            found = None
+        self._remember(table, found)
+        return found
+
+    def _remember(self, table: str, metadata) -> None:
+        self._tables[table] = (time.monotonic(), metadata)
 
     @staticmethod
     def _types_of(t) -> dict[str, str]:
@@ -220,7 +237,12 @@ class BigQueryWarehouse(Warehouse):
             t.time_partitioning = self._day_partitioning(partition_column)
         if clustering:
             t.clustering_fields = list(clustering)
-        self.client.create_table(t, exists_ok=True)  # a concurrent run may have created it
+        # a concurrent run may have created it: then that table's metadata is fetched when next needed
+        created = self.client.create_table(t, exists_ok=True)
+        if created is not None and getattr(created, "schema", None):
+            self._remember(table, created)
+        else:
+            self._tables.pop(table, None)
 
     def _prepare_table(self, table: str, types: dict[str, str], partition_column: str | None = None,
                        clustering: Sequence[str] = (), *, add_columns: bool) -> dict[str, str]:
@@ -233,7 +255,7 @@ class BigQueryWarehouse(Warehouse):
         added = evolve(table, self._types_of(existing), types)
         if added and add_columns:
             existing.schema = [*existing.schema, *self._fields(added)]
-            self.client.update_table(existing, ["schema"])
+            self._remember(table, self.client.update_table(existing, ["schema"]))
         return added
 
     # -- loads ------------------------------------------------------------------------
@@ -283,8 +305,8 @@ class BigQueryWarehouse(Warehouse):
             # gs:// files are not read here: BigQuery itself refuses rows outside the decorated day
             if not self.partition_decorator:
                 return self._replace_day_staged(schema, day, files)
-            self._prepare_table(schema.name, dict(schema.columns), schema.partition_column,
-                                schema.clustering, add_columns=False)
+            added = self._prepare_table(schema.name, dict(schema.columns), schema.partition_column,
+                                        schema.clustering, add_columns=False)
             config = bigquery.LoadJobConfig(
                 source_format=bigquery.SourceFormat.PARQUET,
                 schema=self._fields(schema.columns),
@@ -294,6 +316,8 @@ class BigQueryWarehouse(Warehouse):
                 schema_update_options=[bigquery.SchemaUpdateOption.ALLOW_FIELD_ADDITION],
             )
             rows = self._load_files(files, f"{self._ref(schema.name)}${day:%Y%m%d}", config)
+            if added:  # the load added columns (ALLOW_FIELD_ADDITION): fetch the new schema when needed
+                self._tables.pop(schema.name, None)
         base.checkpoint("bigquery:loaded")
         return rows
 
@@ -385,6 +409,7 @@ class BigQueryWarehouse(Warehouse):
             config.time_partitioning = self._day_partitioning(partition_column)
             config.clustering_fields = list(clustering) or None
         self._load_frame(data, self._ref(table), types, config)
+        self._tables.pop(table, None)  # the truncating load took the frame's schema
 
     def append_rows(self, schema: TableSchema, df: pd.DataFrame) -> int:
         """ONE ``WRITE_APPEND`` load job (a load job is atomic: every row lands or none; no DML,
@@ -508,4 +533,6 @@ class BigQueryWarehouse(Warehouse):
                 yield arrow_to_pandas(pa.Table.from_batches([batch]))
 
     def _run_query(self, sql: str) -> pd.DataFrame:
+        if not sql.lstrip().upper().startswith(("SELECT", "WITH")):
+            self._tables.clear()  # DDL or DML may have created, altered or dropped a table
         return self._select(sql)

@@ -13,8 +13,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from sofar_assets.lib.data.storage import is_gcs
 from sofar_assets.lib.warehouse import base
-from sofar_assets.lib.warehouse.base import TableNotFoundError, Warehouse, check_day_files, evolve, is_gcs
+from sofar_assets.lib.warehouse.base import TableNotFoundError, Warehouse, check_day_files, evolve
 from sofar_assets.lib.warehouse.names import check_identifier
 from sofar_assets.lib.warehouse.schemas import TableSchema, day_of
 from sofar_assets.lib.warehouse.types import (

@@ -165,29 +165,6 @@ class TableSchema:
             raise ValueError(f"table {self.name!r}: column {column!r} cannot be stored as {logical}: {exc}") from exc
 
 
-PREDICTIONS = TableSchema(
-    name="predictions",
-    columns={
-        "prediction_date": DATE,
-        "image_id": STRING,
-        "image_uri": STRING,
-        "top1_label": STRING,
-        "top1_prob": FLOAT64,
-        "top2_label": STRING,
-        "top2_prob": FLOAT64,
-        "label_set": STRING,  # conformal label set (lib/model/conformal.py): "a|b", "" when empty
-        "label_set_size": INT64,
-        "ood_score": FLOAT64,
-        "is_ood": BOOL,
-        "error": STRING,
-        "model_name": STRING,
-        "model_version": STRING,
-        "predicted_at": TIMESTAMP,
-    },
-    partition_column="prediction_date",
-    clustering=("top1_label", "is_ood"),
-)
-
 IMAGE_UPLOADS = TableSchema(
     name="image_uploads",
     columns={"image_id": STRING, "image_uri": STRING, "uploaded_at": TIMESTAMP},
@@ -208,24 +185,7 @@ SOFAR_DATASET = TableSchema(
     },
 )
 
-LABEL_CORRECTIONS = TableSchema(
-    name="label_corrections",
-    columns={
-        "image_id": STRING,
-        "image_uri": STRING,
-        "label": STRING,
-        "inspector": STRING,
-        "corrected_at": TIMESTAMP,
-        "prediction_date": DATE,
-    },
-    partition_column="prediction_date",
-    clustering=("image_id",),
-)
-"""Inspectors' verdicts on predicted photos (``sofar correct``, a CSV import, or any other writer):
-one row per verdict, appended, never rewritten; ``prediction_date`` is the predictions partition
-of the photo it judges (see lib/review/corrections.py)."""
-
-_RAW_LABELS_COLUMNS = {
+RAW_LABELS_COLUMNS = {
     "task": STRING,
     "image_uri": STRING,
     "source_label": STRING,
@@ -245,16 +205,7 @@ def raw_labels_table(task: str) -> str:
 
 def raw_labels_schema(task: str) -> TableSchema:
     """The raw label table of one task-centric dataset (one row per file)."""
-    return TableSchema(name=raw_labels_table(task), columns=dict(_RAW_LABELS_COLUMNS))
-
-
-RAW_CORRECTIONS = TableSchema(
-    name=raw_labels_table("label_corrections"),
-    columns={**_RAW_LABELS_COLUMNS, "image_id": STRING, "inspector": STRING, "corrected_at": TIMESTAMP,
-             "prediction_date": DATE},
-)
-"""The corrections task source scanned like a task (``raw_labels/label_corrections``): the latest
-verdict per photo with its content hash, or an ``error`` naming why the row was rejected."""
+    return TableSchema(name=raw_labels_table(task), columns=dict(RAW_LABELS_COLUMNS))
 
 
 def day_of(value) -> dt.date:

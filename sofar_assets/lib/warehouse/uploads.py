@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+from collections.abc import Iterator, Sequence
 
 import pandas as pd
 
+from sofar_assets.lib.data.days import day_window
+from sofar_assets.lib.data.uploads import Upload, iter_folder_day, iter_table_uploads
 from sofar_assets.lib.warehouse.base import TableNotFoundError, Warehouse
 from sofar_assets.lib.warehouse.types import DATE, TIMESTAMP
 
@@ -46,3 +49,19 @@ def uploads_from_table(wh: Warehouse, table: str, start, end) -> pd.DataFrame:
     check_uploads_table(wh, table)
     df = wh.read_range(table, "uploaded_at", start, end, columns=list(UPLOAD_COLUMNS))
     return df.sort_values(["uploaded_at", "image_id"], kind="stable").reset_index(drop=True)
+
+
+def day_uploads(day: dt.date, *, timezone: str, allowed_roots: Sequence[str], folder: str | None = None,
+                table: str | None = None, warehouse: Warehouse | None = None) -> Iterator[Upload]:
+    """One :class:`Upload` per photo uploaded on ``day`` (in ``timezone``), streamed from the day
+    folder under ``folder`` or, without one, from the uploads ``table`` of ``warehouse``: readable,
+    or an error record (bad link, pipe, URI outside ``allowed_roots``) that becomes an error row
+    without being read. The table is read in pages (:func:`iter_uploads`): memory holds one page,
+    whatever the day's size."""
+    if folder is not None:
+        return iter_folder_day(folder, day, allowed_roots=allowed_roots)
+    if table is None or warehouse is None:
+        raise ValueError("day_uploads needs an uploads folder, or an uploads table and its warehouse")
+    pages = iter_uploads(warehouse, table, *day_window(day, timezone))
+    return iter_table_uploads(((i, u) for page in pages for i, u in zip(page["image_id"], page["image_uri"],
+                                                                        strict=True)), allowed_roots)
