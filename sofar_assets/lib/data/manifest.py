@@ -77,7 +77,8 @@ def manifest_rows(path: str | os.PathLike) -> int:
     return pq.ParquetFile(str(path)).metadata.num_rows
 
 
-def read_slice(path: str | os.PathLike, start: int, stop: int, *, rows_per_read: int = READ_ROWS) -> Iterator[Upload]:
+def read_slice(path: str | os.PathLike, start: int, stop: int, *,
+               rows_per_read: int = READ_ROWS) -> Iterator[Upload]:
     """The uploads of rows ``[start, stop)`` of a manifest, in order, streamed: only the row
     groups that overlap the range are read, ``rows_per_read`` rows at a time (a whole group as
     Python objects is ~10 MB at 10,000 rows; it stays alive while the shard's reads go on)."""
