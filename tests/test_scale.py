@@ -482,6 +482,66 @@ def test_manifest_lists_a_day_once_and_its_shards_cover_it_exactly(tmp_path, cou
     assert n == {min(max_shards, max(1, -(-count // per_shard)))}
 
 
+def test_a_slice_is_read_in_small_batches_not_a_row_group_at_a_time(tmp_path):
+    """While a shard's first upload is out, at most ``rows_per_read`` rows of its row group are
+    Python objects: the slice streams (it used to turn the whole 10,000-row group into four lists
+    at once and keep them while the shard's reads went on)."""
+    import tracemalloc
+
+    from sofar_assets.lib.data import manifest
+
+    path = tmp_path / "m.parquet"
+    manifest.write_manifest(_day_of(20_000), path, rows_per_group=10_000)
+    for start, stop in [(0, 20_000), (9_990, 10_500), (15_000, 15_001)]:
+        tracemalloc.start()
+        try:
+            it = manifest.read_slice(path, start, stop)
+            first = next(it)
+            held, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert first == list(_day_of(start + 1))[start]
+        assert held < 600_000, f"{held} bytes held for one upload of [{start}, {stop})"  # 10,000 rows: ~3 MB
+        assert [first, *it] == list(_day_of(stop))[start:]
+
+
+def test_a_stream_allocates_arrow_memory_from_the_c_heap_and_restores_the_pool(tmp_path):
+    """Inside ``score_days`` Arrow allocates from its system pool (the C heap, which
+    ``release_free_heap`` hands back after each batch); mimalloc, Arrow's default, kept the pages
+    it freed and the shard's RSS crept with the day. The caller's pool is back afterwards."""
+    import pyarrow as pa
+
+    from sofar_assets.lib.data import manifest
+    from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool
+
+    d = tmp_path / "u"
+    d.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(d / f"{i}.jpg")
+    path = tmp_path / "m.parquet"
+    from sofar_assets.lib.data.uploads import Upload
+
+    manifest.write_manifest((Upload(f"d/{i}.jpg", str(d / f"{i}.jpg"), str(d / f"{i}.jpg"), None)
+                             for i in range(5)), path)
+    pools = []
+
+    class Spy(ParquetSpool):
+        def append(self, rows):
+            pools.append(pa.default_memory_pool().backend_name)
+            super().append(rows)
+
+    before = pa.default_memory_pool().backend_name
+    tallies = daily.score_days(
+        torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 2)),
+        [(dt.date(2026, 11, 1), manifest.read_slice(path, 0, 5))],
+        open_spool=lambda day: Spy(PREDICTIONS, tmp_path / "s.parquet"), rows_per_group=2,
+        columns={"model_name": "m", "model_version": "1", "predicted_at": pd.Timestamp("2026-11-02")},
+        classes=["a", "b"], image_size=8, threshold=0.0, batch_size=2, num_workers=0, device="cpu")
+    assert tallies[dt.date(2026, 11, 1)].staged_rows == 5
+    assert pools and set(pools) == {"system"}
+    assert pa.default_memory_pool().backend_name == before
+
+
 def test_shard_count_follows_the_days_size():
     from sofar_assets.lib.data.manifest import shard_count
 
@@ -602,6 +662,63 @@ def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, 
             assert discarded(10) > 0  # the old default pool: the same reads throw connections away
         finally:
             storage._gcs_client.cache_clear()
+
+
+def test_a_forked_worker_makes_its_own_gcs_client_and_the_emulator_answers_without_nagle(monkeypatch):
+    """A forked DataLoader worker starts without its parent's cached client (whose pooled
+    keep-alive sockets the two processes would otherwise share), and the latency emulator's
+    connections have TCP_NODELAY (Nagle's algorithm held each body for the client's delayed ACK:
+    ~40 ms more per read than the 50 ms the benchmark adds)."""
+    import os
+    import socket
+
+    from sofar_assets.lib.data import storage
+    from sofar_assets.stack import gcs_latency
+
+    nodelay = []
+
+    class Handler(gcs_latency._SlowMedia):
+        def setup(self):
+            super().setup()
+            nodelay.append(self.connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+    monkeypatch.setattr(gcs_latency, "_SlowMedia", Handler)
+    with gcs_latency.LatencyGcs(latency_s=0.0) as gcs:
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
+        storage._gcs_client.cache_clear()
+        try:
+            client = storage._gcs_client()
+            client.create_bucket("b")
+            client.bucket("b").blob("x.jpg").upload_from_string(b"abc")
+            assert storage.read_bytes("gs://b/x.jpg") == b"abc"
+            r, w = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: report whether it inherited a client, then read through its own
+                try:
+                    cached = storage._gcs_client.cache_info().currsize
+                    ok = storage.read_bytes("gs://b/x.jpg") == b"abc"
+                    os.write(w, f"{cached} {ok}".encode())
+                finally:
+                    os._exit(0)
+            os.close(w)
+            os.waitpid(pid, 0)
+            assert os.read(r, 100).decode() == "0 True"
+            os.close(r)
+            assert storage._gcs_client.cache_info().currsize > 0  # the parent keeps its own
+        finally:
+            storage._gcs_client.cache_clear()
+    assert nodelay and all(nodelay)
+
+
+def test_the_latency_emulator_queues_every_connection_a_scoring_run_opens_at_once():
+    """Each DataLoader worker opens ``reads_in_flight`` connections at once; the emulator's listen
+    backlog was socketserver's 5, and every SYN beyond it was dropped and resent a second later
+    (Linux's initial RTO): ~1.2 s on the first batch of every worker, which GCS does not add."""
+    from sofar_assets.config import InferenceConfig
+    from sofar_assets.stack.gcs_latency import _Server
+
+    inf = InferenceConfig()
+    assert _Server.request_queue_size >= inf.num_workers * inf.reads_in_flight
 
 
 def test_shard_pods_read_the_model_from_the_artifact_store_not_through_the_proxy():

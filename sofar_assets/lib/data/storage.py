@@ -69,6 +69,11 @@ def gcs_client(pool_size: int = GCS_POOL_SIZE):
     return _gcs_client(pool_size)
 
 
+# A forked DataLoader worker must not reuse its parent's client: the pooled keep-alive connections
+# (sockets) would be shared by the processes, their requests and responses interleaved on one socket
+os.register_at_fork(after_in_child=_gcs_client.cache_clear)
+
+
 def _split_gcs(uri: str) -> tuple[str, str]:
     bucket, _, key = uri[len("gs://") :].partition("/")
     return bucket, key

@@ -95,6 +95,24 @@ class DayTally:
         return out
 
 
+@contextlib.contextmanager
+def arrow_on_system_heap() -> Iterator[None]:
+    """Arrow allocates from the C heap (its system pool) inside the block, then the previous pool.
+
+    Arrow's default pool (mimalloc) keeps the pages it frees: over a stream the manifest's row
+    groups, the batches' tables and the spool's writes left a shard's RSS creeping with the day
+    (measured: +20 MiB at 40k images vs +4.5 MiB on the system pool, 2.9 MiB of Arrow memory live
+    at most), out of reach of :func:`release_free_heap`. Buffers remember their pool: one allocated
+    before the block is freed to its own."""
+    previous = pa.default_memory_pool()
+    pa.set_memory_pool(pa.system_memory_pool())
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(previous)
+
+
+@arrow_on_system_heap()  # the whole pass, the last spool's close included
 def score_days(
     model,
     days: Iterable[tuple[dt.date, Iterable]],
