@@ -6,8 +6,8 @@ Both sides do identical work on the same day of real-size photos (the sample pho
 distinct names): load the champion from the MLflow registry, decode + predict every photo, and
 replace the day's rows in DuckDB. A = `dagster.materialize(daily_predictions, partition)`,
 B = the plain functions the asset's steps call (`load_registered`, `uploads_of_day`,
-`daily.score_days`, `daily.commit_day`, `drift.checks_in_warehouse`). Rounds alternate A, B, A, B …; the ratio A/B of the medians is printed
-(target <= 1.10).
+`daily.score_days`, `daily.commit_day`, `drift.checks_in_warehouse`). Rounds alternate A, B, A,
+B …; the ratio A/B of the medians is printed (target <= 1.10).
 
 Whole processes, for an outside timer (each prepares STATE once, then does one side once):
 

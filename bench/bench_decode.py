@@ -26,7 +26,8 @@ from sofar_assets.lib.data.images import PreprocessCache, load_image_array, sha2
 
 DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
                         if (p / "shared/data/sofar-public-samples").is_dir()),
-                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")  # a worktree: one deeper
+                       # a worktree: one level deeper
+                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")
 
 
 def naive(data: bytes, size: int) -> np.ndarray:

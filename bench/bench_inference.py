@@ -40,7 +40,8 @@ from sofar_assets.lib.serving.inference import predict_images  # noqa: E402
 
 DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
                         if (p / "shared/data/sofar-public-samples").is_dir()),
-                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")  # a worktree: one deeper
+                       # a worktree: one level deeper
+                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")
 
 
 def tiny_cnn(num_classes: int) -> torch.nn.Module:
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     base = results[0]["main_kib"]
     print(f"    peak RSS ratio {counts[-1]} / {counts[0]} images: main {hi['main_kib'] / lo['main_kib']:.2f}, "
           f"main above baseline {(hi['main_kib'] - base) / max(lo['main_kib'] - base, 1):.2f}, "
-          f"main + largest worker {(hi['main_kib'] + hi['worker_kib']) / (lo['main_kib'] + lo['worker_kib']):.2f}")  # fmt: skip
+          f"main + largest worker "
+          f"{(hi['main_kib'] + hi['worker_kib']) / (lo['main_kib'] + lo['worker_kib']):.2f}")
     return 0
 
 

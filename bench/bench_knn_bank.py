@@ -8,8 +8,9 @@ features) and held-out ID photos; the kNN score (k = ``ood.knn_k``, default 1) o
 ID photos against the OOD images gives the AUROC, with the full bank and with the bank cut to
 each fraction in ``--caps`` by ``ood.reduce_bank`` (greedy k-center ``coreset``, and a
 ``random`` subset: the median over ``--seeds`` seeds). Since an AUROC of 1.0 cannot move,
-the Spearman correlation of all the photos' scores with the full bank's is printed beside it. Features: efficientnet_lite0's pooled
-features with the offline ImageNet weights (frozen, no fine-tuning) at ``--size`` px.
+the Spearman correlation of all the photos' scores with the full bank's is printed beside it.
+Features: efficientnet_lite0's pooled features with the offline ImageNet weights (frozen, no
+fine-tuning) at ``--size`` px.
 
 - **the 20 shared photos** (../shared/data/sofar-public-samples; ID), against scikit-image's
   page and text images and 10 synthetic documents (OOD), as bench_recipe.py;

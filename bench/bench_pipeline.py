@@ -75,7 +75,8 @@ def main() -> int:
         env = {**os.environ, "SOFAR_CONFIG": str(tmp / "sofar.yaml"), "DAGSTER_HOME": str(tmp / "home")}
         dagster = str(Path(sys.executable).with_name("dagster"))
         steps = [
-            ("train_and_promote", [dagster, "job", "execute", "-m", "sofar_assets.definitions", "-j", "train_and_promote"]),
+            ("train_and_promote",
+             [dagster, "job", "execute", "-m", "sofar_assets.definitions", "-j", "train_and_promote"]),
             (f"daily_predictions {DAYS}", [dagster, "asset", "materialize", "-m", "sofar_assets.definitions",
                                              "--select", "daily_predictions", "--partition-range", DAYS]),
             ("sofar correct --csv (demo verdicts)", [sys.executable, "-m", "sofar_assets.cli", "correct", "--csv",

@@ -52,7 +52,8 @@ from sofar_assets.lib.model.training import TrainConfig  # noqa: E402
 
 # ../shared next to the checkout (a worktree sits one level deeper)
 DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in REPO.parents[:2]
-                        if (p / "shared/data/sofar-public-samples").is_dir()), REPO.parent / "shared/data/sofar-public-samples")
+                        if (p / "shared/data/sofar-public-samples").is_dir()),
+                       REPO.parent / "shared/data/sofar-public-samples")
 TASKS = {"defect": ("CAR_DEFECT_RECOGNITION", {"0_NORMAL": "normal", "1_DEFECT": "defect"}),
          "dirt": ("CAR_DIRT_RECOGNITION", {"0_NORMAL": "normal", "1_DIRT": "dirt"})}
 
@@ -141,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override one train: setting (YAML value), e.g. --set lr=0.01; repeatable")
     ap.add_argument("--head-refit", action="store_true",
-                    help="also report the recipe with its head refitted by logistic regression on the fine-tuned features")
+                    help="also report the recipe with its head refitted by logistic regression on the "
+                         "fine-tuned features")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run: 2 folds, 1 fine-tuning epoch, 2 synthetic documents (no figures)")
     ap.add_argument("--composites", action="store_true",

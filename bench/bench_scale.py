@@ -241,7 +241,8 @@ def start_emulator(latency_s: float) -> tuple[subprocess.Popen, str]:
     """The GCS emulator with ``latency_s`` per download, in a process of its own."""
     proc = subprocess.Popen([sys.executable, "-m", "sofar_assets.stack.gcs_latency", str(latency_s)],
                             stdout=subprocess.PIPE, text=True, cwd=REPO,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+                            env={**os.environ,
+                                 "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
     url = proc.stdout.readline().strip()
     if not url.startswith("http://"):
         proc.kill()
@@ -288,7 +289,8 @@ def main() -> int:
         child_day(args.work, args.child, args.one_shard)
         return 0
     if args.quick:  # a smoke run (make test): seconds, figures meaningless
-        args.days, args.big, args.latency_images, args.photos, args.rounds, args.repeats = "200,600", 3000, 200, 50, 1, 1
+        args.days, args.big, args.latency_images = "200,600", 3000, 200
+        args.photos, args.rounds, args.repeats = 50, 1, 1
     n1, n2 = (int(x) for x in args.days.split(","))
     if args.quick:  # the big day still cut in several shards
         args.images_per_shard = 600
@@ -365,7 +367,7 @@ def main() -> int:
         emulator, url = start_emulator(READ_LATENCY_S)
         os.environ["STORAGE_EMULATOR_HOST"] = url  # this process and its DataLoader workers
         try:
-            client = storage._gcs_client()
+            client = storage.gcs_client()
             client.create_bucket("bench")
             gcs_photos = []
             for p in photos[: min(len(photos), args.latency_images)]:

@@ -36,7 +36,8 @@ from sofar_assets.lib.model.training import (  # noqa: E402
 
 DEFAULT_SAMPLES = next((p / "shared/data/sofar-public-samples" for p in Path(__file__).resolve().parents[2:4]
                         if (p / "shared/data/sofar-public-samples").is_dir()),
-                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")  # a worktree: one deeper
+                       # a worktree: one level deeper
+                       Path(__file__).resolve().parents[2] / "shared/data/sofar-public-samples")
 
 
 def measure(arch: str, ds: ImageDataset, num_classes: int, args, device: torch.device) -> dict:

@@ -365,8 +365,8 @@ def test_drift_rules():
     assert out[D2] == {"ood_rate": 0.2, "trailing": 0.1, "spike": False}
     assert out[D3] == {"ood_rate": 0.8, "trailing": 0.15, "spike": True}
     assert drift.ood_vs_trailing(counts, [D1]) == {}  # nothing to compare against
-    assert not np.isnan(drift.label_mix_vs_trailing(
-        pd.DataFrame({"prediction_date": [D1, D2], "top1_label": ["a", "b"], "n": [3, 4]}), [D2])[D2]["total_variation"])
+    mix = pd.DataFrame({"prediction_date": [D1, D2], "top1_label": ["a", "b"], "n": [3, 4]})
+    assert not np.isnan(drift.label_mix_vs_trailing(mix, [D2])[D2]["total_variation"])
 
 
 def test_read_ahead_keeps_order_bounds_the_queue_and_runs_ahead_of_the_consumer():
@@ -652,16 +652,16 @@ def test_gcs_reads_in_flight_reuse_a_pool_of_that_many_connections(monkeypatch, 
 
     with LatencyGcs(latency_s=0.05) as gcs:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
-        storage._gcs_client.cache_clear()
+        storage.gcs_client.cache_clear()
         try:
-            client = storage._gcs_client()
+            client = storage.gcs_client()
             client.create_bucket("bench")
             for i in range(8):
                 client.bucket("bench").blob(f"p/{i}.jpg").upload_from_string(bytes([i]) * 100)
             assert discarded(in_flight) == 0
             assert discarded(10) > 0  # the old default pool: the same reads throw connections away
         finally:
-            storage._gcs_client.cache_clear()
+            storage.gcs_client.cache_clear()
 
 
 def test_a_forked_worker_makes_its_own_gcs_client_and_the_emulator_answers_without_nagle(monkeypatch):
@@ -685,9 +685,9 @@ def test_a_forked_worker_makes_its_own_gcs_client_and_the_emulator_answers_witho
     monkeypatch.setattr(gcs_latency, "_SlowMedia", Handler)
     with gcs_latency.LatencyGcs(latency_s=0.0) as gcs:
         monkeypatch.setenv("STORAGE_EMULATOR_HOST", gcs.url)
-        storage._gcs_client.cache_clear()
+        storage.gcs_client.cache_clear()
         try:
-            client = storage._gcs_client()
+            client = storage.gcs_client()
             client.create_bucket("b")
             client.bucket("b").blob("x.jpg").upload_from_string(b"abc")
             assert storage.read_bytes("gs://b/x.jpg") == b"abc"
@@ -695,7 +695,7 @@ def test_a_forked_worker_makes_its_own_gcs_client_and_the_emulator_answers_witho
             pid = os.fork()
             if pid == 0:  # the child: report whether it inherited a client, then read through its own
                 try:
-                    cached = storage._gcs_client.cache_info().currsize
+                    cached = storage.gcs_client.cache_info().currsize
                     ok = storage.read_bytes("gs://b/x.jpg") == b"abc"
                     os.write(w, f"{cached} {ok}".encode())
                 finally:
@@ -704,9 +704,9 @@ def test_a_forked_worker_makes_its_own_gcs_client_and_the_emulator_answers_witho
             os.waitpid(pid, 0)
             assert os.read(r, 100).decode() == "0 True"
             os.close(r)
-            assert storage._gcs_client.cache_info().currsize > 0  # the parent keeps its own
+            assert storage.gcs_client.cache_info().currsize > 0  # the parent keeps its own
         finally:
-            storage._gcs_client.cache_clear()
+            storage.gcs_client.cache_clear()
     assert nodelay and all(nodelay)
 
 

@@ -320,7 +320,7 @@ class _FakeGcs:
 
 def test_gcs_reads_are_ranged_with_a_timeout_and_bounded_retries(monkeypatch):
     fake = _FakeGcs({"imgs/up/a.jpg": b"x" * 100, "imgs/up/empty.jpg": b""})
-    monkeypatch.setattr(storage, "_gcs_client", lambda *_: fake)
+    monkeypatch.setattr(storage, "gcs_client", lambda *_: fake)
     assert storage.read_bytes("gs://imgs/up/a.jpg", max_bytes=100, timeout_s=7, retries=2) == b"x" * 100
     call = fake.calls[-1]
     assert (call["start"], call["end"], call["timeout"]) == (0, 100, 7)  # at most max_bytes + 1 bytes
@@ -335,7 +335,7 @@ def test_gcs_reads_are_ranged_with_a_timeout_and_bounded_retries(monkeypatch):
 
 def test_gcs_day_gives_one_upload_per_object_and_refuses_sub_folders(monkeypatch):
     fake = _FakeGcs({f"imgs/up/2026-11-10/{n}": b"x" for n in ("a.jpg", "b.jpg", "c.jpg", ".hidden", "album/d.jpg")})
-    monkeypatch.setattr(storage, "_gcs_client", lambda *_: fake)
+    monkeypatch.setattr(storage, "gcs_client", lambda *_: fake)
     got = sorted(uploads.iter_folder_day("gs://imgs/up", dt.date(2026, 11, 10)), key=lambda u: u.image_id)
     assert [(u.image_id, u.path is not None) for u in got] == [
         ("2026-11-10/a.jpg", True), ("2026-11-10/album", False), ("2026-11-10/b.jpg", True), ("2026-11-10/c.jpg", True)]

@@ -126,10 +126,11 @@ def slices(count: int, shards: int) -> list[tuple[int, int]]:
 def pack(days: dict, *, images_per_shard: int, max_shards: int, fixed_shards: int | None = None) -> list[list[dict]]:
     """The work units of a run: ``days`` maps a day (ISO string) to ``(manifest_uri, count)``.
 
-    Each day gets :func:`shard_count` slices; the slices, in day order, are packed into units of consecutive slices of distinct days holding up to
-    ``images_per_shard`` images (a slice bigger than that, because of ``max_shards``, is a unit
-    alone). With ``fixed_shards`` (``inference.shards_per_day``) every day is cut in that many
-    slices and unit k holds slice k of every day. Each slice is ``{"day", "manifest", "start", "stop", "shard", "shards", "count"}``.
+    Each day gets :func:`shard_count` slices; the slices, in day order, are packed into units of
+    consecutive slices of distinct days holding up to ``images_per_shard`` images (a slice bigger
+    than that, because of ``max_shards``, is a unit alone). With ``fixed_shards``
+    (``inference.shards_per_day``) every day is cut in that many slices and unit k holds slice k
+    of every day. Each slice is ``{"day", "manifest", "start", "stop", "shard", "shards", "count"}``.
     """
     if fixed_shards:  # inference.shards_per_day: unit k holds slice k of every day
         per_day = {day: slices(count, fixed_shards) for day, (_, count) in days.items()}

@@ -47,31 +47,37 @@ GCS_POOL_SIZE = 32  # the default inference.reads_in_flight
 
 
 @functools.lru_cache(maxsize=4)
-def _gcs_client(pool_size: int = GCS_POOL_SIZE):
-    """The process's google-cloud-storage client, its HTTP connection pool sized for
-    ``pool_size`` concurrent requests (``inference.reads_in_flight`` reads per worker): with
-    requests' default of 10, the 11th concurrent read opens a connection that is thrown away
-    afterwards ("Connection pool is full, discarding connection"), a new TCP + TLS handshake
-    per read beyond the tenth."""
+def gcs_client(pool_size: int = GCS_POOL_SIZE, *, endpoint: str | None = None, project: str | None = None):
+    """The process's google-cloud-storage client: the ONE factory (image reads, the daily path's
+    staging, the BigQuery warehouse's downloads, ``sofar doctor`` and the local stack's emulator
+    all get theirs here).
+
+    Its HTTP connection pool is sized for ``pool_size`` concurrent requests
+    (``inference.reads_in_flight`` reads per worker): with requests' default of 10, the 11th
+    concurrent read opens a connection that is thrown away afterwards ("Connection pool is full,
+    discarding connection"), a new TCP + TLS handshake per read beyond the tenth. ``endpoint``
+    (with anonymous credentials) addresses a GCS emulator directly, as the local stack does to
+    create its buckets; otherwise the environment decides (credentials, ``STORAGE_EMULATOR_HOST``)."""
     import requests
     from google.cloud import storage  # imported lazily: local runs never need credentials
 
-    client = storage.Client()
+    if endpoint is None:
+        client = storage.Client(project=project)
+    else:
+        from google.api_core.client_options import ClientOptions
+        from google.auth.credentials import AnonymousCredentials
+
+        client = storage.Client(project=project, credentials=AnonymousCredentials(),
+                                client_options=ClientOptions(api_endpoint=endpoint))
     adapter = requests.adapters.HTTPAdapter(pool_connections=pool_size, pool_maxsize=pool_size)
     for prefix in ("https://", "http://"):  # http: the GCS emulator (STORAGE_EMULATOR_HOST)
         client._http.mount(prefix, adapter)
     return client
 
 
-def gcs_client(pool_size: int = GCS_POOL_SIZE):
-    """The process's google-cloud-storage client: the ONE factory (the daily path's staging, the
-    BigQuery warehouse's downloads and ``sofar doctor`` get theirs here)."""
-    return _gcs_client(pool_size)
-
-
 # A forked DataLoader worker must not reuse its parent's client: the pooled keep-alive connections
 # (sockets) would be shared by the processes, their requests and responses interleaved on one socket
-os.register_at_fork(after_in_child=_gcs_client.cache_clear)
+os.register_at_fork(after_in_child=gcs_client.cache_clear)
 
 
 def _split_gcs(uri: str) -> tuple[str, str]:
@@ -182,7 +188,7 @@ def _read_gcs(uri: str, max_bytes: int | None, timeout_s: float, retries: int,
     # Each HTTP attempt times out after timeout_s; the library's retry (transient errors only:
     # 429, 5xx, connection resets) gives up once about `retries` attempts' time has passed.
     retry = DEFAULT_RETRY.with_timeout(timeout_s * max(retries, 1)) if retries > 0 else None
-    blob = _gcs_client(pool_size).bucket(bucket).blob(key)
+    blob = gcs_client(pool_size).bucket(bucket).blob(key)
     if max_bytes is None:
         return blob.download_as_bytes(timeout=timeout_s, retry=retry)
     # A ranged download of max_bytes + 1 bytes (end is inclusive): a larger object is refused
@@ -239,7 +245,7 @@ def write_bytes(uri: str, data: bytes, *, content_type: str = "application/octet
 
         bucket, key = _split_gcs(uri)
         retry = DEFAULT_RETRY.with_timeout(timeout_s * max(retries, 1)) if retries > 0 else None
-        _gcs_client().bucket(bucket).blob(key).upload_from_string(
+        gcs_client().bucket(bucket).blob(key).upload_from_string(
             data, content_type=content_type, timeout=timeout_s, retry=retry
         )
         return
@@ -271,7 +277,7 @@ def iter_files(folder_uri: str, *, recursive: bool = False) -> Iterator[str]:
     """
     if is_gcs(folder_uri):
         bucket, prefix = _split_gcs(folder_uri.rstrip("/") + "/")
-        blobs = _gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/")
+        blobs = gcs_client().list_blobs(bucket, prefix=prefix, delimiter=None if recursive else "/")
         for blob in blobs:
             if not blob.name.endswith("/") and not _hidden(blob.name.rsplit("/", 1)[-1]):
                 yield f"gs://{bucket}/{blob.name}"
@@ -299,7 +305,7 @@ def list_subfolders(folder_uri: str) -> list[str]:
     """Names (not URIs) of the direct sub-folders of ``folder_uri``, sorted."""
     if is_gcs(folder_uri):
         bucket, prefix = _split_gcs(folder_uri.rstrip("/") + "/")
-        it = _gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
+        it = gcs_client().list_blobs(bucket, prefix=prefix, delimiter="/")
         list(it)  # the prefixes are only filled once the pages were iterated
         return sorted(p[len(prefix) :].rstrip("/") for p in it.prefixes)
     root = Path(folder_uri)
