@@ -16,8 +16,12 @@ ids pointing at a few thousand small synthetic JPEGs (generated once, reused by 
 size), and the network is a stub (a tiny CNN), so the pipeline is measured, not a backbone.
 
 (1) time per image (the whole path) and peak RSS above baseline of a day of N1 vs N2 uploads,
-    each day in a fresh subprocess after a small warm-up day (imports and pools touched): ratios
-    N2/N1 of the medians over ``--rounds`` alternating rounds (targets: time <= 1.1, RSS <= 1.2).
+    each day's listing and its shard in two fresh subprocesses, as ``plan_shards`` and
+    ``score_shard`` run (processes of their own locally, pods of their own on GKE), each after a
+    small warm-up (imports and pools touched): ratios N2/N1 of the medians over ``--rounds``
+    alternating rounds (targets: time <= 1.1, RSS <= 1.2). Listing a day in the shard's own
+    process would charge the stream with the heap the listing left behind (measured: +10.3 vs
+    +6.5 MiB for 100k vs 10k that way; +9 vs +9 MiB, flat mid-stream, in a process of its own).
     RSS is reported per phase: the listing, the stream (read -> model -> staged parquet, what a
     shard pod runs; RESULT's rss_ratio) and the local DuckDB commit (DuckDB buffers an
     uncommitted insert up to about one row group of 122,880 rows before writing it out, so its
@@ -35,7 +39,7 @@ size), and the network is a stub (a tiny CNN), so the pipeline is measured, not 
     emulator's own CPU (a Python HTTP server) shares this machine's cores, which GCS does not.
     Target >= 0.8.
 
-Expected run time on a quiet 2-core machine: about 13-15 minutes (3 rounds of 10k + 100k days,
+Expected run time on a quiet 2-core machine: about 10 minutes (3 rounds of 10k + 100k days,
 3 rounds of the 1M listing + one 100k shard, the latency rounds). ``--quick`` takes ~1-2 min.
 
 The last line is ``RESULT time_per_image_ratio=<N2/N1> rss_ratio=<N2/N1> latency_e2e_vs_model=<x>
@@ -153,22 +157,32 @@ def _peak_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def list_day(work: Path, photos: list[str], n: int, *, memory: bool = False, tag: str = "") -> dict:
+    """The listing step alone (``plan_shards``): the day's manifest, its seconds and, with
+    ``memory``, its peak RSS above the RSS at its start (main process)."""
+    base = _rss_kib()
+    _reset_peak()
+    t0 = time.perf_counter()
+    path, count = listing(work, photos, n, tag)
+    out = {"manifest": path, "count": count, "list_seconds": time.perf_counter() - t0}
+    if memory:
+        out["list_rss_mib"] = (_peak_kib() - base) / 1024
+    return out
+
+
 def run_day(work: Path, photos: list[str], n: int, *, model: torch.nn.Module, inf: InferenceConfig,
-            memory: bool = False, tag: str = "", one_shard: bool = False) -> dict:
+            memory: bool = False, tag: str = "", one_shard: bool = False, listed: dict | None = None) -> dict:
     """One day as the asset's steps run it: listing into the manifest -> the day's shards
     (``manifest.pack``) -> the first shard's slice through ``score_days`` into its staged parquet
     -> (unless ``one_shard``) ``commit_day`` + ``checks_in_warehouse``: seconds, and with
     ``memory`` the peak RSS above the RSS at the start of each phase (main process)."""
-    out: dict = {"n": n}
+    if listed is None:  # listed in this process (the warm-up); a measured day is listed by its own
+        listed = list_day(work, photos, n, memory=memory, tag=tag)
+    path, count = listed["manifest"], listed["count"]
+    out: dict = {"n": n} | {k: v for k, v in listed.items() if k.startswith("list_")}
+    t0 = time.perf_counter() - listed["list_seconds"]  # the whole path: listing + shard + commit
     marks = {"base": _rss_kib()}
     _reset_peak()
-    t0 = time.perf_counter()
-    path, count = listing(work, photos, n, tag)
-    out["list_seconds"] = time.perf_counter() - t0
-    if memory:
-        out["list_rss_mib"] = (_peak_kib() - marks["base"]) / 1024
-        marks["base"] = _rss_kib()
-        _reset_peak()
     units = manifest.pack({DAY.isoformat(): (path, count)}, images_per_shard=inf.images_per_shard,
                           max_shards=inf.max_shards)
     first = units[0][0]
@@ -205,14 +219,25 @@ def run_day(work: Path, photos: list[str], n: int, *, model: torch.nn.Module, in
     return out
 
 
-def child_day(work: Path, n: int, one_shard: bool) -> None:
+def child_day(work: Path, n: int, one_shard: bool, phase: str) -> None:
+    """One step of a day in this process, as the asset runs them: ``list`` (``plan_shards``) or
+    ``score`` (a ``score_shard`` step over the manifest the list step wrote, then the commit)."""
     photos = json.loads((work / "photos.json").read_text())
     per_shard = os.environ.get("SOFAR_BENCH_IMAGES_PER_SHARD")  # --quick: a small day still cut in shards
     inf = InferenceConfig(**({"images_per_shard": int(per_shard)} if per_shard else {}))
+    warm_n = 2 * inf.batch_size * max(inf.num_workers, 1)
+    listed_file = work / f"listed-{n}.json"
+    # a small warm-up first: every import, code path and pool is touched before measuring
+    if phase == "list":
+        list_day(work, photos, warm_n, tag="-warmup")
+        listed_file.write_text(json.dumps(list_day(work, photos, n, memory=True)))
+        print(json.dumps({}))
+        return
     model = StubNet()
-    # a small warm-up day first: every import, code path and pool is touched before measuring
-    run_day(work, photos, 2 * inf.batch_size * max(inf.num_workers, 1), model=model, inf=inf, tag="-warmup")
-    out = run_day(work, photos, n, model=model, inf=inf, memory=True, one_shard=one_shard)
+    run_day(work, photos, warm_n, model=model, inf=inf, tag="-warmup")
+    listed = json.loads(listed_file.read_text())
+    listed_file.unlink()
+    out = run_day(work, photos, n, model=model, inf=inf, memory=True, one_shard=one_shard, listed=listed)
     workers_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     print(json.dumps(out | {"baseline_mib": _rss_kib() / 1024, "workers_peak_mib": workers_peak / 1024}))
 
@@ -262,12 +287,18 @@ def model_only_rate(model: torch.nn.Module, n: int, batch_size: int) -> float:
 
 
 def run_child(work: Path, n: int, one_shard: bool = False) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", str(n), "--work", str(work)] + (["--one-shard"] if one_shard else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode:
-        sys.stderr.write(proc.stderr[-4000:])
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    """A day's listing and its shard in two processes, as ``plan_shards`` and ``score_shard`` run
+    (their own processes locally, their own pods on GKE): the shard's memory is its own, not the
+    heap a 100k-row listing left behind in the same process."""
+    out = None
+    for phase in ("list", "score"):
+        cmd = [sys.executable, __file__, "--child", str(n), "--work", str(work), "--phase", phase]
+        proc = subprocess.run(cmd + (["--one-shard"] if one_shard else []), capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-4000:])
+            return None
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    return out
 
 
 def main() -> int:
@@ -284,9 +315,10 @@ def main() -> int:
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--one-shard", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--phase", choices=("list", "score"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child_day(args.work, args.child, args.one_shard)
+        child_day(args.work, args.child, args.one_shard, args.phase)
         return 0
     if args.quick:  # a smoke run (make test): seconds, figures meaningless
         args.days, args.big, args.latency_images = "200,600", 3000, 200
