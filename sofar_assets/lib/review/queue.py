@@ -37,9 +37,9 @@ SECTION_TITLES = {OOD: "flagged out-of-distribution (lowest OOD score first)",
 QUEUE_COLUMNS = [*(c for c in IMAGE_COLUMNS if c != "error"), "reason"]
 REVIEW_COLUMNS = [c for c in QUEUE_COLUMNS if not c.startswith("label_set")]
 # the queue, in the warehouse's SQL (DuckDB and BigQuery alike): who is in it, why, in which order
-_QUEUE_REASON = (f"CASE WHEN is_ood THEN '{OOD}' WHEN label_set_size = 0 THEN '{EMPTY_SET}' "
-                 f"ELSE '{AMBIGUOUS_SET}' END")
-_QUEUE_WHERE = "error IS NULL AND (is_ood OR label_set_size <> 1)"
+QUEUE_REASON_SQL = (f"CASE WHEN is_ood THEN '{OOD}' WHEN label_set_size = 0 THEN '{EMPTY_SET}' "
+                    f"ELSE '{AMBIGUOUS_SET}' END")
+QUEUE_WHERE_SQL = "error IS NULL AND (is_ood OR label_set_size <> 1)"
 QUEUE_ORDER = ("OOD-flagged first, lowest OOD score first; then the rest by top-1 probability (lowest first), "
                "larger label sets first, then image_uri")
 CONFIDENT = 0.995
@@ -69,16 +69,16 @@ def review_queue(wh, table: str, day, *, limit: int = 50) -> pd.DataFrame:
     (NULL ``label_set_size``) are in it only when OOD-flagged. A photo with a verdict in
     ``label_corrections`` has left the queue."""
     cols = ", ".join(QUEUE_COLUMNS[:-1])
-    return wh.query(f"SELECT {cols}, {_QUEUE_REASON} AS reason FROM {{table:{table}}} "
-                    f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} AND {_not_judged(wh, day)} "
+    return wh.query(f"SELECT {cols}, {QUEUE_REASON_SQL} AS reason FROM {{table:{table}}} "
+                    f"WHERE {_day_where(day)} AND {QUEUE_WHERE_SQL} AND {_not_judged(wh, day)} "
                     f"ORDER BY {_QUEUE_ORDER_SQL} LIMIT {int(limit)}").reindex(columns=QUEUE_COLUMNS)
 
 
 def review_queue_counts(wh, table: str, day) -> dict[str, int]:
     """How many of ``day``'s rows are still in its review queue (no verdict yet), per reason
     (counted in the warehouse)."""
-    counts = wh.query(f"SELECT {_QUEUE_REASON} AS reason, count(*) AS n FROM {{table:{table}}} "
-                      f"WHERE {_day_where(day)} AND {_QUEUE_WHERE} AND {_not_judged(wh, day)} GROUP BY 1")
+    counts = wh.query(f"SELECT {QUEUE_REASON_SQL} AS reason, count(*) AS n FROM {{table:{table}}} "
+                      f"WHERE {_day_where(day)} AND {QUEUE_WHERE_SQL} AND {_not_judged(wh, day)} GROUP BY 1")
     got = dict(zip(counts["reason"], counts["n"].astype(int), strict=True)) if len(counts) else {}
     return {r: int(got.get(r, 0)) for r in (OOD, EMPTY_SET, AMBIGUOUS_SET)}
 
@@ -102,7 +102,7 @@ def page_queue(wh, table: str, day, *, limit: int = 200, least_confident: int = 
 
 def judged_in_queue(wh, table: str, day) -> int:
     """How many of ``day``'s queue photos (OOD or label set not of one) already have a verdict."""
-    n = wh.query(f"SELECT count(*) AS n FROM {{table:{table}}} WHERE {_day_where(day)} AND {_QUEUE_WHERE} "
+    n = wh.query(f"SELECT count(*) AS n FROM {{table:{table}}} WHERE {_day_where(day)} AND {QUEUE_WHERE_SQL} "
                  f"AND NOT ({_not_judged(wh, day)})")
     return int(n["n"].iloc[0])
 

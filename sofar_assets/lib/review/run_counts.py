@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from sofar_assets.lib.review import drift
-from sofar_assets.lib.review.queue import _QUEUE_REASON, _QUEUE_WHERE, AMBIGUOUS_SET, EMPTY_SET, OOD
+from sofar_assets.lib.review.queue import AMBIGUOUS_SET, EMPTY_SET, OOD, QUEUE_REASON_SQL, QUEUE_WHERE_SQL
 from sofar_assets.lib.warehouse.predictions import LABEL_CORRECTIONS, PREDICTION_DATE
 
 
@@ -57,7 +57,7 @@ def run_counts(wh, table: str, days: list[dt.date]) -> RunCounts:
         reason_if = " AND j.image_id IS NULL"
     counts = wh.query(
         f"SELECT {day} AS {PREDICTION_DATE}, top1_label, is_ood, error IS NULL AS scored, "
-        f"CASE WHEN {_QUEUE_WHERE}{reason_if} THEN {_QUEUE_REASON} END AS reason, count(*) AS n "
+        f"CASE WHEN {QUEUE_WHERE_SQL}{reason_if} THEN {QUEUE_REASON_SQL} END AS reason, count(*) AS n "
         f"FROM {{table:{table}}} AS p{judged} "
         f"WHERE {day} >= DATE '{start.isoformat()}' AND {day} < DATE '{end.isoformat()}' "
         "GROUP BY 1, 2, 3, 4, 5")
