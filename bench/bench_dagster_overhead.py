@@ -6,7 +6,7 @@ Both sides do identical work on the same day of real-size photos (the sample pho
 distinct names): load the champion from the MLflow registry, decode + predict every photo, and
 replace the day's rows in DuckDB. A = `dagster.materialize(daily_predictions, partition)`,
 B = the plain functions the asset's steps call (`load_registered`, `uploads_of_day`,
-`daily.score_days`, `daily.commit_day`, `drift.checks_in_warehouse`). Rounds alternate A, B, A,
+`daily.score_days`, `daily.write_day`, `run_counts`, `daily.read_back`). Rounds alternate A, B, A,
 B …; the ratio A/B of the medians is printed (target <= 1.10).
 
 Whole processes, for an outside timer (each prepares STATE once, then does one side once):
@@ -40,7 +40,7 @@ from sofar_assets.config import load_config  # noqa: E402
 from sofar_assets.definitions import build_definitions  # noqa: E402
 from sofar_assets.defs.predictions import uploads_of_day  # noqa: E402
 from sofar_assets.lib.model.models import ModelSpec, build_model  # noqa: E402
-from sofar_assets.lib.review import drift  # noqa: E402
+from sofar_assets.lib.review.run_counts import run_counts  # noqa: E402
 from sofar_assets.lib.serving import daily  # noqa: E402
 from sofar_assets.lib.serving.packaging import load_registered, log_and_register  # noqa: E402
 from sofar_assets.lib.warehouse import PREDICTIONS, ParquetSpool  # noqa: E402
@@ -122,8 +122,11 @@ def run_plain(cfg, defs) -> float:
         batch_size=inf.batch_size, num_workers=inf.num_workers, device="cpu", max_bytes=inf.max_bytes,
         reads_in_flight=inf.reads_in_flight,
     )
-    daily.commit_day(wh, PREDICTIONS, DAY, [tallies[DAY].as_dict() | {"file": staging}])
-    drift.checks_in_warehouse(wh, PREDICTIONS.name, PREDICTIONS.partition_column, [DAY])
+    # what commit_days runs: ONE replace_day, then ONE grouped query (read-back, queue, drift)
+    written = daily.write_day(wh, PREDICTIONS, DAY, [tallies[DAY].as_dict() | {"file": staging}])
+    counts = run_counts(wh, PREDICTIONS.name, [DAY])
+    daily.read_back(written, counts.rows(DAY))
+    counts.drift()
     daily.remove_staged([staging])
     return time.perf_counter() - t0
 

@@ -10,8 +10,9 @@ what ``plan_shards`` runs), the shards (``manifest.pack`` with the config's
 ``inference.images_per_shard`` / ``max_shards``), the first shard's slice
 (``manifest.read_slice``) through ``daily.score_days`` (one streaming pass: DataLoader workers
 with ``reads_in_flight`` threaded reads, decode, model, rows appended to a ``ParquetSpool``,
-what a ``score_shard`` pod runs), ``daily.commit_day`` (ONE ``replace_day`` + ``COUNT``
-read-back) and ``drift.checks_in_warehouse`` (GROUP BY counts). The uploads are distinct image
+what a ``score_shard`` pod runs), then what ``commit_days`` runs: ``daily.write_day`` (ONE
+``replace_day``) and ``run_counts`` (ONE grouped query: read-back, queue and drift counts),
+``daily.read_back``. The uploads are distinct image
 ids pointing at a few thousand small synthetic JPEGs (generated once, reused by every day
 size), and the network is a stub (a tiny CNN), so the pipeline is measured, not a backbone.
 
@@ -72,7 +73,7 @@ from PIL import Image  # noqa: E402
 from sofar_assets.config import InferenceConfig  # noqa: E402
 from sofar_assets.lib.data import manifest, storage  # noqa: E402
 from sofar_assets.lib.data.uploads import iter_table_uploads  # noqa: E402
-from sofar_assets.lib.review import drift  # noqa: E402
+from sofar_assets.lib.review.run_counts import run_counts  # noqa: E402
 from sofar_assets.lib.serving import daily  # noqa: E402
 from sofar_assets.lib.warehouse import PREDICTIONS, DuckDBWarehouse, ParquetSpool  # noqa: E402
 
@@ -174,7 +175,7 @@ def run_day(work: Path, photos: list[str], n: int, *, model: torch.nn.Module, in
             memory: bool = False, tag: str = "", one_shard: bool = False, listed: dict | None = None) -> dict:
     """One day as the asset's steps run it: listing into the manifest -> the day's shards
     (``manifest.pack``) -> the first shard's slice through ``score_days`` into its staged parquet
-    -> (unless ``one_shard``) ``commit_day`` + ``checks_in_warehouse``: seconds, and with
+    -> (unless ``one_shard``) ``write_day`` + ``run_counts`` + ``read_back``: seconds, and with
     ``memory`` the peak RSS above the RSS at the start of each phase (main process)."""
     if listed is None:  # listed in this process (the warm-up); a measured day is listed by its own
         listed = list_day(work, photos, n, memory=memory, tag=tag)
@@ -208,8 +209,11 @@ def run_day(work: Path, photos: list[str], n: int, *, model: torch.nn.Module, in
         return out
     wh = DuckDBWarehouse(work / f"w-{n}{tag}.duckdb")
     t2 = time.perf_counter()
-    facts = daily.commit_day(wh, PREDICTIONS, DAY, [tallies[DAY].as_dict() | {"file": staging, "listed": count}])
-    drift.checks_in_warehouse(wh, PREDICTIONS.name, PREDICTIONS.partition_column, [DAY])
+    # what commit_days runs: ONE replace_day, then ONE grouped query (read-back, queue, drift)
+    written = daily.write_day(wh, PREDICTIONS, DAY, [tallies[DAY].as_dict() | {"file": staging, "listed": count}])
+    counts = run_counts(wh, PREDICTIONS.name, [DAY])
+    facts = daily.read_back(written, counts.rows(DAY))
+    counts.drift()
     out["commit_seconds"] = time.perf_counter() - t2
     out["seconds"] = time.perf_counter() - t0
     if memory:

@@ -217,8 +217,9 @@ def test_an_older_predictions_table_gets_the_label_set_columns_on_the_next_write
 
 def test_one_grouped_query_answers_the_read_back_the_queue_counts_and_drift(engine, tmp_path):
     """lib/review/run_counts.py: the run's ONE GROUP BY gives what count_range, review_queue_counts
-    and drift.checks_in_warehouse give separately, a photo with a verdict out of the queue included."""
-    from sofar_assets.lib.review.drift import checks_in_warehouse
+    and two separate GROUP BYs fed to the drift functions give, a photo with a verdict out of the
+    queue included."""
+    from sofar_assets.lib.review import drift
     from sofar_assets.lib.review.run_counts import run_counts
     from sofar_assets.lib.warehouse import LABEL_CORRECTIONS, PREDICTION_DATE
 
@@ -246,5 +247,9 @@ def test_one_grouped_query_answers_the_read_back_the_queue_counts_and_drift(engi
     assert counts.rows(D1) == 7 and counts.queue(D1) == {OOD: 1, EMPTY_SET: 1, AMBIGUOUS_SET: 1}
     assert counts.queue(D2) == {OOD: 1, EMPTY_SET: 0, AMBIGUOUS_SET: 0}
     ood, mix = counts.drift()
-    assert (ood, mix) == checks_in_warehouse(wh, "predictions", PREDICTION_DATE, [D1, D2])
+    start, end = drift.trailing_window(D1)[0], D2 + dt.timedelta(days=1)
+    by = {c: wh.count_by("predictions", PREDICTION_DATE, start, end, [PREDICTION_DATE, c], where_null=("error",))
+          for c in ("is_ood", "top1_label")}
+    assert ood == drift.ood_vs_trailing(by["is_ood"], [D1, D2], PREDICTION_DATE)
+    assert mix == drift.label_mix_vs_trailing(by["top1_label"], [D1, D2], PREDICTION_DATE)
     assert set(ood) == {D2} and ood[D2]["ood_rate"] == 0.5

@@ -773,12 +773,12 @@ def test_a_gpu_step_that_sees_no_cuda_fails_at_once_naming_build_and_driver(cfg,
 # --------------------------------------------------------------------------- pools
 
 WAREHOUSE_WRITES = re.compile(
-    r"\.(write_table|replace_day|append_rows|replace_partition)\(|\b(commit_day|write_day|commit_run)\(")
+    r"\.(write_table|replace_day|append_rows|replace_partition)\(|\b(write_day|commit_run)\(")
 
 
 def test_every_gpu_step_and_every_warehouse_write_is_in_its_pool(defs, launcher):
     """Generic over every op of every prod job: the GPU comes from the rendered pod, a warehouse
-    write from the op's own code (a call of the warehouse's write methods, lib/serving/daily.commit_day or
+    write from the op's own code (a call of the warehouse's write methods, lib/serving/daily.py's
     write_day, or defs/predictions.commit_run)."""
     import inspect
 

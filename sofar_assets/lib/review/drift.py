@@ -1,7 +1,7 @@
 """Drift of a day's predictions against the trailing week, from counts the warehouse computed.
 
-The inputs are ``GROUP BY`` results (``Warehouse.count_by``: one row per day and value with its
-count ``n``), never rows: a week at a million photos a day is 7M rows, its counts a few dozen.
+The inputs are ``GROUP BY`` results (the run's one grouped query, lib/review/run_counts.py, or
+``Warehouse.count_by``: one row per day and value with its count ``n``), never rows: a week at a million photos a day is 7M rows, its counts a few dozen.
 Only scored rows count (``error IS NULL``): an unreadable photo says nothing about the fleet.
 """
 
@@ -90,14 +90,6 @@ def ood_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date],
         out[day] = {"ood_rate": round(rate, 4), "trailing": round(base, 4), "spike": ood_spike(rate, base)}
     return out
 
-
-def checks_in_warehouse(wh, table: str, date_column: str, days: list[dt.date]) -> tuple[dict, dict]:
-    """:func:`ood_vs_trailing` and :func:`label_mix_vs_trailing` for ``days`` from two ``GROUP BY``
-    queries over the days and their trailing weeks (scored rows only); no row leaves the warehouse."""
-    start, end = trailing_window(min(days))[0], max(days) + dt.timedelta(days=1)
-    ood = wh.count_by(table, date_column, start, end, [date_column, "is_ood"], where_null=("error",))
-    mix = wh.count_by(table, date_column, start, end, [date_column, "top1_label"], where_null=("error",))
-    return ood_vs_trailing(ood, days, date_column), label_mix_vs_trailing(mix, days, date_column)
 
 
 def label_mix_vs_trailing(counts: pd.DataFrame, days: Iterable[dt.date],

@@ -294,13 +294,6 @@ def read_ahead(items: Iterable[T], depth: int = 2) -> Iterator[T]:
         thread.join()
 
 
-def commit_day(wh, schema, day: dt.date, parts: list[dict]) -> dict:
-    """:func:`write_day`, then :func:`read_back` with the day's ``COUNT`` read from the table."""
-    facts = write_day(wh, schema, day, parts)
-    stored = wh.count_range(schema.name, schema.partition_column, day, day + dt.timedelta(days=1))
-    return read_back(facts, stored)
-
-
 def write_day(wh, schema, day: dt.date, parts: list[dict]) -> dict:
     """Replace ``day`` of ``schema``'s table with ONE ``replace_day`` from the staged files of all
     its shards (``parts``: each shard's :meth:`DayTally.as_dict` plus its ``file``). Returns the
